@@ -1,0 +1,133 @@
+//! The host's capabilities behind one trait, so plugin logic can run against the real host
+//! ([`WasmHost`]) or a recorder in native unit tests ([`crate::testing::MockHost`]).
+
+#[cfg(target_arch = "wasm32")]
+use crate::bindings::fanout::sink as wit;
+use crate::http::{Request, Response};
+use crate::redis::{Command, Reply};
+use crate::{CapabilityError, Level};
+
+/// What a plugin can ask of the host. Write plugin logic against `&impl Host` (or
+/// `&dyn Host`) and pass [`WasmHost`] from [`Sink::write`](crate::Sink::write).
+pub trait Host {
+    /// Sends Redis commands in one round trip (`MULTI`/`EXEC` when `atomic`).
+    fn redis_pipeline(&self, commands: &[Command], atomic: bool)
+        -> Result<Vec<Reply>, CapabilityError>;
+
+    /// Sends one HTTP request. Any status is `Ok`; `Err(Failed)` means no response.
+    fn http_send(&self, request: &Request) -> Result<Response, CapabilityError>;
+
+    /// Runs a ClickHouse statement and returns the response body.
+    fn clickhouse_execute(&self, sql: &str) -> Result<String, CapabilityError>;
+
+    /// Inserts JSON rows (`JSONEachRow`) into `database.table` in one request.
+    fn clickhouse_insert_json_rows(
+        &self,
+        database: &str,
+        table: &str,
+        rows: &[String],
+    ) -> Result<(), CapabilityError>;
+
+    /// Writes to the host's log, tagged with the plugin's name.
+    fn log(&self, level: Level, message: &str) {
+        crate::log::log(level, message)
+    }
+
+    /// Adds to the counter `fanout_plugin_<name>`.
+    fn counter_add(&self, name: &str, value: u64) {
+        crate::metrics::counter_add(name, value)
+    }
+
+    /// Sets the gauge `fanout_plugin_<name>`.
+    fn gauge_set(&self, name: &str, value: f64) {
+        crate::metrics::gauge_set(name, value)
+    }
+
+    /// Wall-clock time, Unix microseconds.
+    fn now_micros(&self) -> i64 {
+        crate::time::now_micros()
+    }
+
+    /// Blocks for `millis` (WASI monotonic clock inside the host). Used between retries.
+    fn sleep_ms(&self, millis: u64) {
+        std::thread::sleep(std::time::Duration::from_millis(millis))
+    }
+}
+
+/// The real host. Outside a fanout host (a native build), every capability answers
+/// `not-granted`, logs go to stderr and metrics nowhere.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WasmHost;
+
+/// The error capability calls get natively, where no host exists.
+#[cfg(not(target_arch = "wasm32"))]
+fn no_host() -> CapabilityError {
+    CapabilityError::NotGranted("not running inside the fanout host (native build)".into())
+}
+
+impl Host for WasmHost {
+    fn redis_pipeline(
+        &self,
+        commands: &[Command],
+        atomic: bool,
+    ) -> Result<Vec<Reply>, CapabilityError> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            wit::redis::pipeline(commands, atomic)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = (commands, atomic);
+            Err(no_host())
+        }
+    }
+
+    fn http_send(&self, request: &Request) -> Result<Response, CapabilityError> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            wit::http::send(request)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = request;
+            Err(no_host())
+        }
+    }
+
+    fn clickhouse_execute(&self, sql: &str) -> Result<String, CapabilityError> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            wit::clickhouse::execute(sql)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = sql;
+            Err(no_host())
+        }
+    }
+
+    fn clickhouse_insert_json_rows(
+        &self,
+        database: &str,
+        table: &str,
+        rows: &[String],
+    ) -> Result<(), CapabilityError> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            wit::clickhouse::insert_json_rows(database, table, rows)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = (database, table, rows);
+            Err(no_host())
+        }
+    }
+}
+
+/// A short text for a capability error, for logs and retry reasons.
+pub fn describe(err: &CapabilityError) -> String {
+    match err {
+        CapabilityError::NotGranted(m) => format!("not granted: {m}"),
+        CapabilityError::Failed(m) => format!("failed: {m}"),
+    }
+}

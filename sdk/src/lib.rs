@@ -1,0 +1,121 @@
+//! # fanout-sdk: write a sink plugin for the fanout host
+//!
+//! A sink plugin is a WebAssembly component of the world `fanout:sink/sink-plugin@0.1.0`
+//! (`wit/sink.wit`). The host calls `init` once with the plugin's JSON config, then `write`
+//! for every enriched batch. This crate turns that into a small Rust trait:
+//!
+//! ```ignore
+//! use fanout_sdk::{export_sink, Batch, Sink, WriteOutcome};
+//!
+//! struct Counter { seen: u64 }
+//!
+//! impl Sink for Counter {
+//!     fn init(_config: serde_json::Value) -> Result<Self, String> { Ok(Counter { seen: 0 }) }
+//!     fn write(&mut self, batch: &Batch) -> WriteOutcome {
+//!         self.seen += batch.events.len() as u64;
+//!         fanout_sdk::info!("{} events so far", self.seen);
+//!         WriteOutcome::Accepted
+//!     }
+//! }
+//!
+//! export_sink!(Counter);
+//! ```
+//!
+//! Capabilities (Redis, HTTP, ClickHouse, logs, metrics) are reached through the [`Host`]
+//! trait. [`WasmHost`] is the real host; [`testing::MockHost`] records calls and plays back
+//! scripted replies so plugin logic can be unit-tested natively with `cargo test`.
+
+// Lets the generated bindings and the exported macros name this crate as `::fanout_sdk`
+// both from inside the crate and from plugin crates.
+extern crate self as fanout_sdk;
+
+#[doc(hidden)]
+pub use wit_bindgen;
+
+pub use serde_json;
+
+/// Everything generated from `wit/sink.wit`.
+#[allow(missing_docs, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "sink-plugin",
+        path: "../wit",
+        // `export!` must be usable from the plugin crates, which know this crate only.
+        pub_export_macro: true,
+        default_bindings_module: "::fanout_sdk::bindings",
+        runtime_path: "::fanout_sdk::wit_bindgen::rt",
+    });
+}
+
+pub mod clickhouse;
+pub mod event;
+pub mod host;
+pub mod http;
+pub mod log;
+pub mod metrics;
+pub mod redis;
+pub mod testing;
+pub mod time;
+
+#[doc(hidden)]
+pub mod runtime;
+
+pub use bindings::fanout::sink::errors::CapabilityError;
+pub use bindings::fanout::sink::log::Level;
+pub use bindings::fanout::sink::types::{
+    Batch, EnrichedEvent, Rejection, SourceRange, WriteOutcome,
+};
+pub use event::{event_json, event_json_string, format_event_ts, EventRecord};
+pub use host::{describe, Host, WasmHost};
+
+/// A sink plugin. One value lives inside the component instance from `init` to the end of the
+/// instance, so it can keep state (connections are the host's business; caches, counters,
+/// "schema created" flags are yours) across batches.
+///
+/// The host may recreate the instance (after a trap, or on restart) and call `init` again:
+/// nothing in `self` is durable. Every write must be idempotent by `event_id`, because the
+/// host replays batches after retries and crashes.
+pub trait Sink: Sized + 'static {
+    /// Builds the plugin from the `[plugins.config]` table of the host config, as JSON
+    /// (an empty object when the table is absent). An `Err` is a configuration error: the
+    /// host reports it and does not start the plugin.
+    fn init(config: serde_json::Value) -> Result<Self, String>;
+
+    /// Takes one batch. Return:
+    /// - [`WriteOutcome::Accepted`] when every event is durable,
+    /// - [`WriteOutcome::RetryLater`] when some are not (the host retries the whole batch),
+    /// - [`WriteOutcome::Rejected`] with the events that can never be written (they go to
+    ///   the dead-letter topic; all others must be durable).
+    fn write(&mut self, batch: &Batch) -> WriteOutcome;
+}
+
+/// Exports a [`Sink`] implementation as the component's `fanout:sink/sink` interface.
+///
+/// Use once per plugin crate, at the top level: `fanout_sdk::export_sink!(MySink);`
+#[macro_export]
+macro_rules! export_sink {
+    ($ty:ty) => {
+        const _: () = {
+            ::std::thread_local! {
+                static __FANOUT_SINK_STATE: ::core::cell::RefCell<::core::option::Option<$ty>> =
+                    const { ::core::cell::RefCell::new(::core::option::Option::None) };
+            }
+
+            struct __FanoutSinkExport;
+
+            impl $crate::bindings::exports::fanout::sink::sink::Guest for __FanoutSinkExport {
+                fn init(
+                    config: ::std::string::String,
+                ) -> ::core::result::Result<(), ::std::string::String> {
+                    $crate::runtime::init::<$ty>(&__FANOUT_SINK_STATE, &config)
+                }
+
+                fn write(batch: $crate::Batch) -> $crate::WriteOutcome {
+                    $crate::runtime::write::<$ty>(&__FANOUT_SINK_STATE, &batch)
+                }
+            }
+
+            $crate::bindings::export!(__FanoutSinkExport with_types_in $crate::bindings);
+        };
+    };
+}
