@@ -1,0 +1,244 @@
+"""Shared fixtures for the stack tests (run with the stack's venv python).
+
+The tests talk to the real services started by `scripts/stack up`; their
+addresses come from the environment or, when unset, from `.stack/env`.
+Tests that need change events run their own Debezium producer instance on
+their own database, slot and topic prefix so they do not disturb (and are not
+disturbed by) the stack's own instance or other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_SQL = ROOT / "scripts" / "sql" / "schema.sql"
+SEED_SQL = ROOT / "scripts" / "sql" / "seed.sql"
+FIXTURES = ROOT / "tests" / "fixtures" / "envelopes"
+
+ENV_KEYS = ("STACK_DIR", "STACK_PYTHON", "CDC_PRODUCER", "PG_URL", "PG_ADMIN_URL",
+            "KAFKA_BROKERS", "REDIS_URL", "CLICKHOUSE_URL", "EXTERNAL_API_URL")
+
+
+def _load_env() -> dict[str, str]:
+    """Stack addresses: environment first, then .stack/env."""
+    env: dict[str, str] = {}
+    env_file = Path(os.environ.get("STACK_DIR", ROOT / ".stack")) / "env"
+    if env_file.exists():
+        for line in env_file.read_text().splitlines():
+            if line.startswith("export ") and "=" in line:
+                key, _, value = line[len("export "):].partition("=")
+                env[key] = value
+    for key in ENV_KEYS:
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    missing = [k for k in ENV_KEYS if k not in env]
+    if missing:
+        pytest.exit(f"stack env incomplete ({missing}): run scripts/stack up", returncode=2)
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack_env() -> dict[str, str]:
+    return _load_env()
+
+
+def unique(prefix: str) -> str:
+    """A short unique lower-case identifier usable as db/slot/topic name."""
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def pg_url_for(admin_url: str, database: str) -> str:
+    """The admin URL pointing at another database."""
+    return admin_url.rsplit("/", 1)[0] + "/" + database
+
+
+@pytest.fixture
+def scratch_db(stack_env) -> Iterator[str]:
+    """A fresh database with the project's schema and seed rows; dropped afterwards."""
+    name = unique("t")
+    with psycopg.connect(stack_env["PG_ADMIN_URL"], autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(pg_url_for(stack_env["PG_ADMIN_URL"], name), autocommit=True) as conn:
+        conn.execute(SCHEMA_SQL.read_text())
+        conn.execute(SEED_SQL.read_text())
+    yield name
+    with psycopg.connect(stack_env["PG_ADMIN_URL"], autocommit=True) as conn:
+        for (slot,) in conn.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)):
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class CdcInstance:
+    """One running cdc_producer.py process with its own slot and topic prefix."""
+
+    def __init__(self, env: dict[str, str], database: str, prefix: str, slot: str,
+                 log_path: Path) -> None:
+        self.env, self.database, self.prefix, self.slot = env, database, prefix, slot
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.prefix}.public.engagement_events"
+
+    @property
+    def content_topic(self) -> str:
+        return f"{self.prefix}.public.content"
+
+    def start(self, *extra: str, timeout: float = 120) -> None:
+        """Start the producer and wait until its replication slot streams."""
+        cmd = [self.env["CDC_PRODUCER"], "--pg-url", self.env["PG_ADMIN_URL"],
+               "--database", self.database, "--brokers", self.env["KAFKA_BROKERS"],
+               "--topic-prefix", self.prefix, "--slot-name", self.slot,
+               "--partitions", "1", "--heartbeat-ms", "1000", *extra]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not self.slot_active():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"cdc producer exited {self.proc.returncode}: "
+                                     f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"cdc producer not streaming after {timeout}s: "
+                                     f"{self.log_tail()}")
+            time.sleep(0.25)
+
+    def slot_active(self) -> bool:
+        with psycopg.connect(self.env["PG_ADMIN_URL"], autocommit=True) as conn:
+            row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                               (self.slot,)).fetchone()
+        return bool(row and row[0])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        """Stop the process; returns its exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError(f"cdc producer ignored signal {sig}: {self.log_tail()}")
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+
+@pytest.fixture
+def cdc_factory(stack_env, scratch_db, tmp_path) -> Iterator[Callable[..., CdcInstance]]:
+    """Factory of producer instances on the scratch database; cleans up processes and topics."""
+    instances: list[CdcInstance] = []
+
+    def make(prefix: str | None = None, slot: str | None = None) -> CdcInstance:
+        inst = CdcInstance(stack_env, scratch_db, prefix or unique("tp"),
+                           slot or unique("slot"), tmp_path / f"cdc{len(instances)}.log")
+        instances.append(inst)
+        return inst
+
+    yield make
+    topics = set()
+    for inst in instances:
+        if inst.proc is not None and inst.proc.poll() is None:
+            inst.proc.kill()
+            inst.proc.wait(10)
+        topics.update([inst.events_topic, inst.content_topic])
+    try:
+        admin = AdminClient({"bootstrap.servers": stack_env["KAFKA_BROKERS"]})
+        for fut in admin.delete_topics(sorted(topics), operation_timeout=10).values():
+            try:
+                fut.result()
+            except Exception:  # noqa: BLE001 (best-effort cleanup)
+                pass
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class TopicReader:
+    """Reads a topic from the beginning with a fresh consumer group."""
+
+    def __init__(self, brokers: str, topic: str) -> None:
+        self.topic = topic
+        self.consumer = Consumer({
+            "bootstrap.servers": brokers,
+            "group.id": unique("g"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        })
+        self.consumer.subscribe([topic])
+
+    def read(self, want: Callable[[list[dict[str, Any]]], bool], timeout: float = 30,
+             settle: float = 0.0) -> list[dict[str, Any]]:
+        """Poll until want(messages) is true (then `settle` seconds more); returns messages.
+
+        Each message is {"topic", "partition", "offset", "key", "value", "received"}
+        with key/value as the raw decoded strings (value None for tombstones).
+        """
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        settle_until = None
+        while True:
+            now = time.monotonic()
+            if settle_until is None and want(out):
+                settle_until = now + settle
+            if settle_until is not None and now >= settle_until:
+                return out
+            if now > deadline:
+                raise AssertionError(f"timeout reading {self.topic}: got {len(out)} messages: "
+                                     f"{[m['value'] for m in out][-5:]}")
+            msg = self.consumer.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error():
+                raise AssertionError(f"consumer error: {msg.error()}")
+            key, value = msg.key(), msg.value()
+            out.append({
+                "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
+                "key": key.decode() if key is not None else None,
+                "value": value.decode() if value is not None else None,
+                "received": time.time(),
+            })
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@pytest.fixture
+def topic_reader(stack_env) -> Iterator[Callable[[str], TopicReader]]:
+    readers: list[TopicReader] = []
+
+    def make(topic: str) -> TopicReader:
+        reader = TopicReader(stack_env["KAFKA_BROKERS"], topic)
+        readers.append(reader)
+        return reader
+
+    yield make
+    for r in readers:
+        r.close()
+
+
+def payload(value: str | None) -> dict[str, Any] | None:
+    """Debezium value -> the envelope, with or without the schema/payload wrapper."""
+    if value is None:
+        return None
+    doc = json.loads(value)
+    if isinstance(doc, dict) and "payload" in doc and "schema" in doc:
+        return doc["payload"]
+    return doc
