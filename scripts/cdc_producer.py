@@ -96,7 +96,9 @@ def debezium_properties(args: argparse.Namespace) -> dict[str, str]:
     host = url.hostname or "127.0.0.1"
     port = url.port or 5432
     user = unquote(url.username or "postgres")
-    password = unquote(url.password or "")
+    # Debezium's JDBC offset store insists on a non-empty password; with the
+    # stack's trust authentication any value is accepted, so fall back to one.
+    password = unquote(url.password or os.environ.get("PGPASSWORD") or "postgres")
     dbname = args.database or url.path.lstrip("/") or "postgres"
     slot = args.slot_name
     schemas = "false" if args.no_schemas else "true"
