@@ -11,8 +11,11 @@ use crate::{CapabilityError, Level};
 /// `&dyn Host`) and pass [`WasmHost`] from [`Sink::write`](crate::Sink::write).
 pub trait Host {
     /// Sends Redis commands in one round trip (`MULTI`/`EXEC` when `atomic`).
-    fn redis_pipeline(&self, commands: &[Command], atomic: bool)
-        -> Result<Vec<Reply>, CapabilityError>;
+    fn redis_pipeline(
+        &self,
+        commands: &[Command],
+        atomic: bool,
+    ) -> Result<Vec<Reply>, CapabilityError>;
 
     /// Sends one HTTP request. Any status is `Ok`; `Err(Failed)` means no response.
     fn http_send(&self, request: &Request) -> Result<Response, CapabilityError>;

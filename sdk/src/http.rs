@@ -5,7 +5,12 @@ use crate::{CapabilityError, Host, WasmHost};
 pub use crate::bindings::fanout::sink::http::{Request, Response};
 
 /// A `POST` with a JSON body and `Content-Type: application/json`, plus `headers`.
-pub fn json_post_request(url: &str, body: &str, headers: &[(&str, &str)], timeout_ms: u32) -> Request {
+pub fn json_post_request(
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+    timeout_ms: u32,
+) -> Request {
     let mut all = vec![("Content-Type".to_string(), "application/json".to_string())];
     all.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Request {

@@ -115,7 +115,7 @@ macro_rules! export_sink {
                 }
             }
 
-            $crate::bindings::export!(__FanoutSinkExport with_types_in $crate::bindings);
+    $crate::bindings::export!(__FanoutSinkExport with_types_in $crate::bindings);
         };
     };
 }

@@ -124,7 +124,11 @@ mod tests {
 
     #[test]
     fn builds_commands() {
-        let c = Cmd::new("ZINCRBY").arg("k").arg(1).arg(42i64).into_command();
+        let c = Cmd::new("ZINCRBY")
+            .arg("k")
+            .arg(1)
+            .arg(42i64)
+            .into_command();
         assert_eq!(c, command(&["ZINCRBY", "k", "1", "42"]));
         assert_eq!(reply_int(&Reply::Data(b"7".to_vec())), Some(7));
         assert_eq!(

@@ -21,7 +21,9 @@ pub fn init<S: Sink>(
 pub fn write<S: Sink>(state: &'static LocalKey<RefCell<Option<S>>>, batch: &Batch) -> WriteOutcome {
     state.with(|cell| match cell.borrow_mut().as_mut() {
         Some(sink) => sink.write(batch),
-        None => WriteOutcome::RetryLater("plugin was not initialised: init was not called or failed".into()),
+        None => WriteOutcome::RetryLater(
+            "plugin was not initialised: init was not called or failed".into(),
+        ),
     })
 }
 
@@ -40,7 +42,10 @@ mod tests {
     #[test]
     fn blank_config_is_empty_object() {
         assert_eq!(parse_config("  ").unwrap(), serde_json::json!({}));
-        assert_eq!(parse_config(r#"{"a":1}"#).unwrap(), serde_json::json!({"a": 1}));
+        assert_eq!(
+            parse_config(r#"{"a":1}"#).unwrap(),
+            serde_json::json!({"a": 1})
+        );
         assert!(parse_config("{").is_err());
     }
 }

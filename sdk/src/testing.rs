@@ -24,10 +24,22 @@ use crate::{Batch, CapabilityError, EnrichedEvent, Host, Level, SourceRange};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Call {
     /// A Redis pipeline; arguments as (lossy) text.
-    Redis { commands: Vec<Vec<String>>, atomic: bool },
-    Http { method: String, url: String, headers: Vec<(String, String)>, body: String },
+    Redis {
+        commands: Vec<Vec<String>>,
+        atomic: bool,
+    },
+    Http {
+        method: String,
+        url: String,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
     ClickhouseExecute(String),
-    ClickhouseInsert { database: String, table: String, rows: Vec<String> },
+    ClickhouseInsert {
+        database: String,
+        table: String,
+        rows: Vec<String>,
+    },
     Log(Level, String),
     Counter(String, u64),
     Gauge(String, f64),
@@ -76,7 +88,10 @@ impl MockHost {
     pub fn push_http_status(&self, status: u16, headers: &[(&str, &str)]) {
         self.push_http(Ok(Response {
             status,
-            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             body: Vec::new(),
         }))
     }
@@ -139,12 +154,23 @@ impl MockHost {
 }
 
 impl Host for MockHost {
-    fn redis_pipeline(&self, commands: &[Command], atomic: bool) -> Result<Vec<Reply>, CapabilityError> {
+    fn redis_pipeline(
+        &self,
+        commands: &[Command],
+        atomic: bool,
+    ) -> Result<Vec<Reply>, CapabilityError> {
         let text = commands
             .iter()
-            .map(|c| c.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+            .map(|c| {
+                c.iter()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
             .collect();
-        self.record(Call::Redis { commands: text, atomic });
+        self.record(Call::Redis {
+            commands: text,
+            atomic,
+        });
         self.redis
             .borrow_mut()
             .pop_front()
@@ -159,13 +185,20 @@ impl Host for MockHost {
             body: String::from_utf8_lossy(&request.body).into_owned(),
         });
         self.http.borrow_mut().pop_front().unwrap_or_else(|| {
-            Ok(Response { status: 200, headers: Vec::new(), body: Vec::new() })
+            Ok(Response {
+                status: 200,
+                headers: Vec::new(),
+                body: Vec::new(),
+            })
         })
     }
 
     fn clickhouse_execute(&self, sql: &str) -> Result<String, CapabilityError> {
         self.record(Call::ClickhouseExecute(sql.to_string()));
-        self.execute.borrow_mut().pop_front().unwrap_or_else(|| Ok(String::new()))
+        self.execute
+            .borrow_mut()
+            .pop_front()
+            .unwrap_or_else(|| Ok(String::new()))
     }
 
     fn clickhouse_insert_json_rows(
@@ -200,7 +233,9 @@ impl Host for MockHost {
 
     fn sleep_ms(&self, millis: u64) {
         self.record(Call::Sleep(millis));
-        let advance = i64::try_from(millis).unwrap_or(i64::MAX).saturating_mul(1000);
+        let advance = i64::try_from(millis)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
         self.now.set(self.now.get().saturating_add(advance));
     }
 }

@@ -103,9 +103,15 @@ mod tests {
         assert_eq!(format_datetime(0), "1970-01-01 00:00:00");
         assert_eq!(format_datetime(-1), "1969-12-31 23:59:59");
         // 2024-02-29T23:59:59Z
-        assert_eq!(format_datetime(1_709_251_199 * MICROS_PER_SECOND), "2024-02-29 23:59:59");
+        assert_eq!(
+            format_datetime(1_709_251_199 * MICROS_PER_SECOND),
+            "2024-02-29 23:59:59"
+        );
         // 2000-03-01T00:00:00Z
-        assert_eq!(format_datetime(951_868_800 * MICROS_PER_SECOND), "2000-03-01 00:00:00");
+        assert_eq!(
+            format_datetime(951_868_800 * MICROS_PER_SECOND),
+            "2000-03-01 00:00:00"
+        );
         assert_eq!(minute_key(-1), "196912312359");
         assert_eq!(minute_start_secs(-1), -60);
     }

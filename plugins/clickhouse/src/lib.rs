@@ -1,0 +1,255 @@
+//! clickhouse: the analytics sink of SPEC 5A.
+//!
+//! Creates `{database}.{table}` (default `engagement.events_enriched`) if missing and inserts
+//! each batch as one `JSONEachRow` request of SPEC-4 records.
+//!
+//! One row per event_id, also under replays:
+//! 1. duplicates inside a batch are dropped (the last copy wins);
+//! 2. ids already in the table are looked up (`SELECT event_id ... WHERE event_id IN (...)`,
+//!    served by the primary key) and not inserted again, so the plain query form
+//!    `SELECT content_id, avg(engagement_pct) FROM engagement.events_enriched GROUP BY content_id`
+//!    sees no duplicate after a replay of a batch that had been inserted;
+//! 3. the table is a `ReplacingMergeTree` ordered by event_id, so duplicates that race past the
+//!    lookup (two writers at once) are merged away, and `... FINAL` dedups at query time.
+
+use std::collections::{HashMap, HashSet};
+
+use fanout_sdk::clickhouse::quote_ident;
+use fanout_sdk::{
+    describe, event_json_string, export_sink, Batch, CapabilityError, EnrichedEvent, Host, Level,
+    Sink, WasmHost, WriteOutcome,
+};
+use serde::Deserialize;
+
+/// `[plugins.config]` of the plugin.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: String,
+    pub table: String,
+    /// Run CREATE DATABASE / CREATE TABLE IF NOT EXISTS (off when the schema is managed
+    /// elsewhere).
+    pub create_table: bool,
+    /// Look up which event ids the table already has before inserting.
+    pub skip_existing: bool,
+    /// Event ids per lookup query (bounds the query's size under max_query_size).
+    pub lookup_chunk: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database: "engagement".into(),
+            table: "events_enriched".into(),
+            create_table: true,
+            skip_existing: true,
+            lookup_chunk: 5_000,
+        }
+    }
+}
+
+impl Config {
+    pub fn from_json(config: serde_json::Value) -> Result<Self, String> {
+        let cfg: Config =
+            serde_json::from_value(config).map_err(|e| format!("clickhouse config: {e}"))?;
+        for (what, name) in [("database", &cfg.database), ("table", &cfg.table)] {
+            let ok = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !ok {
+                return Err(format!(
+                    "clickhouse config: {what} {name:?} must be letters, digits and _"
+                ));
+            }
+        }
+        if cfg.lookup_chunk == 0 {
+            return Err("clickhouse config: lookup_chunk must be > 0".into());
+        }
+        Ok(cfg)
+    }
+
+    /// `` `database`.`table` ``
+    pub fn qualified(&self) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.database),
+            quote_ident(&self.table)
+        )
+    }
+
+    /// The DDL, in order. Accepted by ClickHouse 18.16 and current releases.
+    pub fn ddl(&self) -> Vec<String> {
+        vec![
+            format!(
+                "CREATE DATABASE IF NOT EXISTS {}",
+                quote_ident(&self.database)
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (\n\
+                 \x20   event_id Int64,\n\
+                 \x20   content_id Nullable(Int64),\n\
+                 \x20   user_id Nullable(Int64),\n\
+                 \x20   event_type Nullable(String),\n\
+                 \x20   event_ts DateTime('UTC'),\n\
+                 \x20   duration_ms Nullable(Int32),\n\
+                 \x20   device Nullable(String),\n\
+                 \x20   content_type Nullable(String),\n\
+                 \x20   length_seconds Nullable(Int32),\n\
+                 \x20   engagement_seconds Nullable(Float64),\n\
+                 \x20   engagement_pct Nullable(Float64)\n\
+                 ) ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(event_ts) ORDER BY event_id",
+                self.qualified()
+            ),
+        ]
+    }
+
+    /// The query listing which of `ids` the table already has.
+    pub fn lookup_sql(&self, ids: &[i64]) -> String {
+        let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        format!(
+            "SELECT DISTINCT event_id FROM {} WHERE event_id IN ({}) FORMAT TabSeparated",
+            self.qualified(),
+            list.join(",")
+        )
+    }
+}
+
+/// The events of a batch with one copy per event_id (the last one), in first-seen order.
+pub fn dedup_by_event_id(events: &[EnrichedEvent]) -> Vec<&EnrichedEvent> {
+    let mut index: HashMap<i64, usize> = HashMap::new();
+    let mut out: Vec<&EnrichedEvent> = Vec::with_capacity(events.len());
+    for e in events {
+        match index.get(&e.event_id) {
+            Some(&i) => out[i] = e,
+            None => {
+                index.insert(e.event_id, out.len());
+                out.push(e);
+            }
+        }
+    }
+    out
+}
+
+/// Event ids in a `TabSeparated` answer of [`Config::lookup_sql`].
+pub fn parse_ids(body: &str) -> Result<HashSet<i64>, String> {
+    body.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.parse::<i64>()
+                .map_err(|_| format!("unexpected line in lookup answer: {l:?}"))
+        })
+        .collect()
+}
+
+/// The plugin.
+pub struct ClickHouseSink {
+    cfg: Config,
+    /// The DDL ran in this instance (it is idempotent; this only saves round trips).
+    schema_ready: bool,
+}
+
+impl ClickHouseSink {
+    pub fn new(cfg: Config) -> Self {
+        let schema_ready = !cfg.create_table;
+        ClickHouseSink { cfg, schema_ready }
+    }
+
+    /// Runs the DDL once per instance.
+    pub fn ensure_schema(&mut self, host: &impl Host) -> Result<(), CapabilityError> {
+        if self.schema_ready {
+            return Ok(());
+        }
+        for sql in self.cfg.ddl() {
+            host.clickhouse_execute(&sql)?;
+        }
+        self.schema_ready = true;
+        host.log(
+            Level::Info,
+            &format!("table {} is ready", self.cfg.qualified()),
+        );
+        Ok(())
+    }
+
+    /// Writes one batch through `host`.
+    pub fn write_with(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
+        if let Err(e) = self.ensure_schema(host) {
+            return WriteOutcome::RetryLater(format!(
+                "clickhouse: creating {} failed: {}",
+                self.cfg.qualified(),
+                describe(&e)
+            ));
+        }
+        let events = dedup_by_event_id(&batch.events);
+        let mut existing = HashSet::new();
+        if self.cfg.skip_existing && !events.is_empty() {
+            let ids: Vec<i64> = events.iter().map(|e| e.event_id).collect();
+            for chunk in ids.chunks(self.cfg.lookup_chunk) {
+                let found = host
+                    .clickhouse_execute(&self.cfg.lookup_sql(chunk))
+                    .map_err(|e| describe(&e))
+                    .and_then(|body| parse_ids(&body));
+                match found {
+                    Ok(found) => existing.extend(found),
+                    Err(e) => {
+                        return WriteOutcome::RetryLater(format!(
+                            "clickhouse: looking up existing event ids of batch {} failed: {e}",
+                            batch.id
+                        ))
+                    }
+                }
+            }
+        }
+        let rows: Vec<String> = events
+            .iter()
+            .filter(|e| !existing.contains(&e.event_id))
+            .map(|e| event_json_string(e))
+            .collect();
+        let skipped = (batch.events.len() - rows.len()) as u64;
+        if !rows.is_empty() {
+            if let Err(e) =
+                host.clickhouse_insert_json_rows(&self.cfg.database, &self.cfg.table, &rows)
+            {
+                return WriteOutcome::RetryLater(format!(
+                    "clickhouse: insert of {} rows of batch {} into {} failed: {}",
+                    rows.len(),
+                    batch.id,
+                    self.cfg.qualified(),
+                    describe(&e)
+                ));
+            }
+        }
+        host.counter_add("rows_inserted", rows.len() as u64);
+        host.counter_add("rows_skipped_duplicate", skipped);
+        WriteOutcome::Accepted
+    }
+}
+
+impl Sink for ClickHouseSink {
+    fn init(config: serde_json::Value) -> Result<Self, String> {
+        let mut sink = ClickHouseSink::new(Config::from_json(config)?);
+        match sink.ensure_schema(&WasmHost) {
+            Ok(()) => Ok(sink),
+            // A missing grant will not fix itself: refuse to start.
+            Err(CapabilityError::NotGranted(m)) => {
+                Err(format!("clickhouse capability not granted: {m}"))
+            }
+            // ClickHouse may be down at start: try again on the first batch.
+            Err(CapabilityError::Failed(m)) => {
+                fanout_sdk::warn!(
+                    "clickhouse: schema not created yet ({m}); retrying on the first batch"
+                );
+                Ok(sink)
+            }
+        }
+    }
+
+    fn write(&mut self, batch: &Batch) -> WriteOutcome {
+        self.write_with(&WasmHost, batch)
+    }
+}
+
+export_sink!(ClickHouseSink);
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,300 @@
+use super::*;
+use fanout_sdk::testing::{batch, event, Call, MockHost};
+
+const T: i64 = 1_767_882_112_000_000;
+
+fn api(extra: serde_json::Value) -> ExternalApi {
+    let mut cfg = serde_json::json!({"url": "http://127.0.0.1:58080/events"});
+    if let (Some(base), Some(more)) = (cfg.as_object_mut(), extra.as_object()) {
+        base.extend(more.clone());
+    }
+    ExternalApi::new(Config::from_json(cfg).unwrap())
+}
+
+fn posts(host: &MockHost) -> Vec<(Vec<(String, String)>, String)> {
+    host.service_calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Http {
+                method,
+                headers,
+                body,
+                ..
+            } => {
+                assert_eq!(method, "POST");
+                Some((headers, body))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn config_parsing() {
+    let c = Config::from_json(serde_json::json!({})).unwrap();
+    assert_eq!(
+        (c.mode, c.policy, c.max_retries),
+        (Mode::PerEvent, Policy::FailFast, 5)
+    );
+    let c = Config::from_json(serde_json::json!({"mode": "batch", "policy": "best-effort",
+        "headers": {"X-Api-Key": "k"}}))
+    .unwrap();
+    assert_eq!((c.mode, c.policy), (Mode::Batch, Policy::BestEffort));
+    assert!(Config::from_json(serde_json::json!({"policy": "sometimes"})).is_err());
+    assert!(Config::from_json(serde_json::json!({"url": "ftp://x"})).is_err());
+}
+
+#[test]
+fn backoff_grows_caps_and_honours_retry_after() {
+    let mut j = Jitter::new(16);
+    for retry in 0..10 {
+        let exp = (200u64 << retry).min(10_000);
+        let w = backoff_ms(retry, 200, 10_000, None, &mut j);
+        assert!(
+            w >= exp / 2 && w <= exp,
+            "retry {retry}: {w} not in {}..={exp}",
+            exp / 2
+        );
+    }
+    assert_eq!(backoff_ms(0, 200, 10_000, Some(3), &mut j), 3_000);
+    assert_eq!(backoff_ms(0, 200, 10_000, Some(60), &mut j), 10_000);
+    assert_eq!(backoff_ms(0, 200, 10_000, Some(0), &mut j), 0);
+    assert!(backoff_ms(200, 200, 10_000, None, &mut j) <= 10_000);
+    // Same seed, same sequence; different seeds diverge.
+    let a: Vec<u64> = (0..4).map(|_| Jitter::new(1).next()).collect();
+    assert!(a.windows(2).all(|w| w[0] == w[1]));
+    assert_ne!(Jitter::new(1).next(), Jitter::new(2).next());
+}
+
+#[test]
+fn classifies_answers() {
+    let resp = |status: u16, headers: Vec<(String, String)>| {
+        Ok(Response {
+            status,
+            headers,
+            body: Vec::new(),
+        })
+    };
+    assert_eq!(classify(&resp(201, vec![])), Attempt::Delivered);
+    assert_eq!(
+        classify(&resp(429, vec![("Retry-After".into(), " 2 ".into())])),
+        Attempt::Retriable {
+            reason: "HTTP 429".into(),
+            retry_after: Some(2)
+        }
+    );
+    assert!(matches!(
+        classify(&resp(503, vec![])),
+        Attempt::Retriable {
+            retry_after: None,
+            ..
+        }
+    ));
+    assert!(matches!(
+        classify(&resp(408, vec![])),
+        Attempt::Retriable { .. }
+    ));
+    assert!(matches!(
+        classify(&resp(400, vec![])),
+        Attempt::Final {
+            not_granted: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        classify(&Err(CapabilityError::Failed("timeout".into()))),
+        Attempt::Retriable { .. }
+    ));
+    assert!(matches!(
+        classify(&Err(CapabilityError::NotGranted("url".into()))),
+        Attempt::Final {
+            not_granted: true,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn per_event_posts_spec_json_with_idempotency_key() {
+    let host = MockHost::at(T);
+    let b = batch(vec![
+        event(16, Some(1), T),
+        event(17, None, T),
+        event(16, Some(1), T),
+    ]);
+    assert!(matches!(
+        api(serde_json::json!({})).write_with(&host, &b),
+        WriteOutcome::Accepted
+    ));
+    let p = posts(&host);
+    assert_eq!(p.len(), 2, "duplicates inside a batch are sent once");
+    assert!(p[0]
+        .0
+        .contains(&("Idempotency-Key".into(), "event-16".into())));
+    assert!(p[0]
+        .0
+        .contains(&("Content-Type".into(), "application/json".into())));
+    let body: serde_json::Value = serde_json::from_str(&p[0].1).unwrap();
+    assert_eq!(body["event_id"], 16);
+    assert_eq!(body["event_ts"], "2026-01-08 14:21:52");
+    assert_eq!(host.counter("events_delivered"), 2);
+}
+
+#[test]
+fn retries_with_backoff_then_succeeds() {
+    let host = MockHost::at(T);
+    host.push_http_status(503, &[]);
+    host.push_http(Err(CapabilityError::Failed("connection refused".into())));
+    host.push_http_status(429, &[("Retry-After", "1")]);
+    host.push_http_status(200, &[]);
+    let b = batch(vec![event(1, Some(1), T)]);
+    assert!(matches!(
+        api(serde_json::json!({})).write_with(&host, &b),
+        WriteOutcome::Accepted
+    ));
+    let sleeps = host.sleeps();
+    assert_eq!(sleeps.len(), 3);
+    assert!((100..=200).contains(&sleeps[0]), "{sleeps:?}");
+    assert!((200..=400).contains(&sleeps[1]), "{sleeps:?}");
+    assert_eq!(sleeps[2], 1_000, "Retry-After wins");
+    assert_eq!(posts(&host).len(), 4);
+}
+
+#[test]
+fn fail_fast_gives_the_batch_back_after_last_retry() {
+    let host = MockHost::at(T);
+    for _ in 0..3 {
+        host.push_http_status(500, &[]);
+    }
+    let b = batch(vec![event(1, Some(1), T), event(2, Some(1), T)]);
+    let out = api(serde_json::json!({"max_retries": 2})).write_with(&host, &b);
+    match out {
+        WriteOutcome::RetryLater(r) => {
+            assert!(r.contains("HTTP 500 (after 3 attempts)"), "{r}");
+            assert!(r.contains("event 1"), "{r}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        posts(&host).len(),
+        3,
+        "the stream waits: event 2 is not tried"
+    );
+}
+
+#[test]
+fn best_effort_dead_letters_failed_events_and_goes_on() {
+    let host = MockHost::at(T);
+    for _ in 0..3 {
+        host.push_http_status(502, &[]);
+    }
+    host.push_http_status(422, &[]);
+    host.push_http_status(200, &[]);
+    let b = batch(vec![
+        event(1, Some(1), T),
+        event(2, Some(1), T),
+        event(3, Some(1), T),
+    ]);
+    let out =
+        api(serde_json::json!({"max_retries": 2, "policy": "best-effort"})).write_with(&host, &b);
+    match out {
+        WriteOutcome::Rejected(r) => {
+            assert_eq!(r.len(), 2);
+            assert_eq!(r[0].event_id, 1);
+            assert!(
+                r[0].reason.contains("HTTP 502 (after 3 attempts)"),
+                "{}",
+                r[0].reason
+            );
+            assert_eq!(r[1].event_id, 2);
+            assert!(
+                r[1].reason.contains("HTTP 422 (not retriable)"),
+                "{}",
+                r[1].reason
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(host.counter("events_dead_lettered"), 2);
+    assert_eq!(host.counter("events_delivered"), 1);
+}
+
+#[test]
+fn fail_fast_still_rejects_what_no_retry_can_fix() {
+    let host = MockHost::at(T);
+    host.push_http_status(400, &[]);
+    let b = batch(vec![event(1, Some(1), T), event(2, Some(1), T)]);
+    match api(serde_json::json!({})).write_with(&host, &b) {
+        WriteOutcome::Rejected(r) => assert_eq!(r.len(), 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn not_granted_is_retry_later_under_both_policies() {
+    for policy in ["fail-fast", "best-effort"] {
+        let host = MockHost::at(T);
+        host.push_http(Err(CapabilityError::NotGranted("url not in grant".into())));
+        let b = batch(vec![event(1, Some(1), T)]);
+        let out = api(serde_json::json!({"policy": policy})).write_with(&host, &b);
+        assert!(matches!(out, WriteOutcome::RetryLater(_)), "{policy}");
+    }
+}
+
+#[test]
+fn budget_stops_retries_and_dead_letters_the_rest() {
+    let host = MockHost::at(T);
+    for _ in 0..50 {
+        host.push_http(Err(CapabilityError::Failed("timeout".into())));
+    }
+    let b = batch(vec![event(1, Some(1), T), event(2, Some(1), T)]);
+    let cfg = serde_json::json!({"policy": "best-effort", "batch_budget_ms": 1000,
+        "max_retries": 100, "base_backoff_ms": 200, "max_backoff_ms": 400});
+    match api(cfg).write_with(&host, &b) {
+        WriteOutcome::Rejected(r) => {
+            assert_eq!(r.len(), 2);
+            assert!(r[0].reason.contains("budget"), "{}", r[0].reason);
+            assert!(r[1].reason.contains("not attempted"), "{}", r[1].reason);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(host.sleeps().iter().sum::<u64>() <= 1000);
+}
+
+#[test]
+fn batch_mode_one_post_with_stable_key() {
+    let host = MockHost::at(T);
+    let b = batch(vec![
+        event(2, Some(1), T),
+        event(1, None, T),
+        event(2, Some(1), T),
+    ]);
+    let a = api(serde_json::json!({"mode": "batch"}));
+    assert!(matches!(a.write_with(&host, &b), WriteOutcome::Accepted));
+    let p = posts(&host);
+    assert_eq!(p.len(), 1);
+    let body: serde_json::Value = serde_json::from_str(&p[0].1).unwrap();
+    assert_eq!(body.as_array().map(Vec::len), Some(2));
+    let key = p[0]
+        .0
+        .iter()
+        .find(|(k, _)| k == "Idempotency-Key")
+        .unwrap()
+        .1
+        .clone();
+    assert!(key.starts_with("batch-") && key.len() == 22, "{key}");
+    // Same events in another order: same key.
+    let e1 = event(1, None, T);
+    let e2 = event(2, Some(1), T);
+    assert_eq!(batch_key(&[&e2, &e1]), key);
+    assert_ne!(batch_key(&[&e1]), key);
+
+    // Best-effort batch failure dead-letters every event of the request.
+    let host = MockHost::at(T);
+    host.push_http_status(404, &[]);
+    let a = api(serde_json::json!({"mode": "batch", "policy": "best-effort"}));
+    match a.write_with(&host, &b) {
+        WriteOutcome::Rejected(r) => assert_eq!(r.len(), 2),
+        other => panic!("{other:?}"),
+    }
+}
