@@ -44,6 +44,8 @@ pub mod bindings {
         pub_export_macro: true,
         default_bindings_module: "::fanout_sdk::bindings",
         runtime_path: "::fanout_sdk::wit_bindgen::rt",
+        // Lets tests compare events, batches, outcomes and replies.
+        additional_derives: [PartialEq],
     });
 }
 

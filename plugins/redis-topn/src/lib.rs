@@ -314,3 +314,6 @@ export_sink!(RedisTopN);
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod live_tests;
