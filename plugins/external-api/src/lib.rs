@@ -108,7 +108,7 @@ impl Jitter {
         Jitter((z ^ (z >> 31)) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -136,7 +136,7 @@ pub fn backoff_ms(
         .saturating_mul(1u64.checked_shl(retry.min(62)).unwrap_or(u64::MAX))
         .min(max_ms);
     let half = exp / 2;
-    half + jitter.next() % (exp - half + 1)
+    half + jitter.next_u64() % (exp - half + 1)
 }
 
 /// `Retry-After` as whole seconds (the HTTP-date form is ignored: exponential backoff then).

@@ -61,9 +61,9 @@ fn backoff_grows_caps_and_honours_retry_after() {
     assert_eq!(backoff_ms(0, 200, 10_000, Some(0), &mut j), 0);
     assert!(backoff_ms(200, 200, 10_000, None, &mut j) <= 10_000);
     // Same seed, same sequence; different seeds diverge.
-    let a: Vec<u64> = (0..4).map(|_| Jitter::new(1).next()).collect();
+    let a: Vec<u64> = (0..4).map(|_| Jitter::new(1).next_u64()).collect();
     assert!(a.windows(2).all(|w| w[0] == w[1]));
-    assert_ne!(Jitter::new(1).next(), Jitter::new(2).next());
+    assert_ne!(Jitter::new(1).next_u64(), Jitter::new(2).next_u64());
 }
 
 #[test]
