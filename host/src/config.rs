@@ -1,0 +1,462 @@
+//! The host's configuration: one TOML file, then `FANOUT__SECTION__KEY` environment overrides.
+//!
+//! Every error names the key that is wrong and what was expected, so an operator can fix the
+//! file without reading the source.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment override {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub postgres: PostgresConfig,
+    #[serde(default)]
+    pub enrich: EnrichConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub services: ServicesConfig,
+    #[serde(default)]
+    pub http: HttpServerConfig,
+    #[serde(default, rename = "plugins")]
+    pub plugins: Vec<PluginConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, e.g. "127.0.0.1:9092".
+    pub brokers: String,
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    #[serde(default = "default_events_topic")]
+    pub events_topic: String,
+    /// Debezium's topic of the content table; empty disables following it.
+    #[serde(default = "default_content_topic")]
+    pub content_topic: String,
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Treat snapshot reads (`op: "r"`) as inserts.
+    #[serde(default)]
+    pub include_snapshot_reads: bool,
+    /// Extra librdkafka properties (security.protocol, sasl.*, ...), passed through as is.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Used to load the content table at start, to resolve content the topic has not shown
+    /// yet, and by `backfill`. Empty: content comes from the topic only.
+    #[serde(default)]
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissingContentPolicy {
+    /// Deliver with NULL content fields (SPEC default).
+    Deliver,
+    /// Send the event to the dead-letter topic.
+    DeadLetter,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichConfig {
+    #[serde(default = "default_missing_content")]
+    pub missing_content: MissingContentPolicy,
+    /// How long a batch may wait for content that is not known yet before the policy applies.
+    #[serde(default)]
+    pub missing_content_wait_ms: u64,
+}
+
+impl Default for EnrichConfig {
+    fn default() -> Self {
+        Self {
+            missing_content: default_missing_content(),
+            missing_content_wait_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// A batch is cut when it holds this many events...
+    #[serde(default = "default_max_events")]
+    pub max_events: usize,
+    /// ...or when its first message is this old.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_events: default_max_events(),
+            max_wait_ms: default_max_wait_ms(),
+        }
+    }
+}
+
+impl BatchConfig {
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+}
+
+/// Where the host's capabilities connect. Plugins never see these URLs; they see grants.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicesConfig {
+    #[serde(default)]
+    pub redis_url: String,
+    #[serde(default)]
+    pub clickhouse_url: String,
+    #[serde(default)]
+    pub clickhouse_user: String,
+    #[serde(default)]
+    pub clickhouse_password: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpServerConfig {
+    /// Address of /metrics, /healthz and the dashboard. Empty disables the server.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_http_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// Retry the batch forever (capped backoff): the stream waits, nothing is committed past it.
+    FailFast,
+    /// After `max_retries`, dead-letter the batch's events for this plugin and go on.
+    BestEffort,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default = "default_failure_policy")]
+    pub failure_policy: FailurePolicy,
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// Wasm instructions one call may execute (fuel); bounds CPU, stops endless loops.
+    #[serde(default = "default_fuel_per_call")]
+    pub fuel_per_call: u64,
+    /// Linear memory the plugin may grow to.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// Wall-clock bound of one call, capability calls and sleeps included.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+    #[serde(default)]
+    pub grants: Grants,
+    /// Passed to the plugin's `init` as JSON.
+    #[serde(default = "empty_table")]
+    pub config: toml::Value,
+}
+
+/// What a plugin may reach. Absent = refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    pub redis: Option<RedisGrant>,
+    pub http: Option<HttpGrant>,
+    pub clickhouse: Option<ClickHouseGrant>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisGrant {
+    /// Every key a command touches must start with this prefix.
+    #[serde(default)]
+    pub key_prefix: String,
+    /// EVAL/EVALSHA: scripts are checked on their declared KEYS only, so this is opt-in.
+    #[serde(default)]
+    pub allow_scripts: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpGrant {
+    pub url_prefixes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseGrant {
+    pub databases: Vec<String>,
+}
+
+fn default_group_id() -> String {
+    "fanout".into()
+}
+fn default_events_topic() -> String {
+    "dbserver1.public.engagement_events".into()
+}
+fn default_content_topic() -> String {
+    "dbserver1.public.content".into()
+}
+fn default_dead_letter_topic() -> String {
+    "fanout.dead_letter".into()
+}
+fn default_missing_content() -> MissingContentPolicy {
+    MissingContentPolicy::Deliver
+}
+fn default_max_events() -> usize {
+    500
+}
+fn default_max_wait_ms() -> u64 {
+    200
+}
+fn default_http_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_failure_policy() -> FailurePolicy {
+    FailurePolicy::FailFast
+}
+fn default_max_retries() -> u32 {
+    5
+}
+fn default_retry_backoff_ms() -> u64 {
+    200
+}
+fn default_max_backoff_ms() -> u64 {
+    10_000
+}
+fn default_fuel_per_call() -> u64 {
+    2_000_000_000
+}
+fn default_memory_mb() -> u64 {
+    128
+}
+fn default_call_timeout_ms() -> u64 {
+    60_000
+}
+fn empty_table() -> toml::Value {
+    toml::Value::Table(Default::default())
+}
+
+const ENV_PREFIX: &str = "FANOUT__";
+
+impl Config {
+    /// Reads the file, applies `FANOUT__A__B=value` overrides from `env`, validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path, env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+        for (var, value) in env {
+            if let Some(rest) = var.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut doc, &var, rest, &value)?;
+            }
+        }
+        let config: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must name at least one broker"));
+        }
+        if self.batch.max_events == 0 {
+            return Err(invalid("batch.max_events", "must be at least 1"));
+        }
+        if self.batch.max_wait_ms == 0 {
+            return Err(invalid("batch.max_wait_ms", "must be at least 1"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.plugins.iter().enumerate() {
+            let key = |k: &str| format!("plugins[{i}].{k}");
+            if p.name.is_empty()
+                || !p
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    &key("name"),
+                    "must be non-empty: letters, digits, '-' or '_'",
+                ));
+            }
+            if !names.insert(p.name.clone()) {
+                return Err(invalid(
+                    &key("name"),
+                    &format!("`{}` is used twice", p.name),
+                ));
+            }
+            if p.memory_mb == 0 || p.fuel_per_call == 0 || p.call_timeout_ms == 0 {
+                return Err(invalid(
+                    &key("memory_mb/fuel_per_call/call_timeout_ms"),
+                    "must be positive",
+                ));
+            }
+            if p.grants.redis.is_some() && self.services.redis_url.is_empty() {
+                return Err(invalid(
+                    "services.redis_url",
+                    &format!(
+                        "plugin `{}` is granted redis, but no redis_url is set",
+                        p.name
+                    ),
+                ));
+            }
+            if p.grants.clickhouse.is_some() && self.services.clickhouse_url.is_empty() {
+                return Err(invalid(
+                    "services.clickhouse_url",
+                    &format!(
+                        "plugin `{}` is granted clickhouse, but no clickhouse_url is set",
+                        p.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `FANOUT__KAFKA__BROKERS=x` sets kafka.brokers; `FANOUT__PLUGINS__0__PATH=x` sets plugins[0].path.
+/// Values parse as TOML scalars when they can (numbers, booleans), else as strings.
+fn apply_override(
+    doc: &mut toml::Table,
+    var: &str,
+    rest: &str,
+    value: &str,
+) -> Result<(), ConfigError> {
+    let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    let (last, path) = match parts.split_last() {
+        Some((last, path)) if !last.is_empty() && path.iter().all(|p| !p.is_empty()) => {
+            (last, path)
+        }
+        _ => {
+            return Err(ConfigError::Env {
+                var: var.to_string(),
+                message: "empty path segment".into(),
+            })
+        }
+    };
+    set_path(doc, path, last, parse_scalar(value)).map_err(|message| ConfigError::Env {
+        var: var.to_string(),
+        message,
+    })
+}
+
+fn set_path(
+    table: &mut toml::Table,
+    path: &[String],
+    last: &str,
+    value: toml::Value,
+) -> Result<(), String> {
+    let Some((head, tail)) = path.split_first() else {
+        table.insert(last.to_string(), value);
+        return Ok(());
+    };
+    let child = table
+        .entry(head.clone())
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    match child {
+        toml::Value::Table(t) => set_path(t, tail, last, value),
+        toml::Value::Array(items) => {
+            // The next segment indexes the list: plugins__0__path.
+            let (index, tail): (&str, &[String]) = match tail.split_first() {
+                Some((i, rest)) => (i.as_str(), rest),
+                None => (last, &[]),
+            };
+            let idx: usize = index
+                .parse()
+                .map_err(|_| format!("`{index}` must be an index into `{head}`"))?;
+            let len = items.len();
+            let slot = items
+                .get_mut(idx)
+                .ok_or_else(|| format!("index {idx} is past the {len} entries of `{head}`"))?;
+            if tail.is_empty() && index == last {
+                *slot = value;
+                return Ok(());
+            }
+            match slot {
+                toml::Value::Table(t) => set_path(t, tail, last, value),
+                _ => Err(format!("`{head}[{idx}]` is not a table")),
+            }
+        }
+        _ => Err(format!("`{head}` is not a table")),
+    }
+}
+
+fn parse_scalar(value: &str) -> toml::Value {
+    if let Ok(i) = value.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(f) = value.parse::<f64>() {
+        return toml::Value::Float(f);
+    }
+    match value {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(value.to_string()),
+    }
+}

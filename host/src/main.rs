@@ -1,0 +1,166 @@
+//! The `fanout` binary: the only place that uses anyhow; everything below returns typed errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing::{error, info};
+
+use fanout::app::App;
+use fanout::backfill::{self, BackfillOptions, TimeRange};
+use fanout::config::Config;
+use fanout::pipeline::{events_consumer, Pipeline};
+
+#[derive(Parser)]
+#[command(
+    name = "fanout",
+    version,
+    about = "WebAssembly-plugin sink host for Debezium CDC streams"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume the CDC topic, enrich, and deliver batches to the configured plugins.
+    Run {
+        #[arg(long, short, env = "FANOUT_CONFIG", default_value = "fanout.toml")]
+        config: PathBuf,
+    },
+    /// Reprocess events of [start, end) from PostgreSQL through the same enrichment and plugins.
+    Backfill {
+        #[arg(long, short, env = "FANOUT_CONFIG", default_value = "fanout.toml")]
+        config: PathBuf,
+        /// ISO 8601; without a zone the time is UTC.
+        #[arg(long)]
+        start: String,
+        /// ISO 8601, exclusive; without a zone the time is UTC.
+        #[arg(long)]
+        end: String,
+        /// Only these content ids (repeatable).
+        #[arg(long = "content-id")]
+        content_ids: Vec<i64>,
+        /// Continue an interrupted backfill from its checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Checkpoint file (default: .fanout-backfill-<range>.state in the working dir).
+        #[arg(long)]
+        state_file: Option<PathBuf>,
+    },
+    /// Plugin tools.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Check that a .wasm file is a sink plugin this host can run.
+    Check { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(path, std::env::vars()).map_err(anyhow::Error::from)
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => {
+            let config = load_config(&config)?;
+            let shutdown = fanout::shutdown::on_signal();
+            let app = App::start(config).await.context("cannot start")?;
+            tokio::spawn(fanout::serve::serve(
+                app.config.http.listen.clone(),
+                app.metrics.clone(),
+            ));
+            if !app.config.kafka.content_topic.is_empty() {
+                app.content
+                    .follow_topic(
+                        &app.config.kafka.brokers,
+                        &app.config.kafka.content_topic,
+                        &app.config.kafka.properties,
+                        app.metrics.clone(),
+                    )
+                    .context("cannot follow the content topic")?;
+            }
+            let pipeline = Pipeline {
+                consumer: events_consumer(&app.config)?,
+                config: app.config.clone(),
+                content: app.content.clone(),
+                fanout: app.fanout.clone(),
+                metrics: app.metrics.clone(),
+            };
+            pipeline.run(shutdown).await?;
+            info!("stopped cleanly");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill {
+            config,
+            start,
+            end,
+            content_ids,
+            resume,
+            state_file,
+        } => {
+            // Validate the range before touching anything.
+            let range = TimeRange::parse(&start, &end)?;
+            let config = load_config(&config)?;
+            let shutdown = fanout::shutdown::on_signal();
+            let app = App::start(config).await.context("cannot start")?;
+            let opts = BackfillOptions {
+                state_file: state_file
+                    .unwrap_or_else(|| backfill::default_state_file(&range, &content_ids)),
+                range,
+                content_ids,
+                resume,
+            };
+            let summary = backfill::run(&app, &opts, shutdown).await?;
+            println!("{summary}");
+            Ok(if summary.dead_lettered > 0 {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Plugin {
+            command: PluginCommand::Check { file },
+        } => {
+            let report = fanout::plugin::check(&file)?;
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

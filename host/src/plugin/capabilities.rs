@@ -1,0 +1,361 @@
+//! The host side of the capability interfaces of wit/sink.wit. Each call is checked against
+//! the plugin's grant, then performed on the host's shared clients. Plugin code runs on a
+//! thread of its own, so these block on the tokio runtime's handle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracing::{debug, error, info, trace, warn};
+
+use super::bindings::fanout::sink::errors::CapabilityError;
+use super::bindings::fanout::sink::{
+    clickhouse, errors, http, log, metrics, redis as wit_redis, types,
+};
+use super::grants;
+use super::PluginState;
+use crate::config::{Grants, ServicesConfig};
+use crate::metrics::{label, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    #[error("redis at {url}: {source}")]
+    Redis {
+        url: String,
+        source: ::redis::RedisError,
+    },
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// Clients shared by every plugin; grants decide who may use them.
+pub struct Services {
+    pub runtime: tokio::runtime::Handle,
+    pub redis: Option<::redis::aio::ConnectionManager>,
+    pub http: reqwest::Client,
+    pub clickhouse: Option<::clickhouse::Client>,
+    pub metrics: Metrics,
+}
+
+impl Services {
+    pub async fn connect(
+        cfg: &ServicesConfig,
+        metrics: Metrics,
+    ) -> Result<Arc<Self>, ServicesError> {
+        let redis = if cfg.redis_url.is_empty() {
+            None
+        } else {
+            let redis_err = |source| ServicesError::Redis {
+                url: cfg.redis_url.clone(),
+                source,
+            };
+            let client = ::redis::Client::open(cfg.redis_url.as_str()).map_err(redis_err)?;
+            let mgr_cfg = ::redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(10)))
+                .set_connection_timeout(Some(Duration::from_secs(5)));
+            Some(
+                ::redis::aio::ConnectionManager::new_with_config(client, mgr_cfg)
+                    .await
+                    .map_err(redis_err)?,
+            )
+        };
+        let clickhouse = (!cfg.clickhouse_url.is_empty()).then(|| {
+            let mut c = ::clickhouse::Client::default().with_url(&cfg.clickhouse_url);
+            if !cfg.clickhouse_user.is_empty() {
+                c = c.with_user(&cfg.clickhouse_user);
+            }
+            if !cfg.clickhouse_password.is_empty() {
+                c = c.with_password(&cfg.clickhouse_password);
+            }
+            c
+        });
+        Ok(Arc::new(Services {
+            runtime: tokio::runtime::Handle::current(),
+            redis,
+            http: reqwest::Client::builder().build()?,
+            clickhouse,
+            metrics,
+        }))
+    }
+}
+
+/// One plugin's view of the services.
+pub struct Capabilities {
+    pub plugin: String,
+    pub grants: Grants,
+    pub services: Arc<Services>,
+}
+
+fn not_granted(capability: &str, plugin: &str) -> CapabilityError {
+    CapabilityError::NotGranted(format!("plugin `{plugin}` has no `{capability}` grant"))
+}
+
+impl types::Host for PluginState {}
+impl errors::Host for PluginState {}
+
+impl log::Host for PluginState {
+    fn log(&mut self, level: log::Level, message: String) {
+        let plugin = self.caps.plugin.as_str();
+        match level {
+            log::Level::Trace => trace!(plugin, "{message}"),
+            log::Level::Debug => debug!(plugin, "{message}"),
+            log::Level::Info => info!(plugin, "{message}"),
+            log::Level::Warn => warn!(plugin, "{message}"),
+            log::Level::Error => error!(plugin, "{message}"),
+        }
+    }
+}
+
+impl metrics::Host for PluginState {
+    fn counter_add(&mut self, name: String, value: u64) {
+        let labels = format!(
+            "{},{}",
+            label("plugin", &self.caps.plugin),
+            label("name", &name)
+        );
+        self.caps.services.metrics.add_labelled(
+            "fanout_plugin_counter_total",
+            &labels,
+            value as f64,
+        );
+    }
+
+    fn gauge_set(&mut self, name: String, value: f64) {
+        let labels = format!(
+            "{},{}",
+            label("plugin", &self.caps.plugin),
+            label("name", &name)
+        );
+        self.caps
+            .services
+            .metrics
+            .set_labelled("fanout_plugin_gauge", &labels, value);
+    }
+}
+
+impl wit_redis::Host for PluginState {
+    fn pipeline(
+        &mut self,
+        commands: Vec<wit_redis::Command>,
+        atomic: bool,
+    ) -> Result<Vec<wit_redis::Reply>, CapabilityError> {
+        let caps = &self.caps;
+        let grant = caps
+            .grants
+            .redis
+            .as_ref()
+            .ok_or_else(|| not_granted("redis", &caps.plugin))?;
+        for c in &commands {
+            grants::check_redis_command(grant, c).map_err(CapabilityError::NotGranted)?;
+        }
+        let mut conn = caps
+            .services
+            .redis
+            .clone()
+            .ok_or_else(|| CapabilityError::Failed("the host has no redis_url".into()))?;
+        let mut pipe = ::redis::pipe();
+        if atomic {
+            pipe.atomic();
+        }
+        for c in &commands {
+            let mut cmd = ::redis::cmd(&String::from_utf8_lossy(&c[0]));
+            for arg in &c[1..] {
+                cmd.arg(arg.as_slice());
+            }
+            pipe.add_command(cmd);
+        }
+        let replies: Vec<::redis::Value> = caps
+            .services
+            .runtime
+            .block_on(pipe.query_async(&mut conn))
+            .map_err(|e| CapabilityError::Failed(format!("redis: {e}")))?;
+        replies.into_iter().map(to_reply).collect()
+    }
+}
+
+fn to_scalar(v: ::redis::Value) -> Result<wit_redis::Scalar, CapabilityError> {
+    use ::redis::Value as V;
+    use wit_redis::Scalar as S;
+    Ok(match v {
+        V::Nil => S::Nil,
+        V::Int(i) => S::Integer(i),
+        V::BulkString(b) => S::Data(b),
+        V::SimpleString(s) => S::Status(s),
+        V::Okay => S::Status("OK".into()),
+        V::Double(d) => S::Data(d.to_string().into_bytes()),
+        V::Boolean(b) => S::Integer(i64::from(b)),
+        V::VerbatimString { text, .. } => S::Data(text.into_bytes()),
+        V::BigNumber(n) => S::Data(n.to_string().into_bytes()),
+        V::ServerError(e) => return Err(CapabilityError::Failed(format!("redis: {e:?}"))),
+        other => {
+            return Err(CapabilityError::Failed(format!(
+                "redis reply nested too deep for the capability: {other:?}"
+            )))
+        }
+    })
+}
+
+fn to_reply(v: ::redis::Value) -> Result<wit_redis::Reply, CapabilityError> {
+    use ::redis::Value as V;
+    use wit_redis::Reply as R;
+    Ok(match v {
+        V::Array(items) | V::Set(items) => {
+            R::Array(items.into_iter().map(to_scalar).collect::<Result<_, _>>()?)
+        }
+        V::Map(pairs) => R::Array(
+            pairs
+                .into_iter()
+                .flat_map(|(k, v)| [k, v])
+                .map(to_scalar)
+                .collect::<Result<_, _>>()?,
+        ),
+        scalar => match to_scalar(scalar)? {
+            wit_redis::Scalar::Nil => R::Nil,
+            wit_redis::Scalar::Integer(i) => R::Integer(i),
+            wit_redis::Scalar::Data(d) => R::Data(d),
+            wit_redis::Scalar::Status(s) => R::Status(s),
+        },
+    })
+}
+
+impl http::Host for PluginState {
+    fn send(&mut self, req: http::Request) -> Result<http::Response, CapabilityError> {
+        let caps = &self.caps;
+        let grant = caps
+            .grants
+            .http
+            .as_ref()
+            .ok_or_else(|| not_granted("http", &caps.plugin))?;
+        let url = grants::check_http_url(grant, &req.url).map_err(CapabilityError::NotGranted)?;
+        let method = reqwest::Method::from_bytes(req.method.as_bytes())
+            .map_err(|_| CapabilityError::Failed(format!("bad HTTP method `{}`", req.method)))?;
+        let timeout = Duration::from_millis(u64::from(req.timeout_ms.clamp(1, 300_000)));
+        let mut builder = caps
+            .services
+            .http
+            .request(method, url)
+            .timeout(timeout)
+            .body(req.body);
+        for (k, v) in &req.headers {
+            builder = builder.header(k, v);
+        }
+        caps.services.runtime.block_on(async {
+            let resp = builder
+                .send()
+                .await
+                .map_err(|e| CapabilityError::Failed(format!("http: {}", error_chain(&e))))?;
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| CapabilityError::Failed(format!("http body: {}", error_chain(&e))))?;
+            Ok(http::Response {
+                status,
+                headers,
+                body: body.to_vec(),
+            })
+        })
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+impl clickhouse::Host for PluginState {
+    fn execute(&mut self, sql: String) -> Result<String, CapabilityError> {
+        let caps = &self.caps;
+        let grant = caps
+            .grants
+            .clickhouse
+            .as_ref()
+            .ok_or_else(|| not_granted("clickhouse", &caps.plugin))?;
+        for db in grants::clickhouse_databases_named(&sql) {
+            grants::check_clickhouse_database(grant, &db).map_err(CapabilityError::NotGranted)?;
+        }
+        let client = caps
+            .services
+            .clickhouse
+            .as_ref()
+            .ok_or_else(|| CapabilityError::Failed("the host has no clickhouse_url".into()))?;
+        let mut client = client.clone();
+        if let Some(db) = grant.databases.first() {
+            client = client.with_database(db);
+        }
+        caps.services.runtime.block_on(async move {
+            let mut cursor = client
+                .query(&sql)
+                .fetch_bytes("TabSeparated")
+                .map_err(|e| CapabilityError::Failed(format!("clickhouse: {e}")))?;
+            let bytes = cursor
+                .collect()
+                .await
+                .map_err(|e| CapabilityError::Failed(format!("clickhouse: {e}")))?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        })
+    }
+
+    fn insert_json_rows(
+        &mut self,
+        database: String,
+        table: String,
+        rows: Vec<String>,
+    ) -> Result<(), CapabilityError> {
+        let caps = &self.caps;
+        let grant = caps
+            .grants
+            .clickhouse
+            .as_ref()
+            .ok_or_else(|| not_granted("clickhouse", &caps.plugin))?;
+        grants::check_clickhouse_database(grant, &database).map_err(CapabilityError::NotGranted)?;
+        if !is_identifier(&database) || !is_identifier(&table) {
+            return Err(CapabilityError::Failed(format!(
+                "`{database}.{table}` is not a plain identifier"
+            )));
+        }
+        let client = caps
+            .services
+            .clickhouse
+            .clone()
+            .ok_or_else(|| CapabilityError::Failed("the host has no clickhouse_url".into()))?;
+        let mut body = Vec::with_capacity(rows.iter().map(|r| r.len() + 1).sum());
+        for r in rows {
+            body.extend_from_slice(r.as_bytes());
+            body.push(b'\n');
+        }
+        let sql = format!("INSERT INTO {database}.{table} FORMAT JSONEachRow");
+        caps.services.runtime.block_on(async move {
+            let mut insert = client.insert_formatted_with(sql);
+            insert
+                .send(Bytes::from(body))
+                .await
+                .map_err(|e| CapabilityError::Failed(format!("clickhouse insert: {e}")))?;
+            // `end` returns once ClickHouse answered the INSERT: the rows are written.
+            insert
+                .end()
+                .await
+                .map_err(|e| CapabilityError::Failed(format!("clickhouse insert: {e}")))
+        })
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}

@@ -1,0 +1,51 @@
+//! The operator's HTTP endpoints: /metrics (Prometheus text), /healthz, and a small live
+//! dashboard at / that polls /metrics.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use axum::Router;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+
+pub async fn serve(listen: String, metrics: Metrics) {
+    if listen.is_empty() {
+        return;
+    }
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(healthz))
+        .route("/", get(dashboard))
+        .with_state(metrics);
+    match tokio::net::TcpListener::bind(&listen).await {
+        Ok(listener) => {
+            info!(%listen, "metrics, health and dashboard listening");
+            if let Err(e) = axum::serve(listener, app).await {
+                warn!(error = %e, "http server stopped");
+            }
+        }
+        Err(e) => warn!(error = %e, %listen, "cannot listen for /metrics (http.listen)"),
+    }
+}
+
+async fn render_metrics(State(m): State<Metrics>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.render(),
+    )
+}
+
+async fn healthz(State(m): State<Metrics>) -> impl IntoResponse {
+    let problems = m.problems();
+    if problems.is_empty() {
+        (StatusCode::OK, "ok\n".to_string())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
+    }
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
