@@ -131,3 +131,38 @@ def test_mock_api_delay(stack_env):
     t0 = time.monotonic()
     http("POST", f"{base}/ns/{ns}/events", {"fast": True})
     assert time.monotonic() - t0 < 0.5
+
+
+def test_kafka_consumer_group_commit_resume(stack_env):
+    """The broker keeps committed group offsets: a new consumer resumes after them."""
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import NewTopic
+
+    brokers = stack_env["KAFKA_BROKERS"]
+    topic, group = f"stacktest.{uuid.uuid4().hex[:8]}", f"g{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": brokers})
+    admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(10)
+    # Not deleted afterwards: DeleteTopics on tansu 0.6.0 drops every topic.
+    prod = Producer({"bootstrap.servers": brokers, "acks": "all"})
+    for i in range(6):
+        prod.produce(topic, key=str(i).encode(), value=f"v{i}".encode())
+    assert prod.flush(10) == 0
+
+    def consume(n: int) -> list[bytes]:
+        c = Consumer({"bootstrap.servers": brokers, "group.id": group,
+                      "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        c.subscribe([topic])
+        got, deadline = [], time.monotonic() + 30
+        while len(got) < n and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is not None and not m.error():
+                got.append(m.value())
+                c.commit(message=m, asynchronous=False)
+        c.close()
+        return got
+
+    first = consume(6)
+    assert sorted(first) == [f"v{i}".encode() for i in range(6)]
+    prod.produce(topic, key=b"x", value=b"after")
+    assert prod.flush(10) == 0
+    assert consume(1) == [b"after"]
