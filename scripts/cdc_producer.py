@@ -243,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = make_handler(producer, set(topics))
     # -Xrs: leave SIGTERM/SIGINT to Python, so shutdown goes through close().
-    engine = DebeziumJsonEngine(properties=props, handler=handler,
-                                jvm_opts=["-Xrs", "-Xms64m", f"-Xmx{args.jvm_heap}"])
+    log4j = Path(__file__).resolve().parent / "cdc_log4j2.properties"
+    engine = DebeziumJsonEngine(properties=props, handler=handler, jvm_opts=[
+        "-Xrs", "-Xms64m", f"-Xmx{args.jvm_heap}", f"-Dlog4j2.configurationFile={log4j}"])
     safe = {k: ("***" if "password" in k and v else v) for k, v in props.items()}
     log.info("starting Debezium: %s", safe)
 
