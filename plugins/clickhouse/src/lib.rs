@@ -171,8 +171,18 @@ impl ClickHouseSink {
         Ok(())
     }
 
-    /// Writes one batch through `host`.
+    /// Writes one batch through `host`. After a failure the DDL runs again on the next
+    /// attempt, so a table dropped (or a database recreated) under a running instance is
+    /// created again instead of failing every retry of the batch forever.
     pub fn write_with(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
+        let outcome = self.write_once(host, batch);
+        if matches!(outcome, WriteOutcome::RetryLater(_)) {
+            self.schema_ready = !self.cfg.create_table;
+        }
+        outcome
+    }
+
+    fn write_once(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
         if let Err(e) = self.ensure_schema(host) {
             return WriteOutcome::RetryLater(format!(
                 "clickhouse: creating {} failed: {}",
