@@ -71,6 +71,9 @@ impl App {
             &config.kafka.properties,
             metrics.clone(),
         )?);
+        dead_letters
+            .ensure_topic(&config.kafka.brokers, &config.kafka.properties)
+            .await;
         let content = if config.postgres.url.is_empty() {
             ContentTable::default()
         } else {

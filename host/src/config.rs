@@ -288,7 +288,16 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml(&text, path, env)
+        let mut config = Self::from_toml(&text, path, env)?;
+        // Plugin paths are relative to the config file, not to wherever the host was started.
+        if let Some(dir) = path.parent() {
+            for p in &mut config.plugins {
+                if p.path.is_relative() {
+                    p.path = dir.join(&p.path);
+                }
+            }
+        }
+        Ok(config)
     }
 
     pub fn from_toml(

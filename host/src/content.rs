@@ -138,6 +138,26 @@ impl ContentTable {
         }
     }
 
+    fn apply(&self, payload: Option<&[u8]>, offset: i64, metrics: &Metrics) {
+        match decode_content(payload) {
+            Ok(ContentMessage::Upsert(id, row)) => {
+                debug!(content_id = id, "content: upsert");
+                self.upsert(id, row);
+                metrics.content_updates.inc();
+            }
+            Ok(ContentMessage::Delete(id)) => {
+                // Events that name deleted content keep flowing with NULL content.
+                self.remove(id);
+                metrics.content_updates.inc();
+            }
+            Ok(ContentMessage::Ignore) => {}
+            Err(e) => {
+                warn!(error = %e, offset, "content: undecodable change ignored");
+                metrics.content_decode_errors.inc();
+            }
+        }
+    }
+
     /// Follows Debezium's content topic from its beginning on a thread of its own.
     /// Group-less (assign, no commits): every host reads the whole topic.
     pub fn follow_topic(
@@ -156,41 +176,46 @@ impl ContentTable {
             cfg.set(k, v);
         }
         let consumer: BaseConsumer = cfg.create()?;
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let mut tpl = TopicPartitionList::new();
-        for t in md.topics() {
-            for p in t.partitions() {
-                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-            }
-        }
-        consumer.assign(&tpl)?;
         let table = self.clone();
+        let topic = topic.to_string();
         std::thread::Builder::new()
             .name("content-follower".into())
-            .spawn(move || loop {
-                match consumer.poll(Duration::from_millis(500)) {
-                    None => {}
-                    Some(Err(e)) => warn!(error = %e, "content: kafka error"),
-                    Some(Ok(msg)) => match decode_content(msg.payload()) {
-                        Ok(ContentMessage::Upsert(id, row)) => {
-                            debug!(content_id = id, "content: upsert");
-                            table.upsert(id, row);
-                            metrics.content_updates.inc();
-                        }
-                        Ok(ContentMessage::Delete(id)) => {
-                            // Events that name deleted content keep flowing with NULL content.
-                            table.remove(id);
-                            metrics.content_updates.inc();
-                        }
-                        Ok(ContentMessage::Ignore) => {}
-                        Err(e) => {
-                            warn!(error = %e, offset = msg.offset(), "content: undecodable change ignored");
-                            metrics.content_decode_errors.inc();
-                        }
-                    },
+            .spawn(move || {
+                // The topic may not exist yet (Debezium creates it with the first change).
+                loop {
+                    match assign_all_from_beginning(&consumer, &topic) {
+                        Ok(true) => break,
+                        Ok(false) => debug!(%topic, "content topic not there yet"),
+                        Err(e) => warn!(error = %e, %topic, "content: cannot read topic metadata"),
+                    }
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                info!(%topic, "content: following the topic");
+                loop {
+                    match consumer.poll(Duration::from_millis(500)) {
+                        None => {}
+                        Some(Err(e)) => warn!(error = %e, "content: kafka error"),
+                        Some(Ok(msg)) => table.apply(msg.payload(), msg.offset(), &metrics),
+                    }
                 }
             })
             .map_err(ContentError::Thread)?;
         Ok(())
     }
+}
+
+/// Assigns every partition of `topic` from its beginning; false when the topic has none yet.
+fn assign_all_from_beginning(consumer: &BaseConsumer, topic: &str) -> Result<bool, rdkafka::error::KafkaError> {
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(false);
+    }
+    consumer.assign(&tpl)?;
+    Ok(true)
 }

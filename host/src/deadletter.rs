@@ -67,6 +67,39 @@ impl DeadLetterQueue {
         })
     }
 
+    /// Creates the dead-letter topic when the broker does not have it (not every broker
+    /// auto-creates topics on produce), so the first dead letter does not wait for an operator.
+    pub async fn ensure_topic(&self, brokers: &str, properties: &std::collections::BTreeMap<String, String>) {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::client::DefaultClientContext;
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", brokers);
+        for (k, v) in properties {
+            cfg.set(k, v);
+        }
+        let admin: AdminClient<DefaultClientContext> = match cfg.create() {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "cannot create a Kafka admin client to check the dead-letter topic");
+                return;
+            }
+        };
+        let topic = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        match admin.create_topics(&[topic], &opts).await {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(t) => tracing::info!(topic = %t, "dead-letter topic created"),
+                        Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((t, code)) => warn!(topic = %t, error = %code, "cannot create the dead-letter topic; create it yourself"),
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot create the dead-letter topic; create it yourself"),
+        }
+    }
+
     pub fn topic(&self) -> &str {
         &self.topic
     }

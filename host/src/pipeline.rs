@@ -46,7 +46,9 @@ pub fn events_consumer(config: &Config) -> Result<StreamConsumer, PipelineError>
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", "10000");
+        .set("session.timeout.ms", "10000")
+        // Notice a topic created after start (Debezium creates it with the first change).
+        .set("topic.metadata.refresh.interval.ms", "5000");
     for (key, v) in &k.properties {
         cfg.set(key, v);
     }

@@ -1,0 +1,103 @@
+//! testkit: a plugin for the host's own integration tests. It records what it receives in
+//! Redis (so a test can read exactly which events reached a plugin), and misbehaves on
+//! request: traps, loops forever, allocates without bound, asks for capabilities it was not
+//! granted, rejects events, or asks for retries. Not a sink to deploy.
+//!
+//! Config: { "key": "<redis list receiving one JSON event per delivered event>",
+//!           "mode": "record" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first",
+//!           "retries": N (for retry-first: how many calls answer retry-later first) }
+
+use fanout_sdk::redis::command;
+use fanout_sdk::serde_json::{self, Value};
+use fanout_sdk::{
+    event_json_string, export_sink, Batch, Host, Rejection, Sink, WasmHost, WriteOutcome,
+};
+
+pub struct Testkit {
+    key: String,
+    mode: String,
+    retries_left: u64,
+}
+
+impl Sink for Testkit {
+    fn init(config: Value) -> Result<Self, String> {
+        let text = |k: &str, default: &str| {
+            config
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or(default)
+                .to_string()
+        };
+        Ok(Testkit {
+            key: text("key", "testkit:received"),
+            mode: text("mode", "record"),
+            retries_left: config.get("retries").and_then(Value::as_u64).unwrap_or(0),
+        })
+    }
+
+    fn write(&mut self, batch: &Batch) -> WriteOutcome {
+        let host = WasmHost;
+        match self.mode.as_str() {
+            "trap" => panic!("testkit: asked to trap"),
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "oom" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "ungranted" => {
+                // Both must be refused: record the errors for the test to read.
+                let http = fanout_sdk::http::post_json_on(&host, "http://127.0.0.1:1/forbidden", "{}", &[], 1000);
+                let redis = host.redis_pipeline(&[command(&["SET", "outside:prefix", "1"])], false);
+                let report = serde_json::json!({
+                    "http": format!("{:?}", http.err()),
+                    "redis": format!("{:?}", redis.err()),
+                });
+                self.push(&host, &[report.to_string()])
+            }
+            "reject-odd" => {
+                let (odd, even): (Vec<_>, Vec<_>) = batch.events.iter().partition(|e| e.event_id % 2 != 0);
+                let rows: Vec<String> = even.iter().map(|e| event_json_string(e)).collect();
+                match self.push(&host, &rows) {
+                    WriteOutcome::Accepted => WriteOutcome::Rejected(
+                        odd.iter()
+                            .map(|e| Rejection { event_id: e.event_id, reason: "odd event ids are rejected".into() })
+                            .collect(),
+                    ),
+                    other => other,
+                }
+            }
+            "retry-first" if self.retries_left > 0 => {
+                self.retries_left -= 1;
+                WriteOutcome::RetryLater("testkit: asked to retry".into())
+            }
+            _ => {
+                let rows: Vec<String> = batch.events.iter().map(event_json_string).collect();
+                self.push(&host, &rows)
+            }
+        }
+    }
+}
+
+impl Testkit {
+    fn push(&self, host: &impl Host, rows: &[String]) -> WriteOutcome {
+        if rows.is_empty() {
+            return WriteOutcome::Accepted;
+        }
+        let mut args: Vec<&str> = vec!["RPUSH", self.key.as_str()];
+        args.extend(rows.iter().map(String::as_str));
+        match host.redis_pipeline(&[command(&args)], false) {
+            Ok(_) => WriteOutcome::Accepted,
+            Err(e) => WriteOutcome::RetryLater(format!("redis: {e:?}")),
+        }
+    }
+}
+
+export_sink!(Testkit);

@@ -1,0 +1,169 @@
+//! Backfill: `fanout backfill` reads a time range from PostgreSQL and delivers it through the
+//! same enrichment and plugins as the live stream; it is idempotent with itself and the
+//! stream, and refuses bad input before doing any work.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use fanout_tests::*;
+
+/// Inserts events at fixed past times; returns the ids inside [09:00, 10:00).
+async fn seed_history(db: &Database) -> (BTreeSet<i64>, BTreeSet<i64>) {
+    let pg = db.client().await;
+    let mut inside = BTreeSet::new();
+    let mut outside = BTreeSet::new();
+    let rows = [
+        ("2026-01-08 08:59:59+00", 1, Some(7000)),
+        ("2026-01-08 09:00:00+00", 1, Some(7000)),
+        ("2026-01-08 09:15:00+00", 2, None),
+        ("2026-01-08 09:30:00+00", 4, Some(1000)),
+        ("2026-01-08 09:45:00+00", 5, Some(1000)),
+        ("2026-01-08 09:59:59.999+00", 15, Some(1000)),
+        ("2026-01-08 10:00:00+00", 3, Some(1000)),
+        ("2026-01-08 11:00:00+01", 3, Some(1000)), // = 10:00 UTC: outside
+    ];
+    for (ts, content, duration) in rows {
+        let id: i64 = pg
+            .query_one(
+                "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) VALUES ($1, 1, 'play', $2::text::timestamptz, $3, 'web') RETURNING id",
+                &[&(content as i64), &ts, &duration],
+            )
+            .await
+            .expect("insert")
+            .get(0);
+        let t = ts.trim_end_matches("+00").trim_end_matches("+01");
+        if ts.ends_with("+00") && t >= "2026-01-08 09:00:00" && t < "2026-01-08 10:00:00" {
+            inside.insert(id);
+        } else {
+            outside.insert(id);
+        }
+    }
+    (inside, outside)
+}
+
+fn backfill(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let state = std::env::temp_dir().join(unique("backfill-state"));
+    let out = Command::new(host_binary())
+        .arg("backfill")
+        .arg("--config")
+        .arg(config)
+        .arg("--state-file")
+        .arg(&state)
+        .args(args)
+        .output()
+        .expect("run backfill");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_config(cfg: &ConfigBuilder, name: &str) -> std::path::PathBuf {
+    let path = repo_root().join("target/test-logs").join(format!("{}.toml", unique(name)));
+    let _ = std::fs::create_dir_all(path.parent().expect("dir"));
+    std::fs::write(&path, cfg.render()).expect("config");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backfill_delivers_the_range_once_with_the_live_enrichment() {
+    let Some(stack) = Stack::get() else { return };
+    let db = Database::create(&stack, true).await;
+    let (inside, outside) = seed_history(&db).await;
+    let key = unique("bf");
+    let cfg = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url).testkit("rec", "record", &key, "fail-fast", 2);
+    let config = write_config(&cfg, "backfill");
+
+    let (code, stdout, stderr) = backfill(&config, &["--start", "2026-01-08T09:00:00", "--end", "2026-01-08T10:00:00"]);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("backfill done: read=5 delivered=5 dead_lettered=0"), "{stdout}");
+    let r = redis(&stack).await;
+    let got = recorded(&r, &key).await;
+    let ids: BTreeSet<i64> = got.iter().filter_map(|e| e["event_id"].as_i64()).collect();
+    assert_eq!(ids, inside);
+    assert!(ids.is_disjoint(&outside));
+    // The same enrichment as the live path.
+    let e = got.iter().find(|e| e["event_ts"] == "2026-01-08 09:00:00").expect("09:00 event");
+    assert_eq!(e["content_type"], "video");
+    assert_eq!(e["engagement_pct"], 0.02);
+    assert_eq!(e["engagement_seconds"], 7.0);
+    let zero = got.iter().find(|e| e["content_id"] == 5).expect("content 5");
+    assert!(zero["engagement_pct"].is_null());
+    let eighth = got.iter().find(|e| e["content_id"] == 15).expect("content 15");
+    assert_eq!(eighth["engagement_pct"], 0.13);
+
+    // A content filter.
+    let (code, stdout, _) = backfill(&config, &["--start", "2026-01-08T09:00:00Z", "--end", "2026-01-08T10:00:00Z", "--content-id", "4"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("read=1 "), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backfill_twice_and_over_the_live_stream_changes_nothing() {
+    let Some(stack) = Stack::get() else { return };
+    let db = Database::create(&stack, true).await;
+    let cdc = Cdc::start(&stack, &db);
+    let prefix = format!("{}:", unique("bfr"));
+    let topn = |p: &str| {
+        format!(
+            r#"
+[[plugins]]
+name = "redis-topn"
+path = "{}"
+[plugins.grants]
+redis = {{ key_prefix = "{p}", allow_scripts = true }}
+[plugins.config]
+key_prefix = "{p}"
+"#,
+            plugin_wasm("redis_topn").display()
+        )
+    };
+    let cfg = ConfigBuilder::new(&stack, &cdc.events_topic(), &cdc.content_topic(), &db.url).plugin_raw(&topn(&prefix));
+    let host = HostProc::start("bf-live", &cfg.render(), &cfg.metrics_addr);
+    let pg = db.client().await;
+    for i in 0..10 {
+        db.insert_event(&pg, Some(3), i, "play", Some(1000), "web").await;
+    }
+    let mut r = redis(&stack).await;
+    let count_key = format!("{prefix}content:count:3");
+    eventually(Duration::from_secs(60), "live stream counted 10", || {
+        let mut c = r.clone();
+        let k = count_key.clone();
+        async move {
+            let n: Option<i64> = redis::cmd("GET").arg(&k).query_async(&mut c).await.ok()?;
+            (n == Some(10)).then_some(())
+        }
+    })
+    .await;
+    drop(host);
+    drop(cdc);
+    let config = write_config(&cfg, "bf-replay");
+    let start = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let end = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
+    for run in 0..2 {
+        let (code, stdout, stderr) = backfill(&config, &["--start", &start, "--end", &end]);
+        assert_eq!(code, 0, "run {run}: {stdout} {stderr}");
+        assert!(stdout.contains("read=10 "), "{stdout}");
+        let n: i64 = redis::cmd("GET").arg(&count_key).query_async(&mut r).await.expect("count");
+        assert_eq!(n, 10, "backfill run {run} must not count events the stream counted");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_ranges_and_unreachable_postgres_fail_clearly() {
+    let Some(stack) = Stack::get() else { return };
+    let cfg = ConfigBuilder::new(&stack, &unique("unused"), "", "postgres://postgres@127.0.0.1:1/nothing")
+        .testkit("rec", "record", &unique("bad"), "fail-fast", 1);
+    let config = write_config(&cfg, "bf-bad");
+    let (code, _, err) = backfill(&config, &["--start", "2026-01-08T10:00:00", "--end", "2026-01-08T09:00:00"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("reversed"), "{err}");
+    let (code, _, err) = backfill(&config, &["--start", "yesterday", "--end", "2026-01-08T09:00:00"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--start `yesterday`"), "{err}");
+    let (code, _, err) = backfill(&config, &["--start", "2026-01-08T09:00:00", "--end", "2026-01-08T10:00:00"]);
+    assert_ne!(code, 0);
+    assert!(err.to_lowercase().contains("postgres"), "{err}");
+}
