@@ -23,8 +23,9 @@ async fn insert_is_visible_in_redis_within_five_seconds() {
     let db = Database::create(&stack, true).await;
     let cdc = Cdc::start(&stack, &db);
     let p = format!("{}:", unique("lat"));
-    let cfg = ConfigBuilder::new(&stack, &cdc.events_topic(), &cdc.content_topic(), &db.url).plugin_raw(&format!(
-        r#"
+    let cfg = ConfigBuilder::new(&stack, &cdc.events_topic(), &cdc.content_topic(), &db.url)
+        .plugin_raw(&format!(
+            r#"
 [[plugins]]
 name = "redis-topn"
 path = "{}"
@@ -33,8 +34,8 @@ redis = {{ key_prefix = "{p}", allow_scripts = true }}
 [plugins.config]
 key_prefix = "{p}"
 "#,
-        plugin_wasm("redis_topn").display()
-    ));
+            plugin_wasm("redis_topn").display()
+        ));
     let _host = HostProc::start("latency", &cfg.render(), &cfg.metrics_addr);
     let pg = db.client().await;
     let r = redis(&stack).await;
@@ -47,7 +48,8 @@ key_prefix = "{p}"
     let warm = Instant::now();
     let warm_deadline = warm + Duration::from_secs(90);
     loop {
-        db.insert_event(&pg, Some(1), 1, "play", Some(1000), "web").await;
+        db.insert_event(&pg, Some(1), 1, "play", Some(1000), "web")
+            .await;
         let mut c = r.clone();
         let seen = async {
             for _ in 0..20 {
@@ -61,7 +63,10 @@ key_prefix = "{p}"
         if seen.await {
             break;
         }
-        assert!(Instant::now() < warm_deadline, "no event reached Redis within 90 s of starting the stack's CDC");
+        assert!(
+            Instant::now() < warm_deadline,
+            "no event reached Redis within 90 s of starting the stack's CDC"
+        );
     }
     eprintln!("warm-up: first event visible after {:?}", warm.elapsed());
 
@@ -97,7 +102,11 @@ key_prefix = "{p}"
         if !pending.is_empty() {
             let keys: Vec<String> = pending.iter().map(|(c, _)| count_key(*c)).collect();
             let mut c = r.clone();
-            let seen: Vec<Option<i64>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await.expect("MGET");
+            let seen: Vec<Option<i64>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut c)
+                .await
+                .expect("MGET");
             let now = Instant::now();
             let mut still = Vec::new();
             for ((content, started), v) in pending.drain(..).zip(seen) {
@@ -112,7 +121,12 @@ key_prefix = "{p}"
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     inserter.await.expect("inserter");
-    assert_eq!(latencies.len(), INSERTS, "every insert must reach Redis ({} pending)", pending.len());
+    assert_eq!(
+        latencies.len(),
+        INSERTS,
+        "every insert must reach Redis ({} pending)",
+        pending.len()
+    );
 
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -127,6 +141,9 @@ key_prefix = "{p}"
         ms(latencies[latencies.len() - 1]),
     );
     let worst = latencies[latencies.len() - 1];
-    assert!(worst <= BOUND, "SPEC 5B: visible in Redis within 5 s; the slowest took {worst:?}");
+    assert!(
+        worst <= BOUND,
+        "SPEC 5B: visible in Redis within 5 s; the slowest took {worst:?}"
+    );
     drop(cdc);
 }

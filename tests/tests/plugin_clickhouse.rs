@@ -33,7 +33,13 @@ database = "{db}"
     .await
 }
 
-fn ev(id: i64, content: Option<i64>, duration_ms: Option<i32>, length: Option<i32>, pct: Option<f64>) -> WitEvent {
+fn ev(
+    id: i64,
+    content: Option<i64>,
+    duration_ms: Option<i32>,
+    length: Option<i32>,
+    pct: Option<f64>,
+) -> WitEvent {
     let mut e = wit_event(id, content, SPEC_TS + id * 1_000_000);
     e.duration_ms = duration_ms;
     e.engagement_seconds = duration_ms.map(|d| f64::from(d) / 1000.0);
@@ -47,8 +53,17 @@ impl Drop for DropDb<'_> {
     fn drop(&mut self) {
         let (url, db) = (self.0.clickhouse_url.clone(), self.1.clone());
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            rt.block_on(reqwest::Client::new().post(url).body(format!("DROP DATABASE IF EXISTS {db}")).send()).ok()
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(
+                reqwest::Client::new()
+                    .post(url)
+                    .body(format!("DROP DATABASE IF EXISTS {db}"))
+                    .send(),
+            )
+            .ok()
         })
         .join();
     }
@@ -77,7 +92,11 @@ async fn rows_hold_spec_values_and_nulls() {
     let out = plugin.write("t/0:0-4", &batch).await;
     assert!(matches!(out, WriteOutcome::Accepted), "{out:?}");
 
-    let rows = clickhouse_rows(&stack, &format!("SELECT * FROM {db}.events_enriched ORDER BY event_id")).await;
+    let rows = clickhouse_rows(
+        &stack,
+        &format!("SELECT * FROM {db}.events_enriched ORDER BY event_id"),
+    )
+    .await;
     assert_eq!(rows.len(), 5, "{rows:?}");
     assert_eq!(
         rows[0],
@@ -89,18 +108,40 @@ async fn rows_hold_spec_values_and_nulls() {
     );
     // Unknown content: content fields and pct are NULL, the event is still stored.
     assert_eq!(rows[1]["content_id"], 424_242);
-    assert!(rows[1]["content_type"].is_null() && rows[1]["length_seconds"].is_null(), "{}", rows[1]);
+    assert!(
+        rows[1]["content_type"].is_null() && rows[1]["length_seconds"].is_null(),
+        "{}",
+        rows[1]
+    );
     assert!(rows[1]["engagement_pct"].is_null());
     assert_eq!(rows[1]["engagement_seconds"], 5);
     // NULL duration: seconds and pct NULL.
-    assert!(rows[2]["duration_ms"].is_null() && rows[2]["engagement_seconds"].is_null() && rows[2]["engagement_pct"].is_null(), "{}", rows[2]);
+    assert!(
+        rows[2]["duration_ms"].is_null()
+            && rows[2]["engagement_seconds"].is_null()
+            && rows[2]["engagement_pct"].is_null(),
+        "{}",
+        rows[2]
+    );
     // length 0: pct NULL, not inf.
     assert_eq!(rows[3]["length_seconds"], 0);
     assert!(rows[3]["engagement_pct"].is_null(), "{}", rows[3]);
     // Every nullable column really holds NULL (not '' or 0).
-    assert!(["content_id", "user_id", "event_type", "device", "content_type", "length_seconds", "engagement_pct"]
+    assert!(
+        [
+            "content_id",
+            "user_id",
+            "event_type",
+            "device",
+            "content_type",
+            "length_seconds",
+            "engagement_pct"
+        ]
         .iter()
-        .all(|c| rows[4][*c].is_null()), "{}", rows[4]);
+        .all(|c| rows[4][*c].is_null()),
+        "{}",
+        rows[4]
+    );
     let nulls = clickhouse_query(
         &stack,
         &format!("SELECT countIf(isNull(engagement_pct)), countIf(isNull(content_id)), countIf(isNull(content_type)) FROM {db}.events_enriched"),
@@ -109,7 +150,10 @@ async fn rows_hold_spec_values_and_nulls() {
     assert_eq!(nulls.trim(), "4\t1\t2");
     // The columns are Nullable, so NULLs survive: the DDL keeps them.
     let types = clickhouse_query(&stack, &format!("SELECT name, type FROM system.columns WHERE database = '{db}' AND table = 'events_enriched' FORMAT TabSeparated")).await;
-    assert!(types.contains("engagement_pct\tNullable(Float64)") && types.contains("event_id\tInt64"), "{types}");
+    assert!(
+        types.contains("engagement_pct\tNullable(Float64)") && types.contains("event_id\tInt64"),
+        "{types}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -126,10 +170,16 @@ async fn replays_leave_one_row_per_event_and_spec_query_averages() {
         ev(3, Some(1), None, Some(300), None),
         ev(4, Some(3), Some(15_600), Some(120), Some(0.13)),
     ];
-    assert!(matches!(plugin.write("t/0:0-3", &first).await, WriteOutcome::Accepted));
+    assert!(matches!(
+        plugin.write("t/0:0-3", &first).await,
+        WriteOutcome::Accepted
+    ));
     // The same batch again (a replay after a crash), then one overlapping the first with a new
     // event and a duplicate inside the batch.
-    assert!(matches!(plugin.write("t/0:0-3", &first).await, WriteOutcome::Accepted));
+    assert!(matches!(
+        plugin.write("t/0:0-3", &first).await,
+        WriteOutcome::Accepted
+    ));
     let second = vec![
         ev(3, Some(1), None, Some(300), None),
         ev(4, Some(3), Some(15_600), Some(120), Some(0.13)),
@@ -137,31 +187,61 @@ async fn replays_leave_one_row_per_event_and_spec_query_averages() {
         ev(5, Some(3), Some(30_000), Some(120), Some(0.25)),
         ev(6, Some(9), None, None, None),
     ];
-    assert!(matches!(plugin.write("t/0:2-6", &second).await, WriteOutcome::Accepted));
+    assert!(matches!(
+        plugin.write("t/0:2-6", &second).await,
+        WriteOutcome::Accepted
+    ));
     assert_eq!(plugin.counter("rows_inserted"), 6.0);
-    assert!(plugin.counter("rows_skipped_duplicate") >= 7.0, "{}", plugin.counter("rows_skipped_duplicate"));
+    assert!(
+        plugin.counter("rows_skipped_duplicate") >= 7.0,
+        "{}",
+        plugin.counter("rows_skipped_duplicate")
+    );
 
     // One row per event_id in the plain table, no FINAL needed.
-    let counts = clickhouse_query(&stack, &format!("SELECT count(), uniqExact(event_id) FROM {db}.events_enriched")).await;
+    let counts = clickhouse_query(
+        &stack,
+        &format!("SELECT count(), uniqExact(event_id) FROM {db}.events_enriched"),
+    )
+    .await;
     assert_eq!(counts.trim(), "6\t6");
 
     // The SPEC's query, exactly in its documented form.
-    let rows = clickhouse_rows(&stack, &format!("SELECT content_id, avg(engagement_pct) FROM {db}.events_enriched GROUP BY content_id")).await;
+    let rows = clickhouse_rows(
+        &stack,
+        &format!(
+            "SELECT content_id, avg(engagement_pct) FROM {db}.events_enriched GROUP BY content_id"
+        ),
+    )
+    .await;
     let avg: std::collections::BTreeMap<i64, Value> = rows
         .iter()
-        .map(|r| (r["content_id"].as_i64().expect("content_id"), r["avg(engagement_pct)"].clone()))
+        .map(|r| {
+            (
+                r["content_id"].as_i64().expect("content_id"),
+                r["avg(engagement_pct)"].clone(),
+            )
+        })
         .collect();
     assert_eq!(avg.len(), 3, "{rows:?}");
     let close = |v: &Value, want: f64| v.as_f64().is_some_and(|x| (x - want).abs() < 1e-9);
     assert!(close(&avg[&1], 0.26), "content 1: {}", avg[&1]);
     assert!(close(&avg[&3], 0.19), "content 3: {}", avg[&3]);
-    assert!(avg[&9].is_null(), "all-NULL content averages to NULL: {}", avg[&9]);
+    assert!(
+        avg[&9].is_null(),
+        "all-NULL content averages to NULL: {}",
+        avg[&9]
+    );
 
     // A fresh instance (the host restarted) replays the first batch: still nothing new.
     let again = load(&stack, &db).await;
-    assert!(matches!(again.write("t/0:0-3", &first).await, WriteOutcome::Accepted));
+    assert!(matches!(
+        again.write("t/0:0-3", &first).await,
+        WriteOutcome::Accepted
+    ));
     assert_eq!(again.counter("rows_inserted"), 0.0);
-    let counts = clickhouse_query(&stack, &format!("SELECT count() FROM {db}.events_enriched")).await;
+    let counts =
+        clickhouse_query(&stack, &format!("SELECT count() FROM {db}.events_enriched")).await;
     assert_eq!(counts.trim(), "6");
 }
 
@@ -174,11 +254,25 @@ async fn a_failed_write_answers_retry_later_and_the_retry_recovers() {
     // The table disappears under the plugin (schema managed elsewhere, a mistaken DROP): the
     // batch is not acknowledged, so the host retries it instead of losing it.
     clickhouse_query(&stack, &format!("DROP TABLE {db}.events_enriched")).await;
-    let out = plugin.write("t/0:0-0", &[ev(1, Some(1), Some(6000), Some(300), Some(0.02))]).await;
-    assert!(matches!(&out, WriteOutcome::RetryLater(r) if r.contains("clickhouse")), "{out:?}");
+    let out = plugin
+        .write(
+            "t/0:0-0",
+            &[ev(1, Some(1), Some(6000), Some(300), Some(0.02))],
+        )
+        .await;
+    assert!(
+        matches!(&out, WriteOutcome::RetryLater(r) if r.contains("clickhouse")),
+        "{out:?}"
+    );
     // The host's retry of the same batch succeeds: the plugin creates the table again.
-    let out = plugin.write("t/0:0-0", &[ev(1, Some(1), Some(6000), Some(300), Some(0.02))]).await;
+    let out = plugin
+        .write(
+            "t/0:0-0",
+            &[ev(1, Some(1), Some(6000), Some(300), Some(0.02))],
+        )
+        .await;
     assert!(matches!(out, WriteOutcome::Accepted), "{out:?}");
-    let counts = clickhouse_query(&stack, &format!("SELECT count() FROM {db}.events_enriched")).await;
+    let counts =
+        clickhouse_query(&stack, &format!("SELECT count() FROM {db}.events_enriched")).await;
     assert_eq!(counts.trim(), "1");
 }

@@ -15,7 +15,11 @@ const WAIT: Duration = Duration::from_secs(60);
 fn build_template_copy(dir: &Path) -> std::path::PathBuf {
     let root = repo_root();
     std::fs::create_dir_all(dir.join("src")).expect("mkdir");
-    std::fs::copy(root.join("plugins/template/src/lib.rs"), dir.join("src/lib.rs")).expect("copy template");
+    std::fs::copy(
+        root.join("plugins/template/src/lib.rs"),
+        dir.join("src/lib.rs"),
+    )
+    .expect("copy template");
     // The same dependency versions as the default plugins (no registry look-up needed).
     std::fs::copy(root.join("plugins/Cargo.lock"), dir.join("Cargo.lock")).expect("copy lock");
     std::fs::write(
@@ -60,12 +64,19 @@ panic = "abort"
 async fn a_copied_template_plugin_runs_on_the_same_host_binary() {
     let Some(stack) = Stack::get() else { return };
     let host_bin = host_binary();
-    let host_built = std::fs::metadata(&host_bin).and_then(|m| m.modified()).expect("host binary");
+    let host_built = std::fs::metadata(&host_bin)
+        .and_then(|m| m.modified())
+        .expect("host binary");
     let wasm = build_template_copy(&repo_root().join("target/dropin/my-sink"));
 
     // The host checks the new component against the contract it serves.
-    let check = Command::new(&host_bin).args(["plugin", "check"]).arg(&wasm).output().expect("fanout plugin check");
-    let text = String::from_utf8_lossy(&check.stdout).into_owned() + &String::from_utf8_lossy(&check.stderr);
+    let check = Command::new(&host_bin)
+        .args(["plugin", "check"])
+        .arg(&wasm)
+        .output()
+        .expect("fanout plugin check");
+    let text = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
     assert!(check.status.success() && text.contains("ok:"), "{text}");
 
     let events_topic = unique("events");
@@ -85,22 +96,43 @@ label = "{label}"
     ));
     let host = HostProc::start("dropin", &cfg.render(), &cfg.metrics_addr);
     let series = "fanout_plugin_counter_total{plugin=\"my-sink\",name=\"events\"}";
-    eventually(WAIT, "the host up", || async { (!host.metrics().await.is_empty()).then_some(()) }).await;
+    eventually(WAIT, "the host up", || async {
+        (!host.metrics().await.is_empty()).then_some(())
+    })
+    .await;
     assert_eq!(host.metric(series).await, 0.0);
     for id in 1..=5 {
-        produce(&stack, &events_topic, None, Some(&event_envelope(id, 1, "2026-01-08T14:21:52Z"))).await;
+        produce(
+            &stack,
+            &events_topic,
+            None,
+            Some(&event_envelope(id, 1, "2026-01-08T14:21:52Z")),
+        )
+        .await;
     }
     eventually(WAIT, "the drop-in plugin counts the 5 events", || async {
         (host.metric(series).await == 5.0).then_some(())
     })
     .await;
     let m = host.metrics().await;
-    assert_eq!(metric_value(&m, "fanout_events_delivered_total{plugin=\"my-sink\"}"), 5.0, "{m}");
-    eventually(WAIT, "committed", || async { (host.metric("fanout_commits_total").await >= 1.0).then_some(()) }).await;
+    assert_eq!(
+        metric_value(&m, "fanout_events_delivered_total{plugin=\"my-sink\"}"),
+        5.0,
+        "{m}"
+    );
+    eventually(WAIT, "committed", || async {
+        (host.metric("fanout_commits_total").await >= 1.0).then_some(())
+    })
+    .await;
     // Its log lines reach the host's log, tagged with the plugin.
     let log = host.proc.log_text();
-    assert!(log.contains(&format!("{label}: batch")), "plugin log line missing:\n{log}");
+    assert!(
+        log.contains(&format!("{label}: batch")),
+        "plugin log line missing:\n{log}"
+    );
     // No host rebuild happened.
-    let after = std::fs::metadata(&host_bin).and_then(|m| m.modified()).expect("host binary");
+    let after = std::fs::metadata(&host_bin)
+        .and_then(|m| m.modified())
+        .expect("host binary");
     assert_eq!(host_built, after, "the host binary must not change");
 }

@@ -55,11 +55,16 @@ async fn load(stack: &Stack, ns: &str, policy: &str, extra: &str) -> LoadedPlugi
 }
 
 fn keys(received: &[Value]) -> Vec<String> {
-    received.iter().map(|r| r["idempotency_key"].as_str().unwrap_or("").to_string()).collect()
+    received
+        .iter()
+        .map(|r| r["idempotency_key"].as_str().unwrap_or("").to_string())
+        .collect()
 }
 
 fn events(ids: &[i64]) -> Vec<fanout::plugin::WitEvent> {
-    ids.iter().map(|&id| wit_event(id, Some(id % 3), 1_767_882_112_000_000)).collect()
+    ids.iter()
+        .map(|&id| wit_event(id, Some(id % 3), 1_767_882_112_000_000))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,13 +73,21 @@ async fn per_event_posts_with_idempotency_keys_and_replays_reuse_them() {
     let ns = unique("api");
     let plugin = load(&stack, &ns, "best-effort", "").await;
     let batch = events(&[16, 17, 18]);
-    assert!(matches!(plugin.write("t/0:0-2", &batch).await, WriteOutcome::Accepted));
+    assert!(matches!(
+        plugin.write("t/0:0-2", &batch).await,
+        WriteOutcome::Accepted
+    ));
     let got = mock_received(&stack, &ns).await;
     assert_eq!(keys(&got), ["event-16", "event-17", "event-18"]);
     for r in &got {
         assert_eq!(r["method"], "POST");
         assert_eq!(r["path"], format!("/ns/{ns}/events"));
-        assert!(r["headers"]["content-type"].as_str().is_some_and(|c| c.starts_with("application/json")), "{r}");
+        assert!(
+            r["headers"]["content-type"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("application/json")),
+            "{r}"
+        );
     }
     assert_eq!(
         got[0]["body"],
@@ -85,25 +98,43 @@ async fn per_event_posts_with_idempotency_keys_and_replays_reuse_them() {
         "the SPEC-4 record"
     );
     // The replay of the batch sends the same keys: the API can recognise the duplicates.
-    assert!(matches!(plugin.write("t/0:0-2", &batch).await, WriteOutcome::Accepted));
+    assert!(matches!(
+        plugin.write("t/0:0-2", &batch).await,
+        WriteOutcome::Accepted
+    ));
     let got = mock_received(&stack, &ns).await;
-    assert_eq!(keys(&got), ["event-16", "event-17", "event-18", "event-16", "event-17", "event-18"]);
+    assert_eq!(
+        keys(&got),
+        ["event-16", "event-17", "event-18", "event-16", "event-17", "event-18"]
+    );
     assert_eq!(got[3]["body"], got[0]["body"]);
     assert_eq!(plugin.counter("events_delivered"), 6.0);
 
     // Batch mode: one request per batch, a key derived from the event ids.
     let ns_b = unique("apib");
     let batched = load(&stack, &ns_b, "best-effort", "mode = \"batch\"").await;
-    assert!(matches!(batched.write("t/0:0-2", &batch).await, WriteOutcome::Accepted));
+    assert!(matches!(
+        batched.write("t/0:0-2", &batch).await,
+        WriteOutcome::Accepted
+    ));
     let mut reordered = batch.clone();
     reordered.reverse();
-    assert!(matches!(batched.write("t/0:0-2 again", &reordered).await, WriteOutcome::Accepted));
-    assert!(matches!(batched.write("t/0:3-4", &events(&[19, 20])).await, WriteOutcome::Accepted));
+    assert!(matches!(
+        batched.write("t/0:0-2 again", &reordered).await,
+        WriteOutcome::Accepted
+    ));
+    assert!(matches!(
+        batched.write("t/0:3-4", &events(&[19, 20])).await,
+        WriteOutcome::Accepted
+    ));
     let got = mock_received(&stack, &ns_b).await;
     assert_eq!(got.len(), 3);
     assert_eq!(got[0]["body"].as_array().map(Vec::len), Some(3));
     let k = keys(&got);
-    assert!(k[0].starts_with("batch-") && k[0].len() == "batch-".len() + 16, "{k:?}");
+    assert!(
+        k[0].starts_with("batch-") && k[0].len() == "batch-".len() + 16,
+        "{k:?}"
+    );
     assert_eq!(k[0], k[1], "the same events give the same key");
     assert_ne!(k[0], k[2], "other events, another key");
 }
@@ -115,29 +146,60 @@ async fn retries_500s_and_honours_retry_after_on_429() {
     let plugin = load(&stack, &ns, "fail-fast", "").await;
     // Two 500s, then success: delivered on the third attempt, same key each time.
     mock_control(&stack, &ns, json!({"fail_status": 500, "fail_count": 2})).await;
-    assert!(matches!(plugin.write("a", &events(&[1])).await, WriteOutcome::Accepted));
+    assert!(matches!(
+        plugin.write("a", &events(&[1])).await,
+        WriteOutcome::Accepted
+    ));
     let got = mock_received(&stack, &ns).await;
-    let statuses: Vec<i64> = got.iter().map(|r| r["status"].as_i64().unwrap_or(0)).collect();
+    let statuses: Vec<i64> = got
+        .iter()
+        .map(|r| r["status"].as_i64().unwrap_or(0))
+        .collect();
     assert_eq!(statuses, [500, 500, 200]);
     assert_eq!(keys(&got), ["event-1", "event-1", "event-1"]);
     assert_eq!(plugin.counter("retries"), 2.0);
 
     // 429 with Retry-After: 1 -> the retry waits about a second, not the 20 ms base backoff.
-    mock_control(&stack, &ns, json!({"fail_status": 429, "fail_count": 1, "retry_after": 1})).await;
-    assert!(matches!(plugin.write("b", &events(&[2])).await, WriteOutcome::Accepted));
+    mock_control(
+        &stack,
+        &ns,
+        json!({"fail_status": 429, "fail_count": 1, "retry_after": 1}),
+    )
+    .await;
+    assert!(matches!(
+        plugin.write("b", &events(&[2])).await,
+        WriteOutcome::Accepted
+    ));
     let got = mock_received(&stack, &ns).await;
-    let mine: Vec<&Value> = got.iter().filter(|r| r["idempotency_key"] == "event-2").collect();
+    let mine: Vec<&Value> = got
+        .iter()
+        .filter(|r| r["idempotency_key"] == "event-2")
+        .collect();
     assert_eq!(mine.len(), 2, "{mine:?}");
     assert_eq!(mine[0]["status"], 429);
     assert_eq!(mine[1]["status"], 200);
-    let gap = mine[1]["received_at_ms"].as_i64().unwrap_or(0) - mine[0]["received_at_ms"].as_i64().unwrap_or(0);
-    assert!((950..3000).contains(&gap), "Retry-After: 1 honoured, gap {gap} ms");
+    let gap = mine[1]["received_at_ms"].as_i64().unwrap_or(0)
+        - mine[0]["received_at_ms"].as_i64().unwrap_or(0);
+    assert!(
+        (950..3000).contains(&gap),
+        "Retry-After: 1 honoured, gap {gap} ms"
+    );
 
     // Always 500: fail-fast gives the batch back to the host after its retries.
     mock_control(&stack, &ns, json!({"fail_status": 500})).await;
     let out = plugin.write("c", &events(&[3])).await;
-    assert!(matches!(&out, WriteOutcome::RetryLater(r) if r.contains("HTTP 500") && r.contains("after 3 attempts")), "{out:?}");
-    assert_eq!(mock_received(&stack, &ns).await.iter().filter(|r| r["idempotency_key"] == "event-3").count(), 3);
+    assert!(
+        matches!(&out, WriteOutcome::RetryLater(r) if r.contains("HTTP 500") && r.contains("after 3 attempts")),
+        "{out:?}"
+    );
+    assert_eq!(
+        mock_received(&stack, &ns)
+            .await
+            .iter()
+            .filter(|r| r["idempotency_key"] == "event-3")
+            .count(),
+        3
+    );
     assert_eq!(plugin.counter("batches_failed"), 1.0);
 }
 
@@ -148,39 +210,87 @@ async fn slow_answers_time_out_and_refused_connections_fail_per_policy() {
     // Slow but within the timeout: delivered, once.
     let plugin = load(&stack, &ns, "best-effort", "").await;
     mock_control(&stack, &ns, json!({"delay_ms": 300})).await;
-    assert!(matches!(plugin.write("a", &events(&[1])).await, WriteOutcome::Accepted));
+    assert!(matches!(
+        plugin.write("a", &events(&[1])).await,
+        WriteOutcome::Accepted
+    ));
     assert_eq!(mock_received(&stack, &ns).await.len(), 1);
     // Slower than timeout_ms (2 s): every attempt times out; best-effort rejects the event
     // with the reason (the host dead-letters it) and the other events are still sent.
     mock_control(&stack, &ns, json!({"delay_ms": 3000, "fail_status": null})).await;
     let started = std::time::Instant::now();
     let out = plugin.write("b", &events(&[2])).await;
-    let WriteOutcome::Rejected(rejections) = &out else { panic!("{out:?}") };
+    let WriteOutcome::Rejected(rejections) = &out else {
+        panic!("{out:?}")
+    };
     assert_eq!(rejections.len(), 1);
     assert_eq!(rejections[0].event_id, 2);
-    assert!(rejections[0].reason.contains("no response") && rejections[0].reason.contains("after 3 attempts"), "{}", rejections[0].reason);
-    assert!(started.elapsed() >= Duration::from_secs(6), "three 2 s timeouts");
-    assert_eq!(mock_received(&stack, &ns).await.iter().filter(|r| r["idempotency_key"] == "event-2").count(), 3);
+    assert!(
+        rejections[0].reason.contains("no response")
+            && rejections[0].reason.contains("after 3 attempts"),
+        "{}",
+        rejections[0].reason
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(6),
+        "three 2 s timeouts"
+    );
+    assert_eq!(
+        mock_received(&stack, &ns)
+            .await
+            .iter()
+            .filter(|r| r["idempotency_key"] == "event-2")
+            .count(),
+        3
+    );
 
     // Connection refused: a granted URL where nothing listens.
     let closed = closed_port_url();
     let url = format!("{closed}events");
-    let best = LoadedPlugin::load(&stack, &plugin_toml("down-be", &closed, &url, "best-effort", "")).await;
+    let best = LoadedPlugin::load(
+        &stack,
+        &plugin_toml("down-be", &closed, &url, "best-effort", ""),
+    )
+    .await;
     let out = best.write("c", &events(&[3, 4])).await;
-    let WriteOutcome::Rejected(rejections) = &out else { panic!("{out:?}") };
-    assert_eq!(rejections.iter().map(|r| r.event_id).collect::<Vec<_>>(), [3, 4]);
-    assert!(rejections.iter().all(|r| r.reason.contains("no response") && r.reason.contains(&url)), "{rejections:?}");
-    let fast = LoadedPlugin::load(&stack, &plugin_toml("down-ff", &closed, &url, "fail-fast", "")).await;
+    let WriteOutcome::Rejected(rejections) = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        rejections.iter().map(|r| r.event_id).collect::<Vec<_>>(),
+        [3, 4]
+    );
+    assert!(
+        rejections
+            .iter()
+            .all(|r| r.reason.contains("no response") && r.reason.contains(&url)),
+        "{rejections:?}"
+    );
+    let fast = LoadedPlugin::load(
+        &stack,
+        &plugin_toml("down-ff", &closed, &url, "fail-fast", ""),
+    )
+    .await;
     let out = fast.write("c", &events(&[3, 4])).await;
-    assert!(matches!(&out, WriteOutcome::RetryLater(r) if r.contains("no response")), "{out:?}");
+    assert!(
+        matches!(&out, WriteOutcome::RetryLater(r) if r.contains("no response")),
+        "{out:?}"
+    );
 
     // A final answer (400) is not retried and is rejected even under fail-fast: no retry helps.
     let ns4 = unique("api");
     let strict = load(&stack, &ns4, "fail-fast", "").await;
     mock_control(&stack, &ns4, json!({"fail_status": 400})).await;
     let out = strict.write("d", &events(&[5])).await;
-    assert!(matches!(&out, WriteOutcome::Rejected(r) if r.len() == 1 && r[0].reason.contains("HTTP 400")), "{out:?}");
-    assert_eq!(mock_received(&stack, &ns4).await.len(), 1, "a 400 is not retried");
+    assert!(
+        matches!(&out, WriteOutcome::Rejected(r) if r.len() == 1 && r[0].reason.contains("HTTP 400")),
+        "{out:?}"
+    );
+    assert_eq!(
+        mock_received(&stack, &ns4).await.len(),
+        1,
+        "a 400 is not retried"
+    );
 }
 
 async fn healthz(addr: &str) -> u16 {
@@ -208,18 +318,40 @@ async fn fail_fast_holds_the_stream_until_the_api_recovers() {
         .plugin_raw(&plugin_toml("api", &grant, &url, "fail-fast", ""));
     let host = HostProc::start("api-failfast", &cfg.render(), &cfg.metrics_addr);
     for id in [1, 2] {
-        produce(&stack, &events_topic, None, Some(&event_envelope(id, 1, "2026-01-08T14:21:52Z"))).await;
+        produce(
+            &stack,
+            &events_topic,
+            None,
+            Some(&event_envelope(id, 1, "2026-01-08T14:21:52Z")),
+        )
+        .await;
     }
-    eventually(WAIT, "unhealthy while the API fails", || async { (healthz(&cfg.metrics_addr).await == 503).then_some(()) }).await;
+    eventually(WAIT, "unhealthy while the API fails", || async {
+        (healthz(&cfg.metrics_addr).await == 503).then_some(())
+    })
+    .await;
     // Several host-level attempts of the batch, each with the plugin's own retries: no commit.
     eventually(WAIT, "the host retries the batch", || async {
         (mock_received(&stack, &ns).await.len() >= 6).then_some(())
     })
     .await;
     let m = host.metrics().await;
-    assert_eq!(metric_value(&m, "fanout_commits_total"), 0.0, "nothing committed while failing:\n{m}");
-    assert!(metric_value(&m, "fanout_plugin_failures_total{plugin=\"api\",kind=\"retry_later\"}") >= 2.0, "{m}");
-    assert!(mock_received(&stack, &ns).await.iter().all(|r| r["status"] == 500));
+    assert_eq!(
+        metric_value(&m, "fanout_commits_total"),
+        0.0,
+        "nothing committed while failing:\n{m}"
+    );
+    assert!(
+        metric_value(
+            &m,
+            "fanout_plugin_failures_total{plugin=\"api\",kind=\"retry_later\"}"
+        ) >= 2.0,
+        "{m}"
+    );
+    assert!(mock_received(&stack, &ns)
+        .await
+        .iter()
+        .all(|r| r["status"] == 500));
 
     // The API recovers: the waiting batch goes through, then it is committed.
     mock_control(&stack, &ns, json!({})).await;
@@ -228,7 +360,12 @@ async fn fail_fast_holds_the_stream_until_the_api_recovers() {
             .await
             .iter()
             .filter(|r| r["status"] == 200)
-            .map(|r| (r["idempotency_key"].as_str().unwrap_or("").to_string(), r["body"]["event_id"].as_i64().unwrap_or(0)))
+            .map(|r| {
+                (
+                    r["idempotency_key"].as_str().unwrap_or("").to_string(),
+                    r["body"]["event_id"].as_i64().unwrap_or(0),
+                )
+            })
             .collect();
         (ok.len() == 2).then_some(ok)
     })
@@ -237,8 +374,14 @@ async fn fail_fast_holds_the_stream_until_the_api_recovers() {
         (host.metric("fanout_commits_total").await >= 1.0).then_some(())
     })
     .await;
-    eventually(WAIT, "healthy again", || async { (healthz(&cfg.metrics_addr).await == 200).then_some(()) }).await;
-    assert!(read_topic(&stack, &cfg.dead_letter_topic, 1, Duration::from_secs(2)).is_empty(), "fail-fast never dead-letters");
+    eventually(WAIT, "healthy again", || async {
+        (healthz(&cfg.metrics_addr).await == 200).then_some(())
+    })
+    .await;
+    assert!(
+        read_topic(&stack, &cfg.dead_letter_topic, 1, Duration::from_secs(2)).is_empty(),
+        "fail-fast never dead-letters"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -251,35 +394,84 @@ async fn best_effort_dead_letters_after_retries_and_the_stream_goes_on() {
     let closed = closed_port_url();
     let cfg = ConfigBuilder::new(&stack, &events_topic, &content_topic, "")
         .plugin_raw(&plugin_toml("api503", &grant, &url, "best-effort", ""))
-        .plugin_raw(&plugin_toml("apidown", &closed, &format!("{closed}events"), "best-effort", ""));
+        .plugin_raw(&plugin_toml(
+            "apidown",
+            &closed,
+            &format!("{closed}events"),
+            "best-effort",
+            "",
+        ));
     let host = HostProc::start("api-besteffort", &cfg.render(), &cfg.metrics_addr);
     for id in [1, 2, 3] {
-        produce(&stack, &events_topic, None, Some(&event_envelope(id, 1, "2026-01-08T14:21:52Z"))).await;
+        produce(
+            &stack,
+            &events_topic,
+            None,
+            Some(&event_envelope(id, 1, "2026-01-08T14:21:52Z")),
+        )
+        .await;
     }
     let letters = read_topic(&stack, &cfg.dead_letter_topic, 6, WAIT);
     for (plugin, reason) in [("api503", "HTTP 503"), ("apidown", "no response")] {
-        let mine: Vec<_> = letters.iter().filter(|l| l.header("fanout.plugin") == Some(plugin)).collect();
+        let mine: Vec<_> = letters
+            .iter()
+            .filter(|l| l.header("fanout.plugin") == Some(plugin))
+            .collect();
         assert_eq!(mine.len(), 3, "{plugin}: {letters:?}");
         for l in &mine {
             let r = l.header("fanout.reason").unwrap_or("");
-            assert!(r.contains(reason) && r.contains("after 3 attempts"), "{plugin}: {r}");
-            assert!(l.payload.as_deref().is_some_and(|p| p.starts_with(b"{\"before\"")), "the original message is kept");
+            assert!(
+                r.contains(reason) && r.contains("after 3 attempts"),
+                "{plugin}: {r}"
+            );
+            assert!(
+                l.payload
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with(b"{\"before\"")),
+                "the original message is kept"
+            );
         }
     }
     // Each event was tried 1 + max_retries times, with its own key.
     let got = mock_received(&stack, &ns).await;
     for id in 1..=3 {
-        assert_eq!(got.iter().filter(|r| r["idempotency_key"] == format!("event-{id}")).count(), 3, "{got:?}");
+        assert_eq!(
+            got.iter()
+                .filter(|r| r["idempotency_key"] == format!("event-{id}"))
+                .count(),
+            3,
+            "{got:?}"
+        );
     }
     // The stream goes on: committed, healthy, and later events flow once the API is back.
-    eventually(WAIT, "committed", || async { (host.metric("fanout_commits_total").await >= 1.0).then_some(()) }).await;
+    eventually(WAIT, "committed", || async {
+        (host.metric("fanout_commits_total").await >= 1.0).then_some(())
+    })
+    .await;
     mock_control(&stack, &ns, json!({})).await;
-    produce(&stack, &events_topic, None, Some(&event_envelope(4, 1, "2026-01-08T14:21:52Z"))).await;
+    produce(
+        &stack,
+        &events_topic,
+        None,
+        Some(&event_envelope(4, 1, "2026-01-08T14:21:52Z")),
+    )
+    .await;
     eventually(WAIT, "a later event delivered", || async {
-        mock_received(&stack, &ns).await.iter().any(|r| r["idempotency_key"] == "event-4" && r["status"] == 200).then_some(())
+        mock_received(&stack, &ns)
+            .await
+            .iter()
+            .any(|r| r["idempotency_key"] == "event-4" && r["status"] == 200)
+            .then_some(())
     })
     .await;
     let m = host.metrics().await;
-    assert_eq!(metric_value(&m, "fanout_plugin_counter_total{plugin=\"api503\",name=\"events_dead_lettered\"}"), 3.0, "{m}");
+    assert_eq!(
+        metric_value(
+            &m,
+            "fanout_plugin_counter_total{plugin=\"api503\",name=\"events_dead_lettered\"}"
+        ),
+        3.0,
+        "{m}"
+    );
     assert_eq!(healthz(&cfg.metrics_addr).await, 200);
 }

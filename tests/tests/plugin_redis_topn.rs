@@ -33,12 +33,21 @@ key_prefix = "{prefix}"
 
 /// `YYYYMMDDHHMM` of the UTC minute of `micros`.
 fn minute(micros: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(micros).expect("time").format("%Y%m%d%H%M").to_string()
+    chrono::DateTime::from_timestamp_micros(micros)
+        .expect("time")
+        .format("%Y%m%d%H%M")
+        .to_string()
 }
 
 async fn keys(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> BTreeSet<String> {
-    let all: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(conn).await.expect("KEYS");
-    all.into_iter().map(|k| k[prefix.len()..].to_string()).collect()
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(conn)
+        .await
+        .expect("KEYS");
+    all.into_iter()
+        .map(|k| k[prefix.len()..].to_string())
+        .collect()
 }
 
 async fn zset(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> BTreeMap<String, f64> {
@@ -64,7 +73,12 @@ async fn keys_ttls_buckets_window_and_replays() {
     // Relative to now, two minutes apart at least, so each lands in its own minute bucket;
     // content 30 has an event 12 minutes ago only: counted, but outside the 10-minute list.
     let now = now_micros();
-    let (m1, m2, m5, m12) = (now - MINUTE, now - 2 * MINUTE, now - 5 * MINUTE, now - 12 * MINUTE);
+    let (m1, m2, m5, m12) = (
+        now - MINUTE,
+        now - 2 * MINUTE,
+        now - 5 * MINUTE,
+        now - 12 * MINUTE,
+    );
     let batch: Vec<WitEvent> = vec![
         wit_event(1, Some(10), m2),
         wit_event(2, Some(10), m2), // same time as 1: the tie goes to the higher event_id
@@ -90,38 +104,68 @@ async fn keys_ttls_buckets_window_and_replays() {
     for id in 1..=7 {
         want.insert(format!("fanout:seen:{id}"));
     }
-    assert_eq!(got, want, "exactly the keys of SPEC 5B (plus the idempotency markers)");
+    assert_eq!(
+        got, want,
+        "exactly the keys of SPEC 5B (plus the idempotency markers)"
+    );
 
     // Counts, buckets by event time, the merged 10-minute list.
     let count = |c: i64| format!("{p}content:count:{c}");
     let counts = |r: redis::aio::MultiplexedConnection| async move {
         let mut r = r;
-        let v: Vec<i64> = r.mget(&[count(10), count(20), count(30)]).await.expect("MGET");
+        let v: Vec<i64> = r
+            .mget(&[count(10), count(20), count(30)])
+            .await
+            .expect("MGET");
         v
     };
     assert_eq!(counts(r.clone()).await, vec![2, 4, 1]);
     let bucket = |m: i64| format!("{p}top:content:bucket:{}", minute(m));
     let b2 = zset(&mut r, &bucket(m2)).await;
-    assert_eq!(b2, BTreeMap::from([("10".to_string(), 2.0), ("20".to_string(), 1.0)]));
-    assert_eq!(zset(&mut r, &bucket(m1)).await, BTreeMap::from([("20".to_string(), 2.0)]));
-    assert_eq!(zset(&mut r, &bucket(m12)).await, BTreeMap::from([("30".to_string(), 1.0)]));
+    assert_eq!(
+        b2,
+        BTreeMap::from([("10".to_string(), 2.0), ("20".to_string(), 1.0)])
+    );
+    assert_eq!(
+        zset(&mut r, &bucket(m1)).await,
+        BTreeMap::from([("20".to_string(), 2.0)])
+    );
+    assert_eq!(
+        zset(&mut r, &bucket(m12)).await,
+        BTreeMap::from([("30".to_string(), 1.0)])
+    );
     let top_key = format!("{p}top:content:10m");
     let top = zset(&mut r, &top_key).await;
-    assert_eq!(top, BTreeMap::from([("10".to_string(), 2.0), ("20".to_string(), 4.0)]), "merged across minutes, content 30 (12 min old) dropped");
+    assert_eq!(
+        top,
+        BTreeMap::from([("10".to_string(), 2.0), ("20".to_string(), 4.0)]),
+        "merged across minutes, content 30 (12 min old) dropped"
+    );
     let ranked: Vec<String> = r.zrevrange(&top_key, 0, 9).await.expect("ZREVRANGE");
     assert_eq!(ranked, vec!["20", "10"]);
 
     // TTLs: last ~1 h, count none, bucket = end of its minute + 15 min, top ~120 s.
     let last_ttl = ttl(&mut r, &format!("{p}content:last:10")).await;
-    assert!((3590..=3600).contains(&last_ttl), "content:last TTL {last_ttl}");
-    assert_eq!(ttl(&mut r, &count(10)).await, -1, "content:count has no TTL");
+    assert!(
+        (3590..=3600).contains(&last_ttl),
+        "content:last TTL {last_ttl}"
+    );
+    assert_eq!(
+        ttl(&mut r, &count(10)).await,
+        -1,
+        "content:count has no TTL"
+    );
     let top_ttl = ttl(&mut r, &top_key).await;
     assert!((110..=120).contains(&top_ttl), "top TTL {top_ttl}");
     let now_s = now_micros() / 1_000_000;
     for m in [m1, m2, m5, m12] {
         let want = (m / MINUTE * 60) + 60 + 900 - now_s;
         let got = ttl(&mut r, &bucket(m)).await;
-        assert!((want - 2..=want + 1).contains(&got), "bucket {} TTL {got}, want ~{want}", minute(m));
+        assert!(
+            (want - 2..=want + 1).contains(&got),
+            "bucket {} TTL {got}, want ~{want}",
+            minute(m)
+        );
         assert!(got <= 900, "a bucket never lives longer than 15 minutes");
     }
 
@@ -132,8 +176,16 @@ async fn keys_ttls_buckets_window_and_replays() {
     assert_eq!(last["content_id"], 10);
     assert_eq!(last["engagement_pct"], 0.02);
     assert_eq!(last.as_object().map(|o| o.len()), Some(11), "{last}");
-    let last20: Value = serde_json::from_str(&r.get::<_, String>(format!("{p}content:last:20")).await.expect("GET")).expect("json");
-    assert_eq!(last20["event_id"], 5, "newest by event time, tie broken by event_id");
+    let last20: Value = serde_json::from_str(
+        &r.get::<_, String>(format!("{p}content:last:20"))
+            .await
+            .expect("GET"),
+    )
+    .expect("json");
+    assert_eq!(
+        last20["event_id"], 5,
+        "newest by event time, tie broken by event_id"
+    );
 
     // Replaying the same batch (and a fresh instance replaying it, as after a crash) changes no
     // count, score or last event.
@@ -141,7 +193,11 @@ async fn keys_ttls_buckets_window_and_replays() {
     accepted(plugin.write("t/0:0-7", &batch).await);
     let again = load(&stack, &p).await;
     accepted(again.write("t/0:0-7", &batch).await);
-    assert_eq!(counts(r.clone()).await, vec![2, 4, 1], "a replay must not count twice");
+    assert_eq!(
+        counts(r.clone()).await,
+        vec![2, 4, 1],
+        "a replay must not count twice"
+    );
     assert_eq!(zset(&mut r, &bucket(m2)).await, b2);
     assert_eq!(zset(&mut r, &top_key).await, before_top);
     assert_eq!(plugin.counter("events_new"), 7.0);
@@ -150,9 +206,19 @@ async fn keys_ttls_buckets_window_and_replays() {
     assert_eq!(plugin.counter("events_without_content_id"), 2.0);
 
     // A batch mixing a replayed event with a new one counts only the new one.
-    accepted(plugin.write("t/0:7-8", &[wit_event(7, Some(30), m12), wit_event(9, Some(10), m1)]).await);
+    accepted(
+        plugin
+            .write(
+                "t/0:7-8",
+                &[wit_event(7, Some(30), m12), wit_event(9, Some(10), m1)],
+            )
+            .await,
+    );
     assert_eq!(counts(r.clone()).await, vec![3, 4, 1]);
-    assert_eq!(zset(&mut r, &top_key).await, BTreeMap::from([("10".to_string(), 3.0), ("20".to_string(), 4.0)]));
+    assert_eq!(
+        zset(&mut r, &top_key).await,
+        BTreeMap::from([("10".to_string(), 3.0), ("20".to_string(), 4.0)])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -167,21 +233,44 @@ async fn last_event_is_newest_by_event_time_not_arrival() {
         async move {
             let mut r = r;
             let s: String = r.get(&key).await.expect("GET content:last");
-            serde_json::from_str::<Value>(&s).expect("json")["event_id"].as_i64().expect("event_id")
+            serde_json::from_str::<Value>(&s).expect("json")["event_id"]
+                .as_i64()
+                .expect("event_id")
         }
     };
     // The newer event arrives first, the older one later: the newer stays.
-    accepted(plugin.write("a", &[wit_event(101, Some(42), now - MINUTE)]).await);
-    accepted(plugin.write("b", &[wit_event(100, Some(42), now - 3 * MINUTE)]).await);
+    accepted(
+        plugin
+            .write("a", &[wit_event(101, Some(42), now - MINUTE)])
+            .await,
+    );
+    accepted(
+        plugin
+            .write("b", &[wit_event(100, Some(42), now - 3 * MINUTE)])
+            .await,
+    );
     assert_eq!(last(r.clone()).await, 101);
     // In one batch too, out of order.
-    accepted(plugin.write("c", &[wit_event(103, Some(42), now - 10_000_000), wit_event(102, Some(42), now - 20_000_000)]).await);
+    accepted(
+        plugin
+            .write(
+                "c",
+                &[
+                    wit_event(103, Some(42), now - 10_000_000),
+                    wit_event(102, Some(42), now - 20_000_000),
+                ],
+            )
+            .await,
+    );
     assert_eq!(last(r.clone()).await, 103);
     // All four are counted, whatever their order.
     let count: i64 = r.get(format!("{p}content:count:42")).await.expect("count");
     assert_eq!(count, 4);
     let ttl = ttl(&mut r, &format!("{p}content:last:42")).await;
-    assert!((3590..=3600).contains(&ttl), "TTL refreshed when replaced: {ttl}");
+    assert!(
+        (3590..=3600).contains(&ttl),
+        "TTL refreshed when replaced: {ttl}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -216,10 +305,18 @@ async fn window_slides_and_drops_content_older_than_ten_minutes() {
     );
     // The window is the 10 buckets start_minute-9 ..= start_minute.
     let top = zset(&mut r, &top_key).await;
-    assert_eq!(top, BTreeMap::from([("1".to_string(), 1.0), ("2".to_string(), 3.0)]), "window of 10 minute buckets");
+    assert_eq!(
+        top,
+        BTreeMap::from([("1".to_string(), 1.0), ("2".to_string(), 3.0)]),
+        "window of 10 minute buckets"
+    );
     // Every batch rebuilds the window; an old event's bucket that already expired is not
     // recreated, and content whose events are all older than 10 minutes is not listed.
-    accepted(plugin.write("old", &[wit_event(7, Some(4), now - 30 * MINUTE)]).await);
+    accepted(
+        plugin
+            .write("old", &[wit_event(7, Some(4), now - 30 * MINUTE)])
+            .await,
+    );
     let top = zset(&mut r, &top_key).await;
     assert!(!top.contains_key("3") && !top.contains_key("4"), "{top:?}");
     assert_eq!(top.get("2"), Some(&3.0));
@@ -227,5 +324,8 @@ async fn window_slides_and_drops_content_older_than_ten_minutes() {
     assert_eq!(count4, 1, "an old event still counts");
     let bucket_old = format!("{p}top:content:bucket:{}", minute(now - 30 * MINUTE));
     let exists: bool = r.exists(&bucket_old).await.expect("EXISTS");
-    assert!(!exists, "a bucket already past its 15 minutes is not created");
+    assert!(
+        !exists,
+        "a bucket already past its 15 minutes is not created"
+    );
 }

@@ -116,19 +116,40 @@ fn failures_are_retry_later() {
 fn the_retry_after_a_failure_creates_the_table_again() {
     let mut s = sink();
     let b = batch(vec![event(1, Some(1), 0)]);
-    assert!(matches!(s.write_with(&MockHost::new(), &b), WriteOutcome::Accepted));
+    assert!(matches!(
+        s.write_with(&MockHost::new(), &b),
+        WriteOutcome::Accepted
+    ));
     // The table was dropped under the running instance: the lookup fails.
     let host = MockHost::new();
-    host.push_clickhouse_execute(Err(CapabilityError::Failed("Code: 60, Table doesn't exist".into())));
-    assert!(matches!(s.write_with(&host, &b), WriteOutcome::RetryLater(_)));
-    assert_eq!(host.service_calls().len(), 1, "no DDL while the schema was believed ready");
+    host.push_clickhouse_execute(Err(CapabilityError::Failed(
+        "Code: 60, Table doesn't exist".into(),
+    )));
+    assert!(matches!(
+        s.write_with(&host, &b),
+        WriteOutcome::RetryLater(_)
+    ));
+    assert_eq!(
+        host.service_calls().len(),
+        1,
+        "no DDL while the schema was believed ready"
+    );
     // The retry runs the DDL first, then looks up and inserts.
     let host = MockHost::new();
     assert!(matches!(s.write_with(&host, &b), WriteOutcome::Accepted));
     let calls = host.service_calls();
-    assert!(matches!(&calls[0], Call::ClickhouseExecute(sql) if sql.starts_with("CREATE DATABASE")), "{calls:?}");
-    assert!(matches!(&calls[1], Call::ClickhouseExecute(sql) if sql.starts_with("CREATE TABLE")), "{calls:?}");
-    assert!(matches!(calls.last(), Some(Call::ClickhouseInsert { .. })), "{calls:?}");
+    assert!(
+        matches!(&calls[0], Call::ClickhouseExecute(sql) if sql.starts_with("CREATE DATABASE")),
+        "{calls:?}"
+    );
+    assert!(
+        matches!(&calls[1], Call::ClickhouseExecute(sql) if sql.starts_with("CREATE TABLE")),
+        "{calls:?}"
+    );
+    assert!(
+        matches!(calls.last(), Some(Call::ClickhouseInsert { .. })),
+        "{calls:?}"
+    );
 }
 
 #[test]
