@@ -205,7 +205,10 @@ impl ContentTable {
 }
 
 /// Assigns every partition of `topic` from its beginning; false when the topic has none yet.
-fn assign_all_from_beginning(consumer: &BaseConsumer, topic: &str) -> Result<bool, rdkafka::error::KafkaError> {
+fn assign_all_from_beginning(
+    consumer: &BaseConsumer,
+    topic: &str,
+) -> Result<bool, rdkafka::error::KafkaError> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
     for t in md.topics() {

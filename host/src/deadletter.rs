@@ -69,7 +69,11 @@ impl DeadLetterQueue {
 
     /// Creates the dead-letter topic when the broker does not have it (not every broker
     /// auto-creates topics on produce), so the first dead letter does not wait for an operator.
-    pub async fn ensure_topic(&self, brokers: &str, properties: &std::collections::BTreeMap<String, String>) {
+    pub async fn ensure_topic(
+        &self,
+        brokers: &str,
+        properties: &std::collections::BTreeMap<String, String>,
+    ) {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         use rdkafka::client::DefaultClientContext;
         let mut cfg = ClientConfig::new();
@@ -92,7 +96,9 @@ impl DeadLetterQueue {
                     match r {
                         Ok(t) => tracing::info!(topic = %t, "dead-letter topic created"),
                         Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                        Err((t, code)) => warn!(topic = %t, error = %code, "cannot create the dead-letter topic; create it yourself"),
+                        Err((t, code)) => {
+                            warn!(topic = %t, error = %code, "cannot create the dead-letter topic; create it yourself")
+                        }
                     }
                 }
             }

@@ -47,7 +47,9 @@ impl Stack {
             if std::env::var("FANOUT_REQUIRE_STACK").as_deref() == Ok("1") {
                 panic!("FANOUT_REQUIRE_STACK=1 but the stack settings are missing: run `scripts/stack up` and `. .stack/env`");
             }
-            eprintln!("SKIPPED: integration test needs the local stack (scripts/stack up; . .stack/env)");
+            eprintln!(
+                "SKIPPED: integration test needs the local stack (scripts/stack up; . .stack/env)"
+            );
         }
         stack
     }
@@ -67,7 +69,12 @@ pub fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() % 1_000_000)
         .unwrap_or(0);
-    format!("{prefix}_{}_{}_{}", std::process::id(), millis, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        millis,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn repo_root() -> PathBuf {
@@ -79,8 +86,14 @@ pub fn repo_root() -> PathBuf {
 
 /// A wasm plugin built by scripts/build-plugins.
 pub fn plugin_wasm(name: &str) -> PathBuf {
-    let p = repo_root().join("plugins/dist").join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} is missing: run scripts/build-plugins", p.display());
+    let p = repo_root()
+        .join("plugins/dist")
+        .join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-plugins",
+        p.display()
+    );
     p
 }
 
@@ -93,7 +106,11 @@ pub fn host_binary() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| repo_root().join("target"));
     let p = target.join("debug/fanout");
-    assert!(p.exists(), "{} is missing: run `cargo build -p fanout`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p fanout`",
+        p.display()
+    );
     p
 }
 
@@ -108,16 +125,25 @@ impl Database {
     pub async fn create(stack: &Stack, seed: bool) -> Database {
         let name = unique("t");
         let admin = connect(&stack.pg_admin_url).await;
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
         let url = stack.pg_url(&name);
         let db = connect(&url).await;
-        let schema = std::fs::read_to_string(repo_root().join("scripts/sql/schema.sql")).expect("schema.sql");
+        let schema = std::fs::read_to_string(repo_root().join("scripts/sql/schema.sql"))
+            .expect("schema.sql");
         db.batch_execute(&schema).await.expect("apply schema");
         if seed {
-            let seed = std::fs::read_to_string(repo_root().join("scripts/sql/seed.sql")).expect("seed.sql");
+            let seed = std::fs::read_to_string(repo_root().join("scripts/sql/seed.sql"))
+                .expect("seed.sql");
             db.batch_execute(&seed).await.expect("apply seed");
         }
-        Database { name, url, admin_url: stack.pg_admin_url.clone() }
+        Database {
+            name,
+            url,
+            admin_url: stack.pg_admin_url.clone(),
+        }
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -204,7 +230,10 @@ impl Proc {
 
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -253,7 +282,25 @@ impl Cdc {
             "4",
         ]);
         let proc = Proc::spawn(cmd, &format!("cdc-{prefix}"));
-        Cdc { prefix, proc }
+        let cdc = Cdc { prefix, proc };
+        cdc.wait_streaming();
+        cdc
+    }
+
+    /// Rows inserted during Debezium's initial snapshot arrive as snapshot reads (`op: "r"`),
+    /// which the host skips by default: tests insert only once the connector streams.
+    fn wait_streaming(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if self.proc.log_text().contains("Processing messages") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "Debezium did not start streaming; see {}",
+            self.proc.log.display()
+        );
     }
 
     pub fn events_topic(&self) -> String {
@@ -280,7 +327,11 @@ pub async fn create_topic(stack: &Stack, topic: &str, partitions: i32) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) {
-            if md.topics().first().is_some_and(|t| t.partitions().len() == partitions as usize) {
+            if md
+                .topics()
+                .first()
+                .is_some_and(|t| t.partitions().len() == partitions as usize)
+            {
                 return;
             }
         }
@@ -301,7 +352,11 @@ pub async fn produce(stack: &Stack, topic: &str, key: Option<&[u8]>, payload: Op
     if let Some(p) = payload {
         rec = rec.payload(p);
     }
-    producer.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produce");
+    producer
+        .send(rec, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
 }
 
 /// A record read back from a topic (the dead-letter topic, typically).
@@ -314,7 +369,10 @@ pub struct Record {
 
 impl Record {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -330,14 +388,22 @@ pub fn read_topic(stack: &Stack, topic: &str, want: usize, timeout: Duration) ->
     let deadline = Instant::now() + timeout;
     let md = loop {
         match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
-            Ok(md) if md.topics().first().is_some_and(|t| !t.partitions().is_empty()) => break md,
+            Ok(md)
+                if md
+                    .topics()
+                    .first()
+                    .is_some_and(|t| !t.partitions().is_empty()) =>
+            {
+                break md
+            }
             _ if Instant::now() > deadline => return vec![],
             _ => std::thread::sleep(Duration::from_millis(200)),
         }
     };
     let mut tpl = TopicPartitionList::new();
     for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).expect("tpl");
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .expect("tpl");
     }
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
@@ -347,7 +413,12 @@ pub fn read_topic(stack: &Stack, topic: &str, want: usize, timeout: Duration) ->
                 .headers()
                 .map(|h| {
                     h.iter()
-                        .map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
+                        .map(|x| {
+                            (
+                                x.key.to_string(),
+                                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -379,7 +450,10 @@ impl HostProc {
 
     pub fn start_with(name: &str, config_path: PathBuf, metrics_addr: &str) -> HostProc {
         let mut cmd = Command::new(host_binary());
-        cmd.arg("run").arg("--config").arg(&config_path).env("RUST_LOG", "info,fanout=debug");
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,fanout=debug");
         HostProc {
             proc: Proc::spawn(cmd, &format!("host-{name}-{}", unique("run"))),
             config_path,
@@ -448,10 +522,22 @@ pub async fn redis(stack: &Stack) -> redis::aio::MultiplexedConnection {
 }
 
 /// The events a testkit plugin recorded under `key`, as JSON.
-pub async fn recorded(conn: &redis::aio::MultiplexedConnection, key: &str) -> Vec<serde_json::Value> {
+pub async fn recorded(
+    conn: &redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Vec<serde_json::Value> {
     let mut conn = conn.clone();
-    let items: Vec<String> = redis::cmd("LRANGE").arg(key).arg(0).arg(-1).query_async(&mut conn).await.unwrap_or_default();
-    items.iter().filter_map(|s| serde_json::from_str(s).ok()).collect()
+    let items: Vec<String> = redis::cmd("LRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    items
+        .iter()
+        .filter_map(|s| serde_json::from_str(s).ok())
+        .collect()
 }
 
 /// A host config for tests: topics of `cdc_prefix`, own group and dead-letter topic.
@@ -487,7 +573,14 @@ impl ConfigBuilder {
     }
 
     /// A testkit plugin recording into the Redis list `key` (its grant is the key itself).
-    pub fn testkit(mut self, name: &str, mode: &str, key: &str, policy: &str, max_retries: u32) -> Self {
+    pub fn testkit(
+        mut self,
+        name: &str,
+        mode: &str,
+        key: &str,
+        policy: &str,
+        max_retries: u32,
+    ) -> Self {
         self.plugins.push(format!(
             r#"
 [[plugins]]
@@ -525,6 +618,9 @@ group_id = "{group}"
 events_topic = "{events}"
 content_topic = "{content}"
 dead_letter_topic = "{dlq}"
+# Static membership: a restarted host takes its partitions back at once. tansu 0.6.0 does
+# not evict a member that died without leaving (kill -9), so without it a restart waits forever.
+properties = {{ "group.instance.id" = "{group}-host" }}
 
 [postgres]
 url = "{pg}"
@@ -577,13 +673,19 @@ impl LoadedPlugin {
             "[kafka]\nbrokers = \"{}\"\n[services]\nredis_url = \"{}\"\nclickhouse_url = \"{}\"\n{plugin_toml}",
             stack.kafka_brokers, stack.redis_url, stack.clickhouse_url
         );
-        let config = fanout::config::Config::from_toml(&text, Path::new("test.toml"), std::iter::empty())
-            .unwrap_or_else(|e| panic!("plugin config: {e}\n{text}"));
-        let plugin_cfg = config.plugins.into_iter().next().expect("one [[plugins]] entry");
+        let config =
+            fanout::config::Config::from_toml(&text, Path::new("test.toml"), std::iter::empty())
+                .unwrap_or_else(|e| panic!("plugin config: {e}\n{text}"));
+        let plugin_cfg = config
+            .plugins
+            .into_iter()
+            .next()
+            .expect("one [[plugins]] entry");
         let metrics = fanout::metrics::Metrics::default();
-        let services = fanout::plugin::capabilities::Services::connect(&config.services, metrics.clone())
-            .await
-            .expect("services");
+        let services =
+            fanout::plugin::capabilities::Services::connect(&config.services, metrics.clone())
+                .await
+                .expect("services");
         let plugin = tokio::task::spawn_blocking(move || {
             let engine = fanout::plugin::engine().expect("engine");
             let linker = fanout::plugin::linker(&engine).expect("linker");
@@ -592,13 +694,27 @@ impl LoadedPlugin {
         .await
         .expect("load task")
         .unwrap_or_else(|e| panic!("plugin load: {e}"));
-        LoadedPlugin { plugin: std::sync::Arc::new(plugin), metrics }
+        LoadedPlugin {
+            plugin: std::sync::Arc::new(plugin),
+            metrics,
+        }
     }
 
     /// Hands `events` to the plugin as one batch with the given id.
-    pub async fn write(&self, batch_id: &str, events: &[fanout::plugin::WitEvent]) -> fanout::plugin::WriteOutcome {
-        let batch = fanout::plugin::WitBatch { id: batch_id.to_string(), events: events.to_vec(), sources: vec![] };
-        self.plugin.write(std::sync::Arc::new(batch)).await.unwrap_or_else(|e| panic!("plugin call failed: {e}"))
+    pub async fn write(
+        &self,
+        batch_id: &str,
+        events: &[fanout::plugin::WitEvent],
+    ) -> fanout::plugin::WriteOutcome {
+        let batch = fanout::plugin::WitBatch {
+            id: batch_id.to_string(),
+            events: events.to_vec(),
+            sources: vec![],
+        };
+        self.plugin
+            .write(std::sync::Arc::new(batch))
+            .await
+            .unwrap_or_else(|e| panic!("plugin call failed: {e}"))
     }
 
     /// The plugin's own counter `name` (fanout_plugin_counter_total{plugin=..,name=..}).
@@ -608,12 +724,17 @@ impl LoadedPlugin {
             fanout::metrics::label("plugin", self.plugin.name()),
             fanout::metrics::label("name", name)
         );
-        self.metrics.labelled("fanout_plugin_counter_total", &labels)
+        self.metrics
+            .labelled("fanout_plugin_counter_total", &labels)
     }
 }
 
 /// An enriched event with every field set from the SPEC-4 example shape; change what a test needs.
-pub fn wit_event(event_id: i64, content_id: Option<i64>, event_ts_micros: i64) -> fanout::plugin::WitEvent {
+pub fn wit_event(
+    event_id: i64,
+    content_id: Option<i64>,
+    event_ts_micros: i64,
+) -> fanout::plugin::WitEvent {
     fanout::plugin::WitEvent {
         event_id,
         content_id,
@@ -644,7 +765,10 @@ pub fn event_envelope(id: i64, content_id: i64, event_ts: &str) -> Vec<u8> {
 
 /// Runs a statement on ClickHouse over HTTP and returns the body; panics on an error status.
 pub async fn clickhouse_query(stack: &Stack, sql: &str) -> String {
-    let url = format!("{}/?output_format_json_quote_64bit_integers=0", stack.clickhouse_url.trim_end_matches('/'));
+    let url = format!(
+        "{}/?output_format_json_quote_64bit_integers=0",
+        stack.clickhouse_url.trim_end_matches('/')
+    );
     let resp = reqwest::Client::new()
         .post(&url)
         .body(sql.to_string())
@@ -669,7 +793,10 @@ pub async fn clickhouse_rows(stack: &Stack, sql: &str) -> Vec<serde_json::Value>
 
 /// The requests the mock API recorded in namespace `ns`.
 pub async fn mock_received(stack: &Stack, ns: &str) -> Vec<serde_json::Value> {
-    let url = format!("{}/ns/{ns}/received", stack.external_api_url.trim_end_matches('/'));
+    let url = format!(
+        "{}/ns/{ns}/received",
+        stack.external_api_url.trim_end_matches('/')
+    );
     match reqwest::get(&url).await {
         Ok(r) => r.json().await.unwrap_or_default(),
         Err(_) => vec![],
@@ -678,9 +805,21 @@ pub async fn mock_received(stack: &Stack, ns: &str) -> Vec<serde_json::Value> {
 
 /// Sets the mock API's behaviour in namespace `ns` (see scripts/mock_api.py /control).
 pub async fn mock_control(stack: &Stack, ns: &str, control: serde_json::Value) {
-    let url = format!("{}/ns/{ns}/control", stack.external_api_url.trim_end_matches('/'));
-    let resp = reqwest::Client::new().post(&url).json(&control).send().await.expect("mock control");
-    assert!(resp.status().is_success(), "mock control: {}", resp.status());
+    let url = format!(
+        "{}/ns/{ns}/control",
+        stack.external_api_url.trim_end_matches('/')
+    );
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&control)
+        .send()
+        .await
+        .expect("mock control");
+    assert!(
+        resp.status().is_success(),
+        "mock control: {}",
+        resp.status()
+    );
 }
 
 /// A loopback URL where nothing listens (connection refused).

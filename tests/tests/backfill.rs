@@ -33,7 +33,7 @@ async fn seed_history(db: &Database) -> (BTreeSet<i64>, BTreeSet<i64>) {
             .expect("insert")
             .get(0);
         let t = ts.trim_end_matches("+00").trim_end_matches("+01");
-        if ts.ends_with("+00") && t >= "2026-01-08 09:00:00" && t < "2026-01-08 10:00:00" {
+        if ts.ends_with("+00") && ("2026-01-08 09:00:00".."2026-01-08 10:00:00").contains(&t) {
             inside.insert(id);
         } else {
             outside.insert(id);
@@ -61,7 +61,9 @@ fn backfill(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
 }
 
 fn write_config(cfg: &ConfigBuilder, name: &str) -> std::path::PathBuf {
-    let path = repo_root().join("target/test-logs").join(format!("{}.toml", unique(name)));
+    let path = repo_root()
+        .join("target/test-logs")
+        .join(format!("{}.toml", unique(name)));
     let _ = std::fs::create_dir_all(path.parent().expect("dir"));
     std::fs::write(&path, cfg.render()).expect("config");
     path
@@ -73,29 +75,65 @@ async fn backfill_delivers_the_range_once_with_the_live_enrichment() {
     let db = Database::create(&stack, true).await;
     let (inside, outside) = seed_history(&db).await;
     let key = unique("bf");
-    let cfg = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url).testkit("rec", "record", &key, "fail-fast", 2);
+    let cfg = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url).testkit(
+        "rec",
+        "record",
+        &key,
+        "fail-fast",
+        2,
+    );
     let config = write_config(&cfg, "backfill");
 
-    let (code, stdout, stderr) = backfill(&config, &["--start", "2026-01-08T09:00:00", "--end", "2026-01-08T10:00:00"]);
+    let (code, stdout, stderr) = backfill(
+        &config,
+        &[
+            "--start",
+            "2026-01-08T09:00:00",
+            "--end",
+            "2026-01-08T10:00:00",
+        ],
+    );
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.contains("backfill done: read=5 delivered=5 dead_lettered=0"), "{stdout}");
+    assert!(
+        stdout.contains("backfill done: read=5 delivered=5 dead_lettered=0"),
+        "{stdout}"
+    );
     let r = redis(&stack).await;
     let got = recorded(&r, &key).await;
     let ids: BTreeSet<i64> = got.iter().filter_map(|e| e["event_id"].as_i64()).collect();
     assert_eq!(ids, inside);
     assert!(ids.is_disjoint(&outside));
     // The same enrichment as the live path.
-    let e = got.iter().find(|e| e["event_ts"] == "2026-01-08 09:00:00").expect("09:00 event");
+    let e = got
+        .iter()
+        .find(|e| e["event_ts"] == "2026-01-08 09:00:00")
+        .expect("09:00 event");
     assert_eq!(e["content_type"], "video");
     assert_eq!(e["engagement_pct"], 0.02);
     assert_eq!(e["engagement_seconds"], 7.0);
-    let zero = got.iter().find(|e| e["content_id"] == 5).expect("content 5");
+    let zero = got
+        .iter()
+        .find(|e| e["content_id"] == 5)
+        .expect("content 5");
     assert!(zero["engagement_pct"].is_null());
-    let eighth = got.iter().find(|e| e["content_id"] == 15).expect("content 15");
+    let eighth = got
+        .iter()
+        .find(|e| e["content_id"] == 15)
+        .expect("content 15");
     assert_eq!(eighth["engagement_pct"], 0.13);
 
     // A content filter.
-    let (code, stdout, _) = backfill(&config, &["--start", "2026-01-08T09:00:00Z", "--end", "2026-01-08T10:00:00Z", "--content-id", "4"]);
+    let (code, stdout, _) = backfill(
+        &config,
+        &[
+            "--start",
+            "2026-01-08T09:00:00Z",
+            "--end",
+            "2026-01-08T10:00:00Z",
+            "--content-id",
+            "4",
+        ],
+    );
     assert_eq!(code, 0);
     assert!(stdout.contains("read=1 "), "{stdout}");
 }
@@ -120,11 +158,13 @@ key_prefix = "{p}"
             plugin_wasm("redis_topn").display()
         )
     };
-    let cfg = ConfigBuilder::new(&stack, &cdc.events_topic(), &cdc.content_topic(), &db.url).plugin_raw(&topn(&prefix));
+    let cfg = ConfigBuilder::new(&stack, &cdc.events_topic(), &cdc.content_topic(), &db.url)
+        .plugin_raw(&topn(&prefix));
     let host = HostProc::start("bf-live", &cfg.render(), &cfg.metrics_addr);
     let pg = db.client().await;
     for i in 0..10 {
-        db.insert_event(&pg, Some(3), i, "play", Some(1000), "web").await;
+        db.insert_event(&pg, Some(3), i, "play", Some(1000), "web")
+            .await;
     }
     let mut r = redis(&stack).await;
     let count_key = format!("{prefix}content:count:3");
@@ -146,24 +186,55 @@ key_prefix = "{p}"
         let (code, stdout, stderr) = backfill(&config, &["--start", &start, "--end", &end]);
         assert_eq!(code, 0, "run {run}: {stdout} {stderr}");
         assert!(stdout.contains("read=10 "), "{stdout}");
-        let n: i64 = redis::cmd("GET").arg(&count_key).query_async(&mut r).await.expect("count");
-        assert_eq!(n, 10, "backfill run {run} must not count events the stream counted");
+        let n: i64 = redis::cmd("GET")
+            .arg(&count_key)
+            .query_async(&mut r)
+            .await
+            .expect("count");
+        assert_eq!(
+            n, 10,
+            "backfill run {run} must not count events the stream counted"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_ranges_and_unreachable_postgres_fail_clearly() {
     let Some(stack) = Stack::get() else { return };
-    let cfg = ConfigBuilder::new(&stack, &unique("unused"), "", "postgres://postgres@127.0.0.1:1/nothing")
-        .testkit("rec", "record", &unique("bad"), "fail-fast", 1);
+    let cfg = ConfigBuilder::new(
+        &stack,
+        &unique("unused"),
+        "",
+        "postgres://postgres@127.0.0.1:1/nothing",
+    )
+    .testkit("rec", "record", &unique("bad"), "fail-fast", 1);
     let config = write_config(&cfg, "bf-bad");
-    let (code, _, err) = backfill(&config, &["--start", "2026-01-08T10:00:00", "--end", "2026-01-08T09:00:00"]);
+    let (code, _, err) = backfill(
+        &config,
+        &[
+            "--start",
+            "2026-01-08T10:00:00",
+            "--end",
+            "2026-01-08T09:00:00",
+        ],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("reversed"), "{err}");
-    let (code, _, err) = backfill(&config, &["--start", "yesterday", "--end", "2026-01-08T09:00:00"]);
+    let (code, _, err) = backfill(
+        &config,
+        &["--start", "yesterday", "--end", "2026-01-08T09:00:00"],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("--start `yesterday`"), "{err}");
-    let (code, _, err) = backfill(&config, &["--start", "2026-01-08T09:00:00", "--end", "2026-01-08T10:00:00"]);
+    let (code, _, err) = backfill(
+        &config,
+        &[
+            "--start",
+            "2026-01-08T09:00:00",
+            "--end",
+            "2026-01-08T10:00:00",
+        ],
+    );
     assert_ne!(code, 0);
     assert!(err.to_lowercase().contains("postgres"), "{err}");
 }

@@ -10,7 +10,10 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn by_id(events: &[Value]) -> std::collections::BTreeMap<i64, Value> {
-    events.iter().map(|e| (e["event_id"].as_i64().unwrap_or(-1), e.clone())).collect()
+    events
+        .iter()
+        .map(|e| (e["event_id"].as_i64().unwrap_or(-1), e.clone()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -25,12 +28,22 @@ async fn inserts_reach_the_plugin_enriched_and_new_content_is_used() {
     let r = redis(&stack).await;
     let pg = db.client().await;
 
-    let play = db.insert_event(&pg, Some(1), 999, "play", Some(7000), "web").await;
+    let play = db
+        .insert_event(&pg, Some(1), 999, "play", Some(7000), "web")
+        .await;
     let no_duration = db.insert_event(&pg, Some(1), 1, "click", None, "ios").await;
-    let null_length = db.insert_event(&pg, Some(4), 2, "play", Some(5000), "web").await;
-    let zero_length = db.insert_event(&pg, Some(5), 3, "play", Some(5000), "web").await;
-    let unknown = db.insert_event(&pg, Some(424_242), 4, "play", Some(5000), "android").await;
-    let rounding = db.insert_event(&pg, Some(15), 5, "play", Some(1000), "web").await; // 1/8 = 0.125
+    let null_length = db
+        .insert_event(&pg, Some(4), 2, "play", Some(5000), "web")
+        .await;
+    let zero_length = db
+        .insert_event(&pg, Some(5), 3, "play", Some(5000), "web")
+        .await;
+    let unknown = db
+        .insert_event(&pg, Some(424_242), 4, "play", Some(5000), "android")
+        .await;
+    let rounding = db
+        .insert_event(&pg, Some(15), 5, "play", Some(1000), "web")
+        .await; // 1/8 = 0.125
 
     let got = eventually(WAIT, "6 events at the plugin", || async {
         let v = recorded(&r, &key).await;
@@ -48,7 +61,11 @@ async fn inserts_reach_the_plugin_enriched_and_new_content_is_used() {
     assert_eq!(e["length_seconds"], 300);
     assert_eq!(e["engagement_seconds"], 7.0);
     assert_eq!(e["engagement_pct"], 0.02);
-    assert!(e["event_ts"].as_str().is_some_and(|s| s.len() == 19), "event_ts {}", e["event_ts"]);
+    assert!(
+        e["event_ts"].as_str().is_some_and(|s| s.len() == 19),
+        "event_ts {}",
+        e["event_ts"]
+    );
 
     assert!(got[&no_duration]["engagement_seconds"].is_null());
     assert!(got[&no_duration]["engagement_pct"].is_null());
@@ -58,11 +75,18 @@ async fn inserts_reach_the_plugin_enriched_and_new_content_is_used() {
     assert!(got[&zero_length]["engagement_pct"].is_null());
     assert!(got[&unknown]["content_type"].is_null());
     assert!(got[&unknown]["length_seconds"].is_null());
-    assert_eq!(got[&rounding]["engagement_pct"], 0.13, "half away from zero");
+    assert_eq!(
+        got[&rounding]["engagement_pct"], 0.13,
+        "half away from zero"
+    );
 
     // Content published while the host runs is used for later events.
-    pg.execute("INSERT INTO content VALUES (777001, 'podcast', 200)", &[]).await.expect("content");
-    let later = db.insert_event(&pg, Some(777_001), 6, "finish", Some(50_000), "web").await;
+    pg.execute("INSERT INTO content VALUES (777001, 'podcast', 200)", &[])
+        .await
+        .expect("content");
+    let later = db
+        .insert_event(&pg, Some(777_001), 6, "finish", Some(50_000), "web")
+        .await;
     let got = eventually(WAIT, "the event of the new content", || async {
         by_id(&recorded(&r, &key).await).get(&later).cloned()
     })
@@ -72,8 +96,18 @@ async fn inserts_reach_the_plugin_enriched_and_new_content_is_used() {
     assert_eq!(got["engagement_pct"], 0.25);
 
     // Updates and deletes are skipped and counted, not delivered.
-    pg.execute("UPDATE engagement_events SET device = 'tv' WHERE id = $1", &[&play]).await.expect("update");
-    pg.execute("DELETE FROM engagement_events WHERE id = $1", &[&no_duration]).await.expect("delete");
+    pg.execute(
+        "UPDATE engagement_events SET device = 'tv' WHERE id = $1",
+        &[&play],
+    )
+    .await
+    .expect("update");
+    pg.execute(
+        "DELETE FROM engagement_events WHERE id = $1",
+        &[&no_duration],
+    )
+    .await
+    .expect("delete");
     eventually(WAIT, "update and delete counted as skipped", || async {
         let m = host.metrics().await;
         (metric_value(&m, "fanout_messages_skipped_total{reason=\"update\"}") >= 1.0
@@ -81,7 +115,11 @@ async fn inserts_reach_the_plugin_enriched_and_new_content_is_used() {
             .then_some(())
     })
     .await;
-    assert_eq!(recorded(&r, &key).await.len(), 7, "updates/deletes must not reach plugins");
+    assert_eq!(
+        recorded(&r, &key).await.len(),
+        7,
+        "updates/deletes must not reach plugins"
+    );
     drop(cdc);
 }
 
@@ -100,7 +138,10 @@ async fn kill_9_mid_stream_loses_nothing() {
 
     let mut inserted = BTreeSet::new();
     for i in 0..600 {
-        inserted.insert(db.insert_event(&pg, Some(1 + i % 20), i, "play", Some(1000), "web").await);
+        inserted.insert(
+            db.insert_event(&pg, Some(1 + i % 20), i, "play", Some(1000), "web")
+                .await,
+        );
         if i == 300 {
             // Wait until the host is mid-stream, then kill it without warning.
             eventually(WAIT, "some deliveries before the kill", || async {
@@ -112,10 +153,17 @@ async fn kill_9_mid_stream_loses_nothing() {
         }
     }
     let delivered: BTreeSet<i64> = eventually(WAIT, "every inserted event delivered", || async {
-        let ids: BTreeSet<i64> = recorded(&r, &key).await.iter().filter_map(|e| e["event_id"].as_i64()).collect();
+        let ids: BTreeSet<i64> = recorded(&r, &key)
+            .await
+            .iter()
+            .filter_map(|e| e["event_id"].as_i64())
+            .collect();
         (ids.len() >= inserted.len()).then_some(ids)
     })
     .await;
-    assert_eq!(delivered, inserted, "the set of delivered ids must equal the set inserted");
+    assert_eq!(
+        delivered, inserted,
+        "the set of delivered ids must equal the set inserted"
+    );
     drop(cdc);
 }

@@ -21,7 +21,10 @@ struct Topics {
 }
 
 async fn topics(stack: &Stack) -> Topics {
-    let t = Topics { events: unique("events"), content: unique("content") };
+    let t = Topics {
+        events: unique("events"),
+        content: unique("content"),
+    };
     create_topic(stack, &t.events, 2).await;
     create_topic(stack, &t.content, 1).await;
     t
@@ -49,19 +52,61 @@ async fn trap_loop_and_oom_plugins_are_contained() {
     // Best-effort: each bad plugin's events end in the dead-letter topic, with its name.
     let letters = read_topic(&stack, &cfg.dead_letter_topic, 15, WAIT);
     for plugin in ["trapper", "looper", "hog"] {
-        let mine: Vec<_> = letters.iter().filter(|l| l.header("fanout.plugin") == Some(plugin)).collect();
-        assert!(!mine.is_empty(), "no dead letters for {plugin}: {letters:?}");
-        assert!(mine.iter().all(|l| l.header("fanout.stage") == Some("plugin")));
-        assert!(mine.iter().all(|l| l.payload.as_deref().is_some_and(|p| p.starts_with(b"{\"before\""))), "original bytes kept");
+        let mine: Vec<_> = letters
+            .iter()
+            .filter(|l| l.header("fanout.plugin") == Some(plugin))
+            .collect();
+        assert!(
+            !mine.is_empty(),
+            "no dead letters for {plugin}: {letters:?}"
+        );
+        assert!(mine
+            .iter()
+            .all(|l| l.header("fanout.stage") == Some("plugin")));
+        assert!(
+            mine.iter().all(|l| l
+                .payload
+                .as_deref()
+                .is_some_and(|p| p.starts_with(b"{\"before\""))),
+            "original bytes kept"
+        );
     }
-    let reasons = |p: &str| letters.iter().filter(|l| l.header("fanout.plugin") == Some(p)).filter_map(|l| l.header("fanout.reason").map(str::to_string)).collect::<Vec<_>>().join(" | ");
-    assert!(reasons("looper").contains("CPU budget"), "{}", reasons("looper"));
+    let reasons = |p: &str| {
+        letters
+            .iter()
+            .filter(|l| l.header("fanout.plugin") == Some(p))
+            .filter_map(|l| l.header("fanout.reason").map(str::to_string))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    assert!(
+        reasons("looper").contains("CPU budget"),
+        "{}",
+        reasons("looper")
+    );
     assert!(reasons("hog").contains("memory"), "{}", reasons("hog"));
-    assert!(reasons("trapper").contains("trapped"), "{}", reasons("trapper"));
-    assert!(host.proc.is_running(), "the host must survive misbehaving plugins");
+    assert!(
+        reasons("trapper").contains("trapped"),
+        "{}",
+        reasons("trapper")
+    );
+    assert!(
+        host.proc.is_running(),
+        "the host must survive misbehaving plugins"
+    );
     let m = host.metrics().await;
-    assert!(metric_value(&m, "fanout_plugin_failures_total{kind=\"fuel\",plugin=\"looper\"}") >= 1.0 || m.contains("plugin=\"looper\""), "{m}");
-    assert!(metric_value(&m, "fanout_commits_total") >= 1.0, "the stream goes on and commits");
+    assert!(
+        metric_value(
+            &m,
+            "fanout_plugin_failures_total{kind=\"fuel\",plugin=\"looper\"}"
+        ) >= 1.0
+            || m.contains("plugin=\"looper\""),
+        "{m}"
+    );
+    assert!(
+        metric_value(&m, "fanout_commits_total") >= 1.0,
+        "the stream goes on and commits"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -107,7 +152,10 @@ retries = 4
         (host.metric("fanout_commits_total").await >= 1.0).then_some(())
     })
     .await;
-    assert!(read_topic(&stack, &cfg.dead_letter_topic, 1, Duration::from_secs(2)).is_empty(), "fail-fast never dead-letters");
+    assert!(
+        read_topic(&stack, &cfg.dead_letter_topic, 1, Duration::from_secs(2)).is_empty(),
+        "fail-fast never dead-letters"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -115,22 +163,51 @@ async fn ungranted_capabilities_are_refused() {
     let Some(stack) = Stack::get() else { return };
     let t = topics(&stack).await;
     let key = unique("ungranted");
-    let cfg = ConfigBuilder::new(&stack, &t.events, &t.content, "").testkit("nosy", "ungranted", &key, "fail-fast", 1);
+    let cfg = ConfigBuilder::new(&stack, &t.events, &t.content, "").testkit(
+        "nosy",
+        "ungranted",
+        &key,
+        "fail-fast",
+        1,
+    );
     let _host = HostProc::start("ungranted", &cfg.render(), &cfg.metrics_addr);
     produce(&stack, &t.events, None, Some(&envelope(1, 1))).await;
     let r = redis(&stack).await;
     let items: Vec<String> = eventually(WAIT, "the plugin's report", || async {
         let mut c = r.clone();
-        let v: Vec<String> = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query_async(&mut c).await.ok()?;
+        let v: Vec<String> = redis::cmd("LRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await
+            .ok()?;
         (!v.is_empty()).then_some(v)
     })
     .await;
     let report: serde_json::Value = serde_json::from_str(&items[0]).expect("json report");
-    assert!(report["http"].as_str().is_some_and(|s| s.contains("NotGranted")), "{report}");
-    assert!(report["redis"].as_str().is_some_and(|s| s.contains("NotGranted")), "{report}");
+    assert!(
+        report["http"]
+            .as_str()
+            .is_some_and(|s| s.contains("NotGranted")),
+        "{report}"
+    );
+    assert!(
+        report["redis"]
+            .as_str()
+            .is_some_and(|s| s.contains("NotGranted")),
+        "{report}"
+    );
     let mut c = r.clone();
-    let outside: Option<String> = redis::cmd("GET").arg("outside:prefix").query_async(&mut c).await.unwrap_or(None);
-    assert!(outside.is_none(), "the refused write must not have happened");
+    let outside: Option<String> = redis::cmd("GET")
+        .arg("outside:prefix")
+        .query_async(&mut c)
+        .await
+        .unwrap_or(None);
+    assert!(
+        outside.is_none(),
+        "the refused write must not have happened"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -138,29 +215,59 @@ async fn malformed_and_rejected_events_are_dead_lettered_with_reasons() {
     let Some(stack) = Stack::get() else { return };
     let t = topics(&stack).await;
     let key = unique("rej");
-    let cfg = ConfigBuilder::new(&stack, &t.events, &t.content, "").testkit("picky", "reject-odd", &key, "fail-fast", 1);
+    let cfg = ConfigBuilder::new(&stack, &t.events, &t.content, "").testkit(
+        "picky",
+        "reject-odd",
+        &key,
+        "fail-fast",
+        1,
+    );
     let host = HostProc::start("dlq", &cfg.render(), &cfg.metrics_addr);
     produce(&stack, &t.events, Some(b"k1"), Some(b"{this is not json")).await;
-    produce(&stack, &t.events, None, Some(br#"{"op":"c","after":{"content_id":1}}"#)).await;
+    produce(
+        &stack,
+        &t.events,
+        None,
+        Some(br#"{"op":"c","after":{"content_id":1}}"#),
+    )
+    .await;
     produce(&stack, &t.events, None, None).await; // tombstone: skipped, not dead-lettered
     produce(&stack, &t.events, None, Some(&envelope(10, 1))).await;
     produce(&stack, &t.events, None, Some(&envelope(11, 1))).await;
     let letters = read_topic(&stack, &cfg.dead_letter_topic, 3, WAIT);
-    let decode: Vec<_> = letters.iter().filter(|l| l.header("fanout.stage") == Some("decode")).collect();
+    let decode: Vec<_> = letters
+        .iter()
+        .filter(|l| l.header("fanout.stage") == Some("decode"))
+        .collect();
     assert_eq!(decode.len(), 2, "{letters:?}");
-    assert!(decode.iter().any(|l| l.payload.as_deref() == Some(b"{this is not json".as_slice()) && l.key.as_deref() == Some(b"k1".as_slice())));
-    assert!(decode.iter().all(|l| l.header("fanout.reason").is_some_and(|r| !r.is_empty())));
-    assert!(decode.iter().any(|l| l.header("fanout.reason").is_some_and(|r| r.contains("id"))));
-    let rejected: Vec<_> = letters.iter().filter(|l| l.header("fanout.plugin") == Some("picky")).collect();
+    assert!(decode.iter().any(
+        |l| l.payload.as_deref() == Some(b"{this is not json".as_slice())
+            && l.key.as_deref() == Some(b"k1".as_slice())
+    ));
+    assert!(decode
+        .iter()
+        .all(|l| l.header("fanout.reason").is_some_and(|r| !r.is_empty())));
+    assert!(decode
+        .iter()
+        .any(|l| l.header("fanout.reason").is_some_and(|r| r.contains("id"))));
+    let rejected: Vec<_> = letters
+        .iter()
+        .filter(|l| l.header("fanout.plugin") == Some("picky"))
+        .collect();
     assert_eq!(rejected.len(), 1, "{letters:?}");
-    assert!(rejected[0].header("fanout.reason").is_some_and(|r| r.contains("odd")));
+    assert!(rejected[0]
+        .header("fanout.reason")
+        .is_some_and(|r| r.contains("odd")));
     let r = redis(&stack).await;
     let got = recorded(&r, &key).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["event_id"], 10);
     eventually(WAIT, "dead letters counted", || async {
         let m = host.metrics().await;
-        (metric_value(&m, "fanout_dead_lettered_total{stage=\"decode\",plugin=\"\"}") == 2.0
+        (metric_value(
+            &m,
+            "fanout_dead_lettered_total{stage=\"decode\",plugin=\"\"}",
+        ) == 2.0
             && metric_value(&m, "fanout_messages_skipped_total{reason=\"tombstone\"}") == 1.0)
             .then_some(())
     })

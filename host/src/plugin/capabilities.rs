@@ -295,10 +295,9 @@ impl clickhouse::Host for PluginState {
             .clickhouse
             .as_ref()
             .ok_or_else(|| CapabilityError::Failed("the host has no clickhouse_url".into()))?;
-        let mut client = client.clone();
-        if let Some(db) = grant.databases.first() {
-            client = client.with_database(db);
-        }
+        // No default database: `CREATE DATABASE` must work before the database exists, and
+        // the grant check above already covers every database the statement names.
+        let client = client.clone();
         caps.services.runtime.block_on(async move {
             let mut cursor = client
                 .query(&sql)
