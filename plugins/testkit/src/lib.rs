@@ -4,7 +4,7 @@
 //! granted, rejects events, or asks for retries. Not a sink to deploy.
 //!
 //! Config: { "key": "<redis list receiving one JSON event per delivered event>",
-//!           "mode": "record" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first",
+//!           "mode": "record" | "noop" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first",
 //!           "retries": N (for retry-first: how many calls answer retry-later first) }
 
 use fanout_sdk::redis::command;
@@ -74,6 +74,8 @@ impl Sink for Testkit {
                     other => other,
                 }
             }
+            // Takes the batch and does nothing: the cost of the Wasm boundary alone.
+            "noop" => WriteOutcome::Accepted,
             "retry-first" if self.retries_left > 0 => {
                 self.retries_left -= 1;
                 WriteOutcome::RetryLater("testkit: asked to retry".into())
