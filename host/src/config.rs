@@ -469,3 +469,93 @@ fn parse_scalar(value: &str) -> toml::Value {
         _ => toml::Value::String(value.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[kafka]
+brokers = "k:9092"
+[services]
+redis_url = "redis://r/"
+[[plugins]]
+name = "a"
+path = "a.wasm"
+[plugins.grants]
+redis = { key_prefix = "a:" }
+[plugins.config]
+x = 1
+"#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            text,
+            Path::new("t.toml"),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_and_env_overrides() {
+        let c = load(
+            BASE,
+            &[
+                ("FANOUT__BATCH__MAX_EVENTS", "7"),
+                ("FANOUT__PLUGINS__0__FAILURE_POLICY", "best-effort"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.batch.max_events, 7);
+        assert_eq!(c.batch.max_wait_ms, 200);
+        assert_eq!(c.plugins[0].failure_policy, FailurePolicy::BestEffort);
+        assert_eq!(c.kafka.events_topic, "dbserver1.public.engagement_events");
+        assert_eq!(
+            c.plugins[0]
+                .grants
+                .redis
+                .as_ref()
+                .map(|g| g.key_prefix.as_str()),
+            Some("a:")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load(BASE, &[("FANOUT__BATCH__MAX_EVENTS", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("batch.max_events"), "{e}");
+        let e = load(&BASE.replace("[kafka]", "[kafka]\nbrokerz = 1"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("brokerz"), "{e}");
+        let e = load(&BASE.replace("redis_url = \"redis://r/\"", ""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("services.redis_url"), "{e}");
+        let e = load(BASE, &[("FANOUT__PLUGINS__3__PATH", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("FANOUT__PLUGINS__3__PATH") && e.contains("past"),
+            "{e}"
+        );
+        let e = load(&BASE.replace("name = \"a\"", "name = \"a b\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plugins[0].name"), "{e}");
+    }
+
+    #[test]
+    fn plugin_paths_are_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("fanout-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f.toml");
+        std::fs::write(&file, BASE).unwrap();
+        let c = Config::load(&file, std::iter::empty()).unwrap();
+        assert_eq!(c.plugins[0].path, dir.join("a.wasm"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

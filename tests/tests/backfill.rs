@@ -238,3 +238,56 @@ async fn bad_ranges_and_unreachable_postgres_fail_clearly() {
     assert_ne!(code, 0);
     assert!(err.to_lowercase().contains("postgres"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_continues_after_the_checkpoint() {
+    let Some(stack) = Stack::get() else { return };
+    let db = Database::create(&stack, true).await;
+    let (inside, _) = seed_history(&db).await;
+    let key = unique("bf-resume");
+    let cfg = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url).testkit(
+        "rec",
+        "record",
+        &key,
+        "fail-fast",
+        2,
+    );
+    let config = write_config(&cfg, "bf-resume");
+    // A checkpoint as an interrupted run leaves it: the first two ids of the range are done.
+    let done: Vec<i64> = inside.iter().copied().take(2).collect();
+    let state = std::env::temp_dir().join(unique("resume-state"));
+    std::fs::write(&state, done[1].to_string()).expect("state");
+    let out = Command::new(host_binary())
+        .args([
+            "backfill",
+            "--start",
+            "2026-01-08T09:00:00",
+            "--end",
+            "2026-01-08T10:00:00",
+            "--resume",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--state-file")
+        .arg(&state)
+        .output()
+        .expect("backfill");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("read=3 delivered=3"), "{stdout}");
+    let ids: BTreeSet<i64> = recorded(&redis(&stack).await, &key)
+        .await
+        .iter()
+        .filter_map(|e| e["event_id"].as_i64())
+        .collect();
+    let expected: BTreeSet<i64> = inside.iter().copied().skip(2).collect();
+    assert_eq!(ids, expected, "only the events after the checkpoint");
+    assert!(
+        !state.exists(),
+        "a finished backfill removes its checkpoint"
+    );
+}

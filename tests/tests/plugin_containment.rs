@@ -273,3 +273,29 @@ async fn malformed_and_rejected_events_are_dead_lettered_with_reasons() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_cleanly_with_exit_code_0() {
+    let Some(stack) = Stack::get() else { return };
+    let t = topics(&stack).await;
+    let key = unique("term");
+    let cfg = ConfigBuilder::new(&stack, &t.events, &t.content, "").testkit(
+        "rec",
+        "record",
+        &key,
+        "fail-fast",
+        1,
+    );
+    let mut host = HostProc::start("sigterm", &cfg.render(), &cfg.metrics_addr);
+    produce(&stack, &t.events, None, Some(&envelope(1, 1))).await;
+    eventually(WAIT, "a committed batch", || async {
+        (host.metric("fanout_commits_total").await >= 1.0).then_some(())
+    })
+    .await;
+    let status = host
+        .proc
+        .terminate(Duration::from_secs(20))
+        .expect("the host exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", host.proc.log_text());
+    assert!(host.proc.log_text().contains("stopped cleanly"));
+}

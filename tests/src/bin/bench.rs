@@ -17,7 +17,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn event(id: i64) -> WitEvent {
@@ -72,16 +75,25 @@ mode = "noop"
         stack.redis_url,
         plugin_wasm("testkit").display()
     );
-    let cfg = fanout::config::Config::from_toml(&toml, std::path::Path::new("bench.toml"), std::iter::empty()).expect("config");
+    let cfg = fanout::config::Config::from_toml(
+        &toml,
+        std::path::Path::new("bench.toml"),
+        std::iter::empty(),
+    )
+    .expect("config");
     let metrics = fanout::metrics::Metrics::default();
-    let services = fanout::plugin::capabilities::Services::connect(&cfg.services, metrics).await.expect("services");
+    let services = fanout::plugin::capabilities::Services::connect(&cfg.services, metrics)
+        .await
+        .expect("services");
     let engine = fanout::plugin::engine().expect("engine");
     let linker = fanout::plugin::linker(&engine).expect("linker");
     let pc = cfg.plugins[0].clone();
-    let plugin = tokio::task::spawn_blocking(move || fanout::plugin::Plugin::load(pc, &engine, linker, services))
-        .await
-        .expect("join")
-        .expect("load");
+    let plugin = tokio::task::spawn_blocking(move || {
+        fanout::plugin::Plugin::load(pc, &engine, linker, services)
+    })
+    .await
+    .expect("join")
+    .expect("load");
     let batch = Arc::new(WitBatch {
         id: "bench".into(),
         events: (0..500).map(event).collect(),
@@ -99,7 +111,11 @@ mode = "noop"
     // The native no-op sink receives the same batch through the same channel-free call path a
     // built-in sink would: a function over the batch.
     fn native_noop(batch: &WitBatch) -> usize {
-        batch.events.iter().map(|e| std::hint::black_box(e).event_id as usize).sum()
+        batch
+            .events
+            .iter()
+            .map(|e| std::hint::black_box(e).event_id as usize)
+            .sum()
     }
     let t = Instant::now();
     let mut sink = 0usize;
@@ -138,7 +154,13 @@ async fn prefill(stack: &Stack, topic: &str, n: usize) -> Duration {
         let p = producer.clone();
         let topic = topic.to_string();
         pending.push(async move {
-            p.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(60)).await.map(|_| ()).map_err(|(e, _)| e)
+            p.send(
+                FutureRecord::to(&topic).key(&key).payload(&value),
+                Duration::from_secs(60),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
         });
         if pending.len() >= 5000 {
             use futures::StreamExt;
@@ -155,7 +177,13 @@ async fn prefill(stack: &Stack, topic: &str, n: usize) -> Duration {
 }
 
 /// Runs the host binary on a pre-filled topic until every event is delivered to every plugin.
-async fn drain(stack: &Stack, name: &str, n: usize, plugins_toml: &str, plugins: &[&str]) -> (f64, u64) {
+async fn drain(
+    stack: &Stack,
+    name: &str,
+    n: usize,
+    plugins_toml: &str,
+    plugins: &[&str],
+) -> (f64, u64) {
     let topic = unique(&format!("bench_{name}"));
     let fill = prefill(stack, &topic, n).await;
     eprintln!("bench {name}: pre-filled {n} events in {fill:?}");
@@ -171,7 +199,12 @@ async fn drain(stack: &Stack, name: &str, n: usize, plugins_toml: &str, plugins:
         peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
         let delivered = plugins
             .iter()
-            .map(|p| metric_value(&m, &format!("fanout_events_delivered_total{{plugin=\"{p}\"}}")) as usize)
+            .map(|p| {
+                metric_value(
+                    &m,
+                    &format!("fanout_events_delivered_total{{plugin=\"{p}\"}}"),
+                ) as usize
+            })
             .min()
             .unwrap_or(0);
         if delivered > 0 && first.is_none() {
@@ -180,7 +213,10 @@ async fn drain(stack: &Stack, name: &str, n: usize, plugins_toml: &str, plugins:
         if delivered >= n {
             break;
         }
-        assert!(bin_started.elapsed() < Duration::from_secs(1800), "bench {name} took too long");
+        assert!(
+            bin_started.elapsed() < Duration::from_secs(1800),
+            "bench {name} took too long"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = first.map(|t| t.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
@@ -211,7 +247,14 @@ async fn backfill_bench(stack: &Stack, rows: usize, report: &mut String) {
     let state = std::env::temp_dir().join(unique("bench-backfill-state"));
     let started = Instant::now();
     let mut child = Command::new(host_binary())
-        .args(["backfill", "--start", "2026-01-08T09:00:00", "--end", "2026-01-08T10:00:00", "--config"])
+        .args([
+            "backfill",
+            "--start",
+            "2026-01-08T09:00:00",
+            "--end",
+            "2026-01-08T10:00:00",
+            "--config",
+        ])
         .arg(&path)
         .arg("--state-file")
         .arg(&state)
@@ -300,7 +343,14 @@ policy = "best-effort"
         url = stack.external_api_url,
         mode = std::env::var("BENCH_API_MODE").unwrap_or_else(|_| "per-event".into()),
     );
-    let (rate3, peak3) = drain(&stack, "three", n3, &three, &["clickhouse", "redis-topn", "external-api"]).await;
+    let (rate3, peak3) = drain(
+        &stack,
+        "three",
+        n3,
+        &three,
+        &["clickhouse", "redis-topn", "external-api"],
+    )
+    .await;
     let _ = writeln!(
         report,
         "| host + the three default plugins (ClickHouse, Redis top-N, external API per-event to the mock), {n3} events | {rate3:.0} events/s, peak RSS {} MiB |",
@@ -311,7 +361,11 @@ policy = "best-effort"
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     let doc = format!(
         "# Benchmarks\n\nReproduce: `scripts/bench` (starts the stack, builds release binaries, runs \
