@@ -604,6 +604,23 @@ mode = "{mode}"
         self
     }
 
+    /// The default redis-topn plugin, every key under `prefix` (its grant is the prefix).
+    pub fn redis_topn(self, prefix: &str) -> Self {
+        let toml = format!(
+            r#"
+[[plugins]]
+name = "redis-topn"
+path = "{}"
+[plugins.grants]
+redis = {{ key_prefix = "{prefix}", allow_scripts = true }}
+[plugins.config]
+key_prefix = "{prefix}"
+"#,
+            plugin_wasm("redis_topn").display()
+        );
+        self.plugin_raw(&toml)
+    }
+
     pub fn plugin_raw(mut self, toml: &str) -> Self {
         self.plugins.push(toml.to_string());
         self

@@ -144,22 +144,8 @@ async fn backfill_twice_and_over_the_live_stream_changes_nothing() {
     let db = Database::create(&stack, true).await;
     let cdc = Cdc::start(&stack, &db);
     let prefix = format!("{}:", unique("bfr"));
-    let topn = |p: &str| {
-        format!(
-            r#"
-[[plugins]]
-name = "redis-topn"
-path = "{}"
-[plugins.grants]
-redis = {{ key_prefix = "{p}", allow_scripts = true }}
-[plugins.config]
-key_prefix = "{p}"
-"#,
-            plugin_wasm("redis_topn").display()
-        )
-    };
     let cfg = ConfigBuilder::new(&stack, &cdc.events_topic(), &cdc.content_topic(), &db.url)
-        .plugin_raw(&topn(&prefix));
+        .redis_topn(&prefix);
     let host = HostProc::start("bf-live", &cfg.render(), &cfg.metrics_addr);
     let pg = db.client().await;
     for i in 0..10 {

@@ -24,18 +24,7 @@ async fn insert_is_visible_in_redis_within_five_seconds() {
     let cdc = Cdc::start(&stack, &db);
     let p = format!("{}:", unique("lat"));
     let cfg = ConfigBuilder::new(&stack, &cdc.events_topic(), &cdc.content_topic(), &db.url)
-        .plugin_raw(&format!(
-            r#"
-[[plugins]]
-name = "redis-topn"
-path = "{}"
-[plugins.grants]
-redis = {{ key_prefix = "{p}", allow_scripts = true }}
-[plugins.config]
-key_prefix = "{p}"
-"#,
-            plugin_wasm("redis_topn").display()
-        ));
+        .redis_topn(&p);
     let _host = HostProc::start("latency", &cfg.render(), &cfg.metrics_addr);
     let pg = db.client().await;
     let r = redis(&stack).await;
