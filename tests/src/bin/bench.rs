@@ -287,23 +287,8 @@ async fn backfill_bench(stack: &Stack, rows: usize, report: &mut String) {
     );
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
-    let stack = Stack::get().expect("the local stack: scripts/stack up; . .stack/env");
-    let n = env_usize("BENCH_EVENTS", 100_000);
-    let n3 = env_usize("BENCH_EVENTS_DEFAULT_PLUGINS", 10_000);
-    let rows = env_usize("BACKFILL_ROWS", 1_000_000);
-    let mut report = String::new();
-
-    boundary(&mut report).await;
-
-    let noop = format!(
-        "[[plugins]]\nname = \"noop\"\npath = \"{}\"\n[plugins.config]\nmode = \"noop\"\n",
-        plugin_wasm("testkit").display()
-    );
-    let (rate, peak) = drain(&stack, "noop", n, &noop, &["noop"]).await;
-    let _ = writeln!(report, "| host + one no-op plugin, {n} events from a pre-filled topic (4 partitions) | {rate:.0} events/s, peak RSS {} MiB |", peak / 1024);
-
+/// The three default plugins together, the external API in `mode` ("per-event" or "batch").
+async fn three_plugins(stack: &Stack, n3: usize, mode: &str, report: &mut String) {
     let ch_db = unique("bench");
     let prefix = format!("{}:", unique("bench"));
     let ns = unique("bench");
@@ -341,7 +326,6 @@ policy = "best-effort"
         rt = plugin_wasm("redis_topn").display(),
         api = plugin_wasm("external_api").display(),
         url = stack.external_api_url,
-        mode = std::env::var("BENCH_API_MODE").unwrap_or_else(|_| "per-event".into()),
     );
     let (rate3, peak3) = drain(
         &stack,
@@ -353,9 +337,31 @@ policy = "best-effort"
     .await;
     let _ = writeln!(
         report,
-        "| host + the three default plugins (ClickHouse, Redis top-N, external API per-event to the mock), {n3} events | {rate3:.0} events/s, peak RSS {} MiB |",
+        "| host + the three default plugins (ClickHouse, Redis top-N, external API `{mode}` to the mock), {n3} events | {rate3:.0} events/s, peak RSS {} MiB |",
         peak3 / 1024
     );
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let stack = Stack::get().expect("the local stack: scripts/stack up; . .stack/env");
+    let n = env_usize("BENCH_EVENTS", 100_000);
+    let n3 = env_usize("BENCH_EVENTS_DEFAULT_PLUGINS", 10_000);
+    let rows = env_usize("BACKFILL_ROWS", 1_000_000);
+    let mut report = String::new();
+
+    boundary(&mut report).await;
+
+    let noop = format!(
+        "[[plugins]]\nname = \"noop\"\npath = \"{}\"\n[plugins.config]\nmode = \"noop\"\n",
+        plugin_wasm("testkit").display()
+    );
+    let (rate, peak) = drain(&stack, "noop", n, &noop, &["noop"]).await;
+    let _ = writeln!(report, "| host + one no-op plugin, {n} events from a pre-filled topic (4 partitions) | {rate:.0} events/s, peak RSS {} MiB |", peak / 1024);
+
+    for mode in ["per-event", "batch"] {
+        three_plugins(&stack, n3, mode, &mut report).await;
+    }
 
     backfill_bench(&stack, rows, &mut report).await;
 
