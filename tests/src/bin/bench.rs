@@ -328,7 +328,7 @@ policy = "best-effort"
         url = stack.external_api_url,
     );
     let (rate3, peak3) = drain(
-        &stack,
+        stack,
         "three",
         n3,
         &three,
