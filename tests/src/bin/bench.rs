@@ -329,7 +329,7 @@ policy = "best-effort"
     );
     let (rate3, peak3) = drain(
         stack,
-        "three",
+        &format!("three-{mode}"),
         n3,
         &three,
         &["clickhouse", "redis-topn", "external-api"],
