@@ -2,11 +2,12 @@
 //! same enrichment and plugins as the live stream; it is idempotent with itself and the
 //! stream, and refuses bad input before doing any work.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
 use fanout_tests::*;
+use serde_json::Value;
 
 /// Inserts events at fixed past times; returns the ids inside [09:00, 10:00).
 async fn seed_history(db: &Database) -> (BTreeSet<i64>, BTreeSet<i64>) {
@@ -276,4 +277,176 @@ async fn resume_continues_after_the_checkpoint() {
         !state.exists(),
         "a finished backfill removes its checkpoint"
     );
+}
+
+/// The three default plugins writing to their own ClickHouse database, Redis prefix and API
+/// namespace.
+fn default_plugins(stack: &Stack, ch_db: &str, prefix: &str, ns: &str) -> String {
+    format!(
+        r#"
+[[plugins]]
+name = "clickhouse"
+path = "{ch}"
+[plugins.grants]
+clickhouse = {{ databases = ["{ch_db}"] }}
+[plugins.config]
+database = "{ch_db}"
+
+[[plugins]]
+name = "redis-topn"
+path = "{rt}"
+[plugins.grants]
+redis = {{ key_prefix = "{prefix}", allow_scripts = true }}
+[plugins.config]
+key_prefix = "{prefix}"
+seen_key_prefix = "{prefix}seen:"
+
+[[plugins]]
+name = "external-api"
+path = "{api}"
+[plugins.grants]
+http = {{ url_prefixes = ["{url}/"] }}
+[plugins.config]
+url = "{url}/ns/{ns}/events"
+"#,
+        ch = plugin_wasm("clickhouse").display(),
+        rt = plugin_wasm("redis_topn").display(),
+        api = plugin_wasm("external_api").display(),
+        url = stack.external_api_url.trim_end_matches('/'),
+    )
+}
+
+/// What the three sinks hold: ClickHouse rows, Redis counts and last events, API bodies by key.
+async fn sink_state(
+    stack: &Stack,
+    ch_db: &str,
+    prefix: &str,
+    ns: &str,
+) -> (Vec<Value>, Vec<(String, String)>, BTreeMap<String, Value>) {
+    let rows = clickhouse_rows(
+        stack,
+        &format!("SELECT * FROM {ch_db}.events_enriched ORDER BY event_id"),
+    )
+    .await;
+    let mut r = redis(stack).await;
+    let mut redis_state = Vec::new();
+    for content in 1..=25 {
+        for key in [
+            format!("{prefix}content:count:{content}"),
+            format!("{prefix}content:last:{content}"),
+        ] {
+            let v: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut r)
+                .await
+                .expect("redis get");
+            if let Some(v) = v {
+                redis_state.push((key.trim_start_matches(prefix).to_string(), v));
+            }
+        }
+    }
+    let api = mock_received(stack, ns)
+        .await
+        .into_iter()
+        .filter_map(|req| {
+            Some((
+                req["idempotency_key"].as_str()?.to_string(),
+                req["body"].clone(),
+            ))
+        })
+        .collect();
+    (rows, redis_state, api)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backfill_through_the_default_plugins_matches_the_live_stream() {
+    let Some(stack) = Stack::get() else { return };
+    let db = Database::create(&stack, true).await;
+    let cdc = Cdc::start(&stack, &db);
+    let (live_db, live_prefix, live_ns) = (
+        unique("live"),
+        format!("{}:", unique("live")),
+        unique("live"),
+    );
+    let (bf_db, bf_prefix, bf_ns) = (unique("bf"), format!("{}:", unique("bf")), unique("bf"));
+    for d in [&live_db, &bf_db] {
+        clickhouse_query(&stack, &format!("CREATE DATABASE IF NOT EXISTS {d}")).await;
+    }
+    let live = ConfigBuilder::new(&stack, &cdc.events_topic(), &cdc.content_topic(), &db.url)
+        .plugin_raw(&default_plugins(&stack, &live_db, &live_prefix, &live_ns));
+    let host = HostProc::start("bf-three-live", &live.render(), &live.metrics_addr);
+    let pg = db.client().await;
+    let mut ids = Vec::new();
+    for (i, (content, duration)) in [
+        (1, Some(7000)),
+        (3, Some(1000)),
+        (4, Some(5000)),
+        (5, None),
+        (15, Some(1000)),
+        (424_242, Some(10)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        ids.push(
+            db.insert_event(&pg, Some(content), i as i64, "play", duration, "web")
+                .await,
+        );
+    }
+    let n = ids.len();
+    eventually(
+        Duration::from_secs(60),
+        "the live stream delivered to all three sinks",
+        || async {
+            let m = host.metrics().await;
+            ["clickhouse", "redis-topn", "external-api"]
+                .iter()
+                .all(|p| {
+                    metric_value(
+                        &m,
+                        &format!("fanout_events_delivered_total{{plugin=\"{p}\"}}"),
+                    ) >= n as f64
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    drop(host);
+    drop(cdc);
+    let live_state = sink_state(&stack, &live_db, &live_prefix, &live_ns).await;
+    assert_eq!(live_state.0.len(), n);
+    assert_eq!(live_state.2.len(), n);
+
+    let start = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let end = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
+    // Backfill into fresh sinks: the same values as the live stream.
+    let fresh = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url)
+        .plugin_raw(&default_plugins(&stack, &bf_db, &bf_prefix, &bf_ns));
+    let (code, out, err) = backfill(
+        &write_config(&fresh, "bf-three"),
+        &["--start", &start, "--end", &end],
+    );
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(
+        out.contains(&format!("read={n} delivered={n} dead_lettered=0")),
+        "{out}"
+    );
+    let bf_state = sink_state(&stack, &bf_db, &bf_prefix, &bf_ns).await;
+    assert_eq!(bf_state.0, live_state.0, "ClickHouse rows");
+    assert_eq!(bf_state.1, live_state.1, "Redis counts and last events");
+    assert_eq!(bf_state.2, live_state.2, "API bodies by idempotency key");
+
+    // Backfill over the range the live stream covered, twice: nothing changes there.
+    let over_live = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url)
+        .plugin_raw(&default_plugins(&stack, &live_db, &live_prefix, &live_ns));
+    let config = write_config(&over_live, "bf-three-over");
+    for run in 0..2 {
+        let (code, out, err) = backfill(&config, &["--start", &start, "--end", &end]);
+        assert_eq!(code, 0, "run {run}: {out} {err}");
+        let after = sink_state(&stack, &live_db, &live_prefix, &live_ns).await;
+        assert_eq!(after.0, live_state.0, "run {run}: ClickHouse rows changed");
+        assert_eq!(after.1, live_state.1, "run {run}: Redis changed");
+        // The API may be called again, but only with keys and bodies it has seen.
+        assert_eq!(after.2, live_state.2, "run {run}: API effects changed");
+    }
 }
