@@ -120,6 +120,34 @@ async fn inserts_reach_the_plugin_enriched_and_new_content_is_used() {
         7,
         "updates/deletes must not reach plugins"
     );
+
+    // A column added to the source table does not break the stream (SPEC 8).
+    pg.batch_execute(
+        "ALTER TABLE engagement_events ADD COLUMN title TEXT, ADD COLUMN payload JSONB",
+    )
+    .await
+    .expect("alter table");
+    let with_new_columns: i64 = pg
+        .query_one(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device, title, payload) \
+             VALUES (2, 8, 'play', 90000, 'ios', 'Episode 1', '{\"k\": 1}') RETURNING id",
+            &[],
+        )
+        .await
+        .expect("insert with new columns")
+        .get(0);
+    let got = eventually(WAIT, "the event inserted after ALTER TABLE", || async {
+        by_id(&recorded(&r, &key).await)
+            .get(&with_new_columns)
+            .cloned()
+    })
+    .await;
+    assert_eq!(got["content_type"], "podcast");
+    assert_eq!(got["engagement_pct"], 0.05);
+    assert!(
+        got.get("title").is_none(),
+        "unknown columns are not passed on"
+    );
     drop(cdc);
 }
 
