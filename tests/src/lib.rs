@@ -606,19 +606,7 @@ mode = "{mode}"
 
     /// The default redis-topn plugin, every key under `prefix` (its grant is the prefix).
     pub fn redis_topn(self, prefix: &str) -> Self {
-        let toml = format!(
-            r#"
-[[plugins]]
-name = "redis-topn"
-path = "{}"
-[plugins.grants]
-redis = {{ key_prefix = "{prefix}", allow_scripts = true }}
-[plugins.config]
-key_prefix = "{prefix}"
-"#,
-            plugin_wasm("redis_topn").display()
-        );
-        self.plugin_raw(&toml)
+        self.plugin_raw(&plugin_toml::redis_topn("redis-topn", prefix))
     }
 
     pub fn plugin_raw(mut self, toml: &str) -> Self {
@@ -842,4 +830,69 @@ pub async fn mock_control(stack: &Stack, ns: &str, control: serde_json::Value) {
 /// A loopback URL where nothing listens (connection refused).
 pub fn closed_port_url() -> String {
     format!("http://{}/", free_addr())
+}
+
+/// `[[plugins]]` entries of the default plugins, each confined to the test's own resources.
+pub mod plugin_toml {
+    use super::{plugin_wasm, Stack};
+
+    /// clickhouse.wasm writing to (and granted) database `db` only.
+    pub fn clickhouse(name: &str, db: &str) -> String {
+        format!(
+            r#"
+[[plugins]]
+name = "{name}"
+path = "{}"
+[plugins.grants]
+clickhouse = {{ databases = ["{db}"] }}
+[plugins.config]
+database = "{db}"
+"#,
+            plugin_wasm("clickhouse").display()
+        )
+    }
+
+    /// redis_topn.wasm with every key (idempotency markers included) under `prefix`.
+    pub fn redis_topn(name: &str, prefix: &str) -> String {
+        format!(
+            r#"
+[[plugins]]
+name = "{name}"
+path = "{}"
+[plugins.grants]
+redis = {{ key_prefix = "{prefix}", allow_scripts = true }}
+[plugins.config]
+key_prefix = "{prefix}"
+"#,
+            plugin_wasm("redis_topn").display()
+        )
+    }
+
+    /// external_api.wasm posting to the mock's namespace `ns` (`mode`: per-event or batch).
+    pub fn external_api(name: &str, stack: &Stack, ns: &str, mode: &str) -> String {
+        let url = stack.external_api_url.trim_end_matches('/');
+        format!(
+            r#"
+[[plugins]]
+name = "{name}"
+path = "{}"
+[plugins.grants]
+http = {{ url_prefixes = ["{url}/"] }}
+[plugins.config]
+url = "{url}/ns/{ns}/events"
+mode = "{mode}"
+"#,
+            plugin_wasm("external_api").display()
+        )
+    }
+
+    /// The three default plugins, as `config/local.toml` wires them, on the test's resources.
+    pub fn defaults(stack: &Stack, db: &str, prefix: &str, ns: &str, api_mode: &str) -> String {
+        [
+            clickhouse("clickhouse", db),
+            redis_topn("redis-topn", prefix),
+            external_api("external-api", stack, ns, api_mode),
+        ]
+        .concat()
+    }
 }

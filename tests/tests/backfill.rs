@@ -279,43 +279,6 @@ async fn resume_continues_after_the_checkpoint() {
     );
 }
 
-/// The three default plugins writing to their own ClickHouse database, Redis prefix and API
-/// namespace.
-fn default_plugins(stack: &Stack, ch_db: &str, prefix: &str, ns: &str) -> String {
-    format!(
-        r#"
-[[plugins]]
-name = "clickhouse"
-path = "{ch}"
-[plugins.grants]
-clickhouse = {{ databases = ["{ch_db}"] }}
-[plugins.config]
-database = "{ch_db}"
-
-[[plugins]]
-name = "redis-topn"
-path = "{rt}"
-[plugins.grants]
-redis = {{ key_prefix = "{prefix}", allow_scripts = true }}
-[plugins.config]
-key_prefix = "{prefix}"
-seen_key_prefix = "{prefix}seen:"
-
-[[plugins]]
-name = "external-api"
-path = "{api}"
-[plugins.grants]
-http = {{ url_prefixes = ["{url}/"] }}
-[plugins.config]
-url = "{url}/ns/{ns}/events"
-"#,
-        ch = plugin_wasm("clickhouse").display(),
-        rt = plugin_wasm("redis_topn").display(),
-        api = plugin_wasm("external_api").display(),
-        url = stack.external_api_url.trim_end_matches('/'),
-    )
-}
-
 /// What the three sinks hold: ClickHouse rows, Redis counts and last events, API bodies by key.
 async fn sink_state(
     stack: &Stack,
@@ -372,8 +335,10 @@ async fn backfill_through_the_default_plugins_matches_the_live_stream() {
     for d in [&live_db, &bf_db] {
         clickhouse_query(&stack, &format!("CREATE DATABASE IF NOT EXISTS {d}")).await;
     }
-    let live = ConfigBuilder::new(&stack, &cdc.events_topic(), &cdc.content_topic(), &db.url)
-        .plugin_raw(&default_plugins(&stack, &live_db, &live_prefix, &live_ns));
+    let live =
+        ConfigBuilder::new(&stack, &cdc.events_topic(), &cdc.content_topic(), &db.url).plugin_raw(
+            &plugin_toml::defaults(&stack, &live_db, &live_prefix, &live_ns, "per-event"),
+        );
     let host = HostProc::start("bf-three-live", &live.render(), &live.metrics_addr);
     let pg = db.client().await;
     let mut ids = Vec::new();
@@ -420,8 +385,9 @@ async fn backfill_through_the_default_plugins_matches_the_live_stream() {
     let start = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
     let end = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
     // Backfill into fresh sinks: the same values as the live stream.
-    let fresh = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url)
-        .plugin_raw(&default_plugins(&stack, &bf_db, &bf_prefix, &bf_ns));
+    let fresh = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url).plugin_raw(
+        &plugin_toml::defaults(&stack, &bf_db, &bf_prefix, &bf_ns, "per-event"),
+    );
     let (code, out, err) = backfill(
         &write_config(&fresh, "bf-three"),
         &["--start", &start, "--end", &end],
@@ -437,8 +403,9 @@ async fn backfill_through_the_default_plugins_matches_the_live_stream() {
     assert_eq!(bf_state.2, live_state.2, "API bodies by idempotency key");
 
     // Backfill over the range the live stream covered, twice: nothing changes there.
-    let over_live = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url)
-        .plugin_raw(&default_plugins(&stack, &live_db, &live_prefix, &live_ns));
+    let over_live = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url).plugin_raw(
+        &plugin_toml::defaults(&stack, &live_db, &live_prefix, &live_ns, "per-event"),
+    );
     let config = write_config(&over_live, "bf-three-over");
     for run in 0..2 {
         let (code, out, err) = backfill(&config, &["--start", &start, "--end", &end]);

@@ -15,22 +15,7 @@ async fn load(stack: &Stack, db: &str) -> LoadedPlugin {
     // with `database=<first granted>`, which ClickHouse refuses while that database does not
     // exist, so the plugin's own CREATE DATABASE cannot bootstrap it (see the report).
     clickhouse_query(stack, &format!("CREATE DATABASE IF NOT EXISTS {db}")).await;
-    LoadedPlugin::load(
-        stack,
-        &format!(
-            r#"
-[[plugins]]
-name = "ch"
-path = "{}"
-[plugins.grants]
-clickhouse = {{ databases = ["{db}"] }}
-[plugins.config]
-database = "{db}"
-"#,
-            plugin_wasm("clickhouse").display()
-        ),
-    )
-    .await
+    LoadedPlugin::load(stack, &plugin_toml::clickhouse("ch", db)).await
 }
 
 fn ev(

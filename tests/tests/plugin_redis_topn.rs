@@ -13,22 +13,7 @@ use serde_json::Value;
 const MINUTE: i64 = 60_000_000;
 
 async fn load(stack: &Stack, prefix: &str) -> LoadedPlugin {
-    LoadedPlugin::load(
-        stack,
-        &format!(
-            r#"
-[[plugins]]
-name = "topn"
-path = "{}"
-[plugins.grants]
-redis = {{ key_prefix = "{prefix}", allow_scripts = true }}
-[plugins.config]
-key_prefix = "{prefix}"
-"#,
-            plugin_wasm("redis_topn").display()
-        ),
-    )
-    .await
+    LoadedPlugin::load(stack, &plugin_toml::redis_topn("topn", prefix)).await
 }
 
 /// `YYYYMMDDHHMM` of the UTC minute of `micros`.

@@ -292,41 +292,7 @@ async fn three_plugins(stack: &Stack, n3: usize, mode: &str, report: &mut String
     let ch_db = unique("bench");
     let prefix = format!("{}:", unique("bench"));
     let ns = unique("bench");
-    let three = format!(
-        r#"
-[[plugins]]
-name = "clickhouse"
-path = "{ch}"
-[plugins.grants]
-clickhouse = {{ databases = ["{ch_db}"] }}
-[plugins.config]
-database = "{ch_db}"
-
-[[plugins]]
-name = "redis-topn"
-path = "{rt}"
-[plugins.grants]
-redis = {{ key_prefix = "{prefix}", allow_scripts = true }}
-[plugins.config]
-key_prefix = "{prefix}"
-seen_key_prefix = "{prefix}seen:"
-
-[[plugins]]
-name = "external-api"
-path = "{api}"
-failure_policy = "best-effort"
-[plugins.grants]
-http = {{ url_prefixes = ["{url}/"] }}
-[plugins.config]
-url = "{url}/ns/{ns}/events"
-mode = "{mode}"
-policy = "best-effort"
-"#,
-        ch = plugin_wasm("clickhouse").display(),
-        rt = plugin_wasm("redis_topn").display(),
-        api = plugin_wasm("external_api").display(),
-        url = stack.external_api_url,
-    );
+    let three = plugin_toml::defaults(stack, &ch_db, &prefix, &ns, mode);
     let (rate3, peak3) = drain(
         stack,
         &format!("three-{mode}"),
