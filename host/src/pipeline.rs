@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::content::ContentTable;
 use crate::deadletter::{DeadLetter, Stage};
 use crate::decode::{decode_event, EventMessage};
-use crate::fanout::Fanout;
+use crate::fanout::{DeliveryError, Fanout};
 use crate::metrics::{label, Metrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,36 +57,89 @@ pub fn events_consumer(config: &Config) -> Result<StreamConsumer, PipelineError>
     Ok(consumer)
 }
 
+/// A batch handed to the plugins in the background, with how its delivery ended.
+type Delivery = tokio::task::JoinHandle<(ReadyBatch, Result<(), DeliveryError>)>;
+
+/// Why filling a batch stopped without a batch to deliver.
+enum Stop {
+    /// SIGINT/SIGTERM.
+    Shutdown,
+    /// The batch in flight could not be delivered: stop without committing past it.
+    Undelivered,
+}
+
 impl Pipeline {
-    /// Runs until `shutdown` turns true. The batch being filled at that moment is abandoned
-    /// (not committed: it is consumed again after a restart); a batch being delivered is
-    /// finished unless a plugin is stuck in retries.
+    /// Runs until `shutdown` turns true.
+    ///
+    /// One batch is delivered in the background while the next one fills, so consuming and
+    /// delivering overlap; a batch is only handed over once the previous one is delivered and
+    /// committed, which keeps commits in order. At shutdown the batch being delivered is
+    /// finished (unless a plugin is stuck in retries) and committed; the batch being filled is
+    /// abandoned (not committed: it is consumed again after a restart).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), PipelineError> {
         info!(topic = %self.config.kafka.events_topic, group = %self.config.kafka.group_id, "pipeline started");
+        let mut in_flight: Option<Delivery> = None;
         loop {
-            let Some(pending) = self.fill_batch(&mut shutdown).await else {
-                info!("shutdown: abandoning the batch being filled (it is not committed)");
-                return Ok(());
+            let filled = self.fill_batch(&mut shutdown, &mut in_flight).await;
+            // The previous batch must be committed before the next one is handed over.
+            if let Some(delivery) = in_flight.take() {
+                if !self.finish(delivery).await {
+                    return Ok(());
+                }
+            }
+            let pending = match filled {
+                Ok(p) => p,
+                Err(Stop::Shutdown) => {
+                    info!("shutdown: abandoning the batch being filled (it is not committed)");
+                    return Ok(());
+                }
+                Err(Stop::Undelivered) => return Ok(()),
             };
             let ready = pending
                 .prepare(&self.content, &self.config.enrich, &self.metrics)
                 .await;
-            match self.fanout.deliver(&ready, &shutdown).await {
-                Ok(()) => self.commit(&ready),
-                Err(e) => {
-                    warn!(error = %e, batch = %ready.wit.id, "batch not delivered; not committed");
-                    return Ok(());
-                }
+            let (fanout, stop) = (self.fanout.clone(), shutdown.clone());
+            in_flight = Some(tokio::spawn(async move {
+                let result = fanout.deliver(&ready, &stop).await;
+                (ready, result)
+            }));
+        }
+    }
+
+    /// Waits for a delivery and commits it. False when the batch was not delivered.
+    async fn finish(&self, delivery: Delivery) -> bool {
+        self.settle(delivery.await)
+    }
+
+    /// Commits a finished delivery. False when the batch was not delivered.
+    fn settle(
+        &self,
+        done: Result<(ReadyBatch, Result<(), DeliveryError>), tokio::task::JoinError>,
+    ) -> bool {
+        match done {
+            Ok((ready, Ok(()))) => {
+                self.commit(&ready);
+                true
             }
-            if *shutdown.borrow() {
-                return Ok(());
+            Ok((ready, Err(e))) => {
+                warn!(error = %e, batch = %ready.wit.id, "batch not delivered; not committed");
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "delivery task failed; not committed");
+                false
             }
         }
     }
 
-    /// Consumes until the batch is full, or its first message is `max_wait` old.
-    /// None when shut down first.
-    async fn fill_batch(&self, shutdown: &mut watch::Receiver<bool>) -> Option<PendingBatch> {
+    /// Consumes until the batch is full, or its first message is `max_wait` old. Meanwhile
+    /// commits the batch in flight as soon as it is delivered, so an idle stream does not
+    /// hold back its commit.
+    async fn fill_batch(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        in_flight: &mut Option<Delivery>,
+    ) -> Result<PendingBatch, Stop> {
         let mut pending = PendingBatch::default();
         let max_events = self.config.batch.max_events;
         let max_wait = self.config.batch.max_wait();
@@ -95,15 +148,22 @@ impl Pipeline {
                 Some(t) => max_wait.saturating_sub(t.elapsed()),
                 None => Duration::from_secs(3600),
             };
+            let delivering = in_flight.is_some();
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|s| *s) => return None,
-                _ = tokio::time::sleep(wait) => return Some(pending),
+                _ = shutdown.wait_for(|s| *s) => return Err(Stop::Shutdown),
+                done = async { in_flight.as_mut().expect("guarded by `delivering`").await }, if delivering => {
+                    *in_flight = None;
+                    if !self.settle(done) {
+                        return Err(Stop::Undelivered);
+                    }
+                }
+                _ = tokio::time::sleep(wait) => return Ok(pending),
                 msg = self.consumer.recv() => match msg {
                     Ok(m) => {
                         self.accept(&mut pending, &m);
                         if pending.event_count() >= max_events {
-                            return Some(pending);
+                            return Ok(pending);
                         }
                     }
                     Err(e) => {
