@@ -86,8 +86,15 @@ pub struct Capabilities {
     pub services: Arc<Services>,
 }
 
-fn not_granted(capability: &str, plugin: &str) -> CapabilityError {
-    CapabilityError::NotGranted(format!("plugin `{plugin}` has no `{capability}` grant"))
+/// The plugin's grant for `capability`, or the error the plugin sees when it has none.
+fn granted<'a, G>(
+    grant: &'a Option<G>,
+    capability: &str,
+    plugin: &str,
+) -> Result<&'a G, CapabilityError> {
+    grant.as_ref().ok_or_else(|| {
+        CapabilityError::NotGranted(format!("plugin `{plugin}` has no `{capability}` grant"))
+    })
 }
 
 impl types::Host for PluginState {}
@@ -140,11 +147,7 @@ impl wit_redis::Host for PluginState {
         atomic: bool,
     ) -> Result<Vec<wit_redis::Reply>, CapabilityError> {
         let caps = &self.caps;
-        let grant = caps
-            .grants
-            .redis
-            .as_ref()
-            .ok_or_else(|| not_granted("redis", &caps.plugin))?;
+        let grant = granted(&caps.grants.redis, "redis", &caps.plugin)?;
         for c in &commands {
             grants::check_redis_command(grant, c).map_err(CapabilityError::NotGranted)?;
         }
@@ -221,11 +224,7 @@ fn to_reply(v: ::redis::Value) -> Result<wit_redis::Reply, CapabilityError> {
 impl http::Host for PluginState {
     fn send(&mut self, req: http::Request) -> Result<http::Response, CapabilityError> {
         let caps = &self.caps;
-        let grant = caps
-            .grants
-            .http
-            .as_ref()
-            .ok_or_else(|| not_granted("http", &caps.plugin))?;
+        let grant = granted(&caps.grants.http, "http", &caps.plugin)?;
         let url = grants::check_http_url(grant, &req.url).map_err(CapabilityError::NotGranted)?;
         let method = reqwest::Method::from_bytes(req.method.as_bytes())
             .map_err(|_| CapabilityError::Failed(format!("bad HTTP method `{}`", req.method)))?;
@@ -282,11 +281,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 impl clickhouse::Host for PluginState {
     fn execute(&mut self, sql: String) -> Result<String, CapabilityError> {
         let caps = &self.caps;
-        let grant = caps
-            .grants
-            .clickhouse
-            .as_ref()
-            .ok_or_else(|| not_granted("clickhouse", &caps.plugin))?;
+        let grant = granted(&caps.grants.clickhouse, "clickhouse", &caps.plugin)?;
         for db in grants::clickhouse_databases_named(&sql) {
             grants::check_clickhouse_database(grant, &db).map_err(CapabilityError::NotGranted)?;
         }
@@ -318,11 +313,7 @@ impl clickhouse::Host for PluginState {
         rows: Vec<String>,
     ) -> Result<(), CapabilityError> {
         let caps = &self.caps;
-        let grant = caps
-            .grants
-            .clickhouse
-            .as_ref()
-            .ok_or_else(|| not_granted("clickhouse", &caps.plugin))?;
+        let grant = granted(&caps.grants.clickhouse, "clickhouse", &caps.plugin)?;
         grants::check_clickhouse_database(grant, &database).map_err(CapabilityError::NotGranted)?;
         if !is_identifier(&database) || !is_identifier(&table) {
             return Err(CapabilityError::Failed(format!(
