@@ -25,17 +25,8 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 fn event(id: i64) -> WitEvent {
     WitEvent {
-        event_id: id,
-        content_id: Some(1 + id % 20),
         user_id: Some(id % 1000),
-        event_type: Some("play".into()),
-        event_ts_micros: 1_767_882_112_000_000 + id,
-        duration_ms: Some(7000),
-        device: Some("web".into()),
-        content_type: Some("video".into()),
-        length_seconds: Some(300),
-        engagement_seconds: Some(7.0),
-        engagement_pct: Some(0.02),
+        ..wit_event(id, Some(1 + id % 20), 1_767_882_112_000_000 + id)
     }
 }
 
