@@ -15,6 +15,9 @@ so that tests running at the same time do not see each other's requests:
                                   "fail_count": int|null (null = every request),
                                   "retry_after": int|null (seconds)}
   GET  /ns/{ns}/control        current behaviour of ns
+  GET  /stats, /ns/{ns}/stats  {"received", "distinct_keys", "in_flight", "max_in_flight"}:
+                               max_in_flight = most requests of the namespace being
+                               answered at the same time (shows a client's concurrency)
   POST /reset, /ns/{ns}/reset  forget requests and behaviour of the namespace
   GET  /healthz                liveness
   GET  /log                    recent requests of all namespaces, for humans
@@ -59,6 +62,8 @@ class Namespace:
     control: Control = field(default_factory=Control)
     received: list[dict[str, Any]] = field(default_factory=list)
     seq: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
 
 
 app = FastAPI(title="external API mock")
@@ -109,8 +114,14 @@ async def _handle_event(ns_name: str, request: Request) -> JSONResponse:
     # Record at arrival, so a slow answer is still visible while pending.
     ns.received.append(entry)
     recent.append(entry)
-    if ctl.delay_ms > 0:
-        await asyncio.sleep(ctl.delay_ms / 1000.0)
+    # Single event loop: no lock needed around the counters.
+    ns.in_flight += 1
+    ns.max_in_flight = max(ns.max_in_flight, ns.in_flight)
+    try:
+        if ctl.delay_ms > 0:
+            await asyncio.sleep(ctl.delay_ms / 1000.0)
+    finally:
+        ns.in_flight -= 1
     if fail:
         headers = {}
         if ctl.retry_after is not None:
@@ -167,6 +178,27 @@ async def control(ns: str, ctl: Control) -> dict[str, Any]:
 @app.get("/ns/{ns}/control")
 async def get_control(ns: str) -> dict[str, Any]:
     return namespaces[ns].control.model_dump()
+
+
+def _stats(ns_name: str) -> dict[str, Any]:
+    ns = namespaces[ns_name]
+    keys = {e["idempotency_key"] for e in ns.received}
+    return {
+        "received": len(ns.received),
+        "distinct_keys": len(keys),
+        "in_flight": ns.in_flight,
+        "max_in_flight": ns.max_in_flight,
+    }
+
+
+@app.get("/stats")
+async def stats_default() -> dict[str, Any]:
+    return _stats(DEFAULT_NS)
+
+
+@app.get("/ns/{ns}/stats")
+async def stats(ns: str) -> dict[str, Any]:
+    return _stats(ns)
 
 
 def _reset(ns_name: str) -> dict[str, Any]:
