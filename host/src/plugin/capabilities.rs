@@ -221,49 +221,123 @@ fn to_reply(v: ::redis::Value) -> Result<wit_redis::Reply, CapabilityError> {
     })
 }
 
+/// The most requests one `send-all` keeps in flight, whatever the plugin asks for.
+pub const MAX_HTTP_IN_FLIGHT: u32 = 256;
+
+/// A plugin's `max-in-flight`, clamped to what the host allows.
+fn http_in_flight(requested: u32) -> usize {
+    requested.clamp(1, MAX_HTTP_IN_FLIGHT) as usize
+}
+
+/// Checks the request's URL against the grant: nothing is built for a refused URL.
+fn granted_http_url(
+    caps: &Capabilities,
+    req: &http::Request,
+) -> Result<reqwest::Url, CapabilityError> {
+    let grant = granted(&caps.grants.http, "http", &caps.plugin)?;
+    grants::check_http_url(grant, &req.url).map_err(CapabilityError::NotGranted)
+}
+
+/// The reqwest request for a granted URL; the timeout is capped as for every request.
+fn http_request(
+    caps: &Capabilities,
+    url: reqwest::Url,
+    req: http::Request,
+) -> Result<reqwest::RequestBuilder, CapabilityError> {
+    let method = reqwest::Method::from_bytes(req.method.as_bytes())
+        .map_err(|_| CapabilityError::Failed(format!("bad HTTP method `{}`", req.method)))?;
+    let timeout = Duration::from_millis(u64::from(req.timeout_ms.clamp(1, 300_000)));
+    let mut builder = caps
+        .services
+        .http
+        .request(method, url)
+        .timeout(timeout)
+        .body(req.body);
+    for (k, v) in &req.headers {
+        builder = builder.header(k, v);
+    }
+    Ok(builder)
+}
+
+async fn perform_http(builder: reqwest::RequestBuilder) -> Result<http::Response, CapabilityError> {
+    let resp = builder
+        .send()
+        .await
+        .map_err(|e| CapabilityError::Failed(format!("http: {}", error_chain(&e))))?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| CapabilityError::Failed(format!("http body: {}", error_chain(&e))))?;
+    Ok(http::Response {
+        status,
+        headers,
+        body: body.to_vec(),
+    })
+}
+
 impl http::Host for PluginState {
     fn send(&mut self, req: http::Request) -> Result<http::Response, CapabilityError> {
         let caps = &self.caps;
-        let grant = granted(&caps.grants.http, "http", &caps.plugin)?;
-        let url = grants::check_http_url(grant, &req.url).map_err(CapabilityError::NotGranted)?;
-        let method = reqwest::Method::from_bytes(req.method.as_bytes())
-            .map_err(|_| CapabilityError::Failed(format!("bad HTTP method `{}`", req.method)))?;
-        let timeout = Duration::from_millis(u64::from(req.timeout_ms.clamp(1, 300_000)));
-        let mut builder = caps
-            .services
-            .http
-            .request(method, url)
-            .timeout(timeout)
-            .body(req.body);
-        for (k, v) in &req.headers {
-            builder = builder.header(k, v);
+        let url = granted_http_url(caps, &req)?;
+        let builder = http_request(caps, url, req)?;
+        caps.services.runtime.block_on(perform_http(builder))
+    }
+
+    fn send_all(
+        &mut self,
+        requests: Vec<http::Request>,
+        max_in_flight: u32,
+    ) -> Vec<Result<http::Response, CapabilityError>> {
+        use futures::stream::{self, StreamExt};
+
+        let caps = &self.caps;
+        // Every URL first: one refused URL means nothing is sent at all, as with `send`.
+        let mut urls = Vec::with_capacity(requests.len());
+        for (i, req) in requests.iter().enumerate() {
+            match granted_http_url(caps, req) {
+                Ok(url) => urls.push(url),
+                Err(e) => {
+                    let why = match &e {
+                        CapabilityError::NotGranted(m) | CapabilityError::Failed(m) => m.clone(),
+                    };
+                    return requests
+                        .iter()
+                        .enumerate()
+                        .map(|(j, _)| {
+                            Err(CapabilityError::NotGranted(if j == i {
+                                why.clone()
+                            } else {
+                                format!("not sent: request {i} of the call is refused: {why}")
+                            }))
+                        })
+                        .collect();
+                }
+            }
         }
-        caps.services.runtime.block_on(async {
-            let resp = builder
-                .send()
-                .await
-                .map_err(|e| CapabilityError::Failed(format!("http: {}", error_chain(&e))))?;
-            let status = resp.status().as_u16();
-            let headers = resp
-                .headers()
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect();
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|e| CapabilityError::Failed(format!("http body: {}", error_chain(&e))))?;
-            Ok(http::Response {
-                status,
-                headers,
-                body: body.to_vec(),
-            })
-        })
+        let builders: Vec<_> = urls
+            .into_iter()
+            .zip(requests)
+            .map(|(url, req)| http_request(caps, url, req))
+            .collect();
+        let in_flight = http_in_flight(max_in_flight);
+        // `buffered` keeps the results in request order while up to `in_flight` run at once.
+        caps.services.runtime.block_on(
+            stream::iter(builders)
+                .map(|b| async move { perform_http(b?).await })
+                .buffered(in_flight)
+                .collect::<Vec<_>>(),
+        )
     }
 }
 
@@ -348,4 +422,16 @@ impl clickhouse::Host for PluginState {
 
 fn is_identifier(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_is_clamped_to_the_host_cap() {
+        assert_eq!(http_in_flight(0), 1);
+        assert_eq!(http_in_flight(32), 32);
+        assert_eq!(http_in_flight(100_000), MAX_HTTP_IN_FLIGHT as usize);
+    }
 }
