@@ -20,6 +20,22 @@ pub trait Host {
     /// Sends one HTTP request. Any status is `Ok`; `Err(Failed)` means no response.
     fn http_send(&self, request: &Request) -> Result<Response, CapabilityError>;
 
+    /// Sends HTTP requests concurrently, at most `max_in_flight` at a time (the host clamps
+    /// it to `1..=`[`MAX_IN_FLIGHT`](crate::http::MAX_IN_FLIGHT)); one result per request, in
+    /// request order, each as [`Host::http_send`] answers. Every URL is checked against the
+    /// grant first: if one is refused, nothing is sent and every result is `NotGranted`.
+    ///
+    /// The default sends them one after another through [`Host::http_send`], for `Host`
+    /// implementations written before this method existed.
+    fn http_send_all(
+        &self,
+        requests: &[Request],
+        max_in_flight: u32,
+    ) -> Vec<Result<Response, CapabilityError>> {
+        let _ = max_in_flight;
+        requests.iter().map(|r| self.http_send(r)).collect()
+    }
+
     /// Runs a ClickHouse statement and returns the response body.
     fn clickhouse_execute(&self, sql: &str) -> Result<String, CapabilityError>;
 
@@ -94,6 +110,22 @@ impl Host for WasmHost {
         {
             let _ = request;
             Err(no_host())
+        }
+    }
+
+    fn http_send_all(
+        &self,
+        requests: &[Request],
+        max_in_flight: u32,
+    ) -> Vec<Result<Response, CapabilityError>> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            wit::http::send_all(requests, max_in_flight)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = max_in_flight;
+            requests.iter().map(|_| Err(no_host())).collect()
         }
     }
 

@@ -1,8 +1,12 @@
-//! HTTP helpers over [`Host::http_send`].
+//! HTTP helpers over [`Host::http_send`] and [`Host::http_send_all`].
 
 use crate::{CapabilityError, Host, WasmHost};
 
 pub use crate::bindings::fanout::sink::http::{Request, Response};
+
+/// The most requests the host keeps in flight for one [`Host::http_send_all`] call; a larger
+/// `max_in_flight` is clamped to it.
+pub const MAX_IN_FLIGHT: u32 = 256;
 
 /// A `POST` with a JSON body and `Content-Type: application/json`, plus `headers`.
 pub fn json_post_request(
@@ -43,6 +47,24 @@ pub fn post_json_on(
     host.http_send(&json_post_request(url, body, headers, timeout_ms))
 }
 
+/// Sends `requests` concurrently through the real host, at most `max_in_flight` at a time;
+/// one result per request, in order.
+pub fn send_all(
+    requests: &[Request],
+    max_in_flight: u32,
+) -> Vec<Result<Response, CapabilityError>> {
+    send_all_on(&WasmHost, requests, max_in_flight)
+}
+
+/// [`send_all`] on any [`Host`].
+pub fn send_all_on(
+    host: &(impl Host + ?Sized),
+    requests: &[Request],
+    max_in_flight: u32,
+) -> Vec<Result<Response, CapabilityError>> {
+    host.http_send_all(requests, max_in_flight)
+}
+
 /// The first value of header `name` (case-insensitive).
 pub fn header<'a>(response: &'a Response, name: &str) -> Option<&'a str> {
     response
@@ -55,4 +77,49 @@ pub fn header<'a>(response: &'a Response, name: &str) -> Option<&'a str> {
 /// The body as text (lossy), for error messages.
 pub fn body_text(response: &Response) -> String {
     String::from_utf8_lossy(&response.body).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Call, MockHost};
+
+    #[test]
+    fn send_all_answers_in_order_from_the_mock_script() {
+        let host = MockHost::new();
+        host.push_http_status(503, &[("Retry-After", "2")]);
+        host.push_http(Err(CapabilityError::Failed("refused".into())));
+        let requests: Vec<Request> = (0..3)
+            .map(|i| json_post_request("http://api/x", &format!("{i}"), &[], 1000))
+            .collect();
+        let out = send_all_on(&host, &requests, 8);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].as_ref().map(|r| r.status), Ok(503));
+        assert!(matches!(out[1], Err(CapabilityError::Failed(_))));
+        assert_eq!(
+            out[2].as_ref().map(|r| r.status),
+            Ok(200),
+            "queue empty: 200"
+        );
+        assert_eq!(host.http_send_alls(), vec![(8, 3)]);
+        let bodies: Vec<String> = host
+            .service_calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Http { body, .. } => Some(body),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(bodies, ["0", "1", "2"]);
+    }
+
+    #[test]
+    fn native_wasm_host_refuses_every_request() {
+        let requests = vec![json_post_request("http://api/x", "{}", &[], 1000); 2];
+        let out = send_all(&requests, 4);
+        assert_eq!(out.len(), 2);
+        assert!(out
+            .iter()
+            .all(|r| matches!(r, Err(CapabilityError::NotGranted(_)))));
+    }
 }

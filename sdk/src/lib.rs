@@ -1,6 +1,6 @@
 //! # fanout-sdk: write a sink plugin for the fanout host
 //!
-//! A sink plugin is a WebAssembly component of the world `fanout:sink/sink-plugin@0.1.0`
+//! A sink plugin is a WebAssembly component of the world `fanout:sink/sink-plugin@0.1.1`
 //! (`wit/sink.wit`). The host calls `init` once with the plugin's JSON config, then `write`
 //! for every enriched batch. This crate turns that into a small Rust trait:
 //!

@@ -34,6 +34,12 @@ pub enum Call {
         headers: Vec<(String, String)>,
         body: String,
     },
+    /// A [`Host::http_send_all`] call: its `max_in_flight` and how many requests it carried.
+    /// Each request follows as its own [`Call::Http`], in order.
+    HttpSendAll {
+        max_in_flight: u32,
+        requests: usize,
+    },
     ClickhouseExecute(String),
     ClickhouseInsert {
         database: String,
@@ -48,8 +54,9 @@ pub enum Call {
 
 /// A scripted, recording [`Host`]. Replies are consumed in order; when a queue is empty the
 /// default answer is a success (`Nil` per Redis command, HTTP 200 with an empty body, an
-/// empty ClickHouse body, `Ok(())` for inserts). The clock starts at `now_micros` and
-/// advances by each sleep.
+/// empty ClickHouse body, `Ok(())` for inserts). [`Host::http_send_all`] answers its requests
+/// from the same HTTP queue, in request order, as if each were sent with `http_send`. The
+/// clock starts at `now_micros` and advances by each sleep.
 #[derive(Default)]
 pub struct MockHost {
     calls: RefCell<Vec<Call>>,
@@ -109,7 +116,8 @@ impl MockHost {
         self.calls.borrow().clone()
     }
 
-    /// Calls other than logs and metrics: what reached a service.
+    /// Calls other than logs, metrics, sleeps and [`Call::HttpSendAll`] markers: what reached a
+    /// service (each request of a send-all is its own [`Call::Http`]).
     pub fn service_calls(&self) -> Vec<Call> {
         self.calls
             .borrow()
@@ -117,10 +125,29 @@ impl MockHost {
             .filter(|c| {
                 !matches!(
                     c,
-                    Call::Log(..) | Call::Counter(..) | Call::Gauge(..) | Call::Sleep(..)
+                    Call::Log(..)
+                        | Call::Counter(..)
+                        | Call::Gauge(..)
+                        | Call::Sleep(..)
+                        | Call::HttpSendAll { .. }
                 )
             })
             .cloned()
+            .collect()
+    }
+
+    /// The [`Host::http_send_all`] calls so far, as (`max_in_flight`, number of requests).
+    pub fn http_send_alls(&self) -> Vec<(u32, usize)> {
+        self.calls
+            .borrow()
+            .iter()
+            .filter_map(|c| match c {
+                Call::HttpSendAll {
+                    max_in_flight,
+                    requests,
+                } => Some((*max_in_flight, *requests)),
+                _ => None,
+            })
             .collect()
     }
 
@@ -191,6 +218,18 @@ impl Host for MockHost {
                 body: Vec::new(),
             })
         })
+    }
+
+    fn http_send_all(
+        &self,
+        requests: &[Request],
+        max_in_flight: u32,
+    ) -> Vec<Result<Response, CapabilityError>> {
+        self.record(Call::HttpSendAll {
+            max_in_flight,
+            requests: requests.len(),
+        });
+        requests.iter().map(|r| self.http_send(r)).collect()
     }
 
     fn clickhouse_execute(&self, sql: &str) -> Result<String, CapabilityError> {
