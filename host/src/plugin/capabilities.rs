@@ -12,8 +12,8 @@ use super::bindings::fanout::sink::errors::CapabilityError;
 use super::bindings::fanout::sink::{
     clickhouse, errors, http, log, metrics, redis as wit_redis, types,
 };
-use super::grants;
 use super::PluginState;
+use super::{clickhouse_sql, grants};
 use crate::config::{Grants, ServicesConfig};
 use crate::metrics::{label, Metrics};
 
@@ -356,16 +356,19 @@ impl clickhouse::Host for PluginState {
     fn execute(&mut self, sql: String) -> Result<String, CapabilityError> {
         let caps = &self.caps;
         let grant = granted(&caps.grants.clickhouse, "clickhouse", &caps.plugin)?;
-        for db in grants::clickhouse_databases_named(&sql) {
-            grants::check_clickhouse_database(grant, &db).map_err(CapabilityError::NotGranted)?;
-        }
+        // Deny by default on a parse tree; the ClickHouse user the host connects with is the
+        // second fence (docs/architecture.md).
+        clickhouse_sql::check_statement(&sql, grant).map_err(|reason| {
+            warn!(plugin = %caps.plugin, %reason, "clickhouse statement refused");
+            CapabilityError::NotGranted(reason)
+        })?;
         let client = caps
             .services
             .clickhouse
             .as_ref()
             .ok_or_else(|| CapabilityError::Failed("the host has no clickhouse_url".into()))?;
         // No default database: `CREATE DATABASE` must work before the database exists, and
-        // the grant check above already covers every database the statement names.
+        // the check above allows only `database.table` names.
         let client = client.clone();
         caps.services.runtime.block_on(async move {
             let mut cursor = client
@@ -388,12 +391,8 @@ impl clickhouse::Host for PluginState {
     ) -> Result<(), CapabilityError> {
         let caps = &self.caps;
         let grant = granted(&caps.grants.clickhouse, "clickhouse", &caps.plugin)?;
-        grants::check_clickhouse_database(grant, &database).map_err(CapabilityError::NotGranted)?;
-        if !is_identifier(&database) || !is_identifier(&table) {
-            return Err(CapabilityError::Failed(format!(
-                "`{database}.{table}` is not a plain identifier"
-            )));
-        }
+        clickhouse_sql::check_insert_target(grant, &database, &table)
+            .map_err(CapabilityError::NotGranted)?;
         let client = caps
             .services
             .clickhouse
@@ -404,7 +403,8 @@ impl clickhouse::Host for PluginState {
             body.extend_from_slice(r.as_bytes());
             body.push(b'\n');
         }
-        let sql = format!("INSERT INTO {database}.{table} FORMAT JSONEachRow");
+        // Built here from the two checked identifiers: nothing else of the plugin's reaches SQL.
+        let sql = format!("INSERT INTO `{database}`.`{table}` FORMAT JSONEachRow");
         caps.services.runtime.block_on(async move {
             let mut insert = client.insert_formatted_with(sql);
             insert
@@ -418,10 +418,6 @@ impl clickhouse::Host for PluginState {
                 .map_err(|e| CapabilityError::Failed(format!("clickhouse insert: {e}")))
         })
     }
-}
-
-fn is_identifier(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! What a plugin's grant allows: pure checks, applied before any capability does I/O.
 
-use crate::config::{ClickHouseGrant, HttpGrant, RedisGrant};
+use crate::config::{HttpGrant, RedisGrant};
 
 /// Where the keys of a Redis command are among its arguments (index 0 is the command name).
 enum KeyPositions {
@@ -111,114 +111,7 @@ pub fn check_http_url(grant: &HttpGrant, url: &str) -> Result<reqwest::Url, Stri
     }
 }
 
-pub fn check_clickhouse_database(grant: &ClickHouseGrant, database: &str) -> Result<(), String> {
-    if grant.databases.iter().any(|d| d == database) {
-        Ok(())
-    } else {
-        Err(format!(
-            "database `{database}` is not granted (granted: {:?})",
-            grant.databases
-        ))
-    }
-}
-
-/// Every database a statement names, as `db.table` or after DATABASE/USE, outside string
-/// literals. A lexical check: the ClickHouse user the host connects with should hold the same
-/// limits in production.
-pub fn clickhouse_databases_named(sql: &str) -> Vec<String> {
-    let tokens = tokenize(sql);
-    let mut dbs = Vec::new();
-    for (i, t) in tokens.iter().enumerate() {
-        if let Token::Ident(name) = t {
-            if matches!(tokens.get(i + 1), Some(Token::Dot)) {
-                if let Some(Token::Ident(_)) = tokens.get(i + 2) {
-                    // `a.b.c` cannot happen in ClickHouse table names; `a.b` is db.table or
-                    // table.column: both name `a` as a database candidate only when `a`
-                    // is not preceded by a dot itself.
-                    if i == 0 || !matches!(tokens.get(i - 1), Some(Token::Dot)) {
-                        dbs.push(name.clone());
-                    }
-                }
-            }
-            let upper = name.to_ascii_uppercase();
-            if upper == "DATABASE" || upper == "USE" {
-                // Skip IF [NOT] EXISTS.
-                let mut j = i + 1;
-                while let Some(Token::Ident(w)) = tokens.get(j) {
-                    let w = w.to_ascii_uppercase();
-                    if w == "IF" || w == "NOT" || w == "EXISTS" {
-                        j += 1;
-                    } else {
-                        break;
-                    }
-                }
-                if let Some(Token::Ident(db)) = tokens.get(j) {
-                    dbs.push(db.clone());
-                }
-            }
-        }
-    }
-    dbs
-}
-
-#[derive(Debug, PartialEq)]
-enum Token {
-    Ident(String),
-    Dot,
-    Other,
-}
-
-fn tokenize(sql: &str) -> Vec<Token> {
-    let chars: Vec<char> = sql.chars().collect();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        if c == '\'' {
-            // String literal: skip to the closing quote, honouring backslash escapes.
-            i += 1;
-            while i < chars.len() && chars[i] != '\'' {
-                if chars[i] == '\\' {
-                    i += 1;
-                }
-                i += 1;
-            }
-            i += 1;
-            out.push(Token::Other);
-        } else if c == '`' || c == '"' {
-            let close = c;
-            let start = i + 1;
-            i += 1;
-            while i < chars.len() && chars[i] != close {
-                i += 1;
-            }
-            out.push(Token::Ident(
-                chars[start..i.min(chars.len())].iter().collect(),
-            ));
-            i += 1;
-        } else if c.is_alphabetic() || c == '_' {
-            let start = i;
-            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
-                i += 1;
-            }
-            out.push(Token::Ident(chars[start..i].iter().collect()));
-        } else if c == '.' {
-            out.push(Token::Dot);
-            i += 1;
-        } else if c.is_ascii_digit() {
-            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
-                i += 1;
-            }
-            out.push(Token::Other);
-        } else {
-            if !c.is_whitespace() {
-                out.push(Token::Other);
-            }
-            i += 1;
-        }
-    }
-    out
-}
+// ClickHouse statements are checked on a parse tree: see `super::clickhouse_sql`.
 
 #[cfg(test)]
 mod tests {
@@ -262,24 +155,5 @@ mod tests {
         assert!(check_http_url(&g, "http://127.0.0.1:58081/events").is_err());
         assert!(check_http_url(&g, "http://127.0.0.1:58080@evil.example/").is_err());
         assert!(check_http_url(&g, "http://user:pw@127.0.0.1:58080/").is_err());
-    }
-
-    #[test]
-    fn clickhouse_names() {
-        assert_eq!(
-            clickhouse_databases_named(
-                "CREATE TABLE IF NOT EXISTS engagement.events (a String DEFAULT 'x.y')"
-            ),
-            vec!["engagement"]
-        );
-        assert_eq!(
-            clickhouse_databases_named("CREATE DATABASE IF NOT EXISTS `db1`"),
-            vec!["db1"]
-        );
-        assert_eq!(
-            clickhouse_databases_named("SELECT count() FROM system.tables"),
-            vec!["system"]
-        );
-        assert!(clickhouse_databases_named("SELECT 1.5, 'a.b'").is_empty());
     }
 }

