@@ -1,26 +1,33 @@
 //! external-api: POSTs enriched events to an HTTP API the team does not control (SPEC 5C).
 //!
 //! - `mode = "per-event"` (default): one `POST {url}` per event, body = the SPEC-4 JSON
-//!   object, header `Idempotency-Key: event-<event_id>`. Failures are per event, so
-//!   best-effort dead-letters exactly the events that failed.
+//!   object, header `Idempotency-Key: event-<event_id>`, up to `concurrency` requests in
+//!   flight at once (the host's `http.send-all`), optionally paced to
+//!   `max_requests_per_second`. Failures are per event, so best-effort dead-letters exactly
+//!   the events that failed.
 //! - `mode = "batch"`: one POST per batch, body = JSON array of the records,
 //!   `Idempotency-Key: batch-<16 hex>` (FNV-1a of the sorted, distinct event ids: the same
 //!   events give the same key on every replay).
 //!
-//! Retries: connection errors and timeouts (`failed`), 408, 425, 429 and 5xx, up to
-//! `max_retries` times after the first attempt, sleeping
-//! `min(max_backoff, base * 2^n)` with "equal jitter" (half fixed, half random from a
-//! xorshift PRNG seeded by the event id), or `Retry-After` seconds when the answer has it
-//! (capped by `max_backoff_ms`). Other statuses (400, 404, 422, ...) are final: the event is
-//! rejected (dead-lettered) under both policies, since no retry can fix it. A batch never
-//! spends more than `batch_budget_ms` sleeping and sending: past that no new attempt starts.
+//! Retries belong to the plugin, inside one call: connection errors and timeouts (`failed`),
+//! 408, 425, 429 and 5xx, up to `max_retries` times after the first attempt. Per-event mode
+//! retries in waves: after a wave, only the events that failed retriably are sent again,
+//! after the longest of their waits. The wait before retry n is `min(max_backoff, base * 2^n)`
+//! with "equal jitter" (half fixed, half random from a xorshift PRNG seeded by the event id),
+//! or `Retry-After` seconds when the answer has it (capped by `max_backoff_ms`). Other
+//! statuses (400, 404, 422, ...) are final: the event is rejected (dead-lettered) under both
+//! policies, since no retry can fix it. A call never spends more than `batch_budget_ms`
+//! sleeping and sending: past that no new attempt starts (keep it below the host's
+//! `call_timeout_ms`).
 //!
 //! After the retries: `fail-fast` answers `retry-later` for the whole batch (the host retries
-//! it and the stream waits; events already delivered are resent with the same idempotency
-//! key); `best-effort` answers `rejected` with the reason of each undelivered event (the host
-//! dead-letters them and goes on).
+//! it with its own backoff and the stream waits; events already delivered are resent with the
+//! same idempotency key); `best-effort` answers `rejected` with the reason of each undelivered
+//! event (the host dead-letters them and goes on, without retrying the call).
 
-use fanout_sdk::http::{header, json_post_request, Response};
+use std::cell::Cell;
+
+use fanout_sdk::http::{header, json_post_request, Request, Response, MAX_IN_FLIGHT};
 use fanout_sdk::{
     describe, event_json_string, export_sink, Batch, CapabilityError, EnrichedEvent, Host, Level,
     Rejection, Sink, WasmHost, WriteOutcome,
@@ -57,7 +64,12 @@ pub struct Config {
     pub max_backoff_ms: u64,
     pub timeout_ms: u32,
     /// Time one batch may spend on attempts and sleeps before giving up on what is left.
+    /// Keep it (plus `timeout_ms`) below the host's `call_timeout_ms`.
     pub batch_budget_ms: u64,
+    /// Per-event mode: requests in flight at once (1..=256, the host's cap).
+    pub concurrency: u32,
+    /// Per-event mode: at most this many requests per second, retries included; 0 = no cap.
+    pub max_requests_per_second: u32,
     /// Extra headers sent with every request (e.g. an API key).
     pub headers: std::collections::BTreeMap<String, String>,
 }
@@ -72,7 +84,9 @@ impl Default for Config {
             base_backoff_ms: 200,
             max_backoff_ms: 10_000,
             timeout_ms: 5_000,
-            batch_budget_ms: 120_000,
+            batch_budget_ms: 40_000,
+            concurrency: 32,
+            max_requests_per_second: 0,
             headers: Default::default(),
         }
     }
@@ -90,6 +104,12 @@ impl Config {
         }
         if cfg.max_backoff_ms < cfg.base_backoff_ms {
             return Err("external-api config: max_backoff_ms < base_backoff_ms".into());
+        }
+        if !(1..=MAX_IN_FLIGHT).contains(&cfg.concurrency) {
+            return Err(format!(
+                "external-api config: concurrency {} is not in 1..={MAX_IN_FLIGHT}",
+                cfg.concurrency
+            ));
         }
         Ok(cfg)
     }
@@ -220,14 +240,42 @@ pub enum Delivery {
     },
 }
 
+/// An event still to be delivered in per-event mode.
+struct Pending {
+    /// Position among the batch's distinct events: rejections keep the batch's order.
+    index: usize,
+    event_id: i64,
+    request: Request,
+    jitter: Jitter,
+    /// Why the last attempt failed (empty before the first).
+    reason: String,
+}
+
 /// The plugin.
 pub struct ExternalApi {
     cfg: Config,
+    /// Per-event pacing (`max_requests_per_second`): wall-clock micros before which the next
+    /// request may not start. Kept across calls, so back-to-back batches share the rate.
+    pace_next_micros: Cell<i64>,
 }
 
 impl ExternalApi {
     pub fn new(cfg: Config) -> Self {
-        ExternalApi { cfg }
+        ExternalApi {
+            cfg,
+            pace_next_micros: Cell::new(i64::MIN),
+        }
+    }
+
+    fn request(&self, body: &str, key: &str) -> Request {
+        let mut headers: Vec<(&str, &str)> = vec![("Idempotency-Key", key)];
+        headers.extend(
+            self.cfg
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        json_post_request(&self.cfg.url, body, &headers, self.cfg.timeout_ms)
     }
 
     /// Sends one request (body + idempotency key) with retries, within `deadline_micros`.
@@ -240,14 +288,7 @@ impl ExternalApi {
         deadline_micros: i64,
     ) -> Delivery {
         let mut jitter = Jitter::new(seed);
-        let mut headers: Vec<(&str, &str)> = vec![("Idempotency-Key", key)];
-        headers.extend(
-            self.cfg
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        );
-        let request = json_post_request(&self.cfg.url, body, &headers, self.cfg.timeout_ms);
+        let request = self.request(body, key);
         let mut retry = 0u32;
         loop {
             let answer = host.http_send(&request);
@@ -311,52 +352,9 @@ impl ExternalApi {
         let deadline = host.now_micros().saturating_add(budget);
         // (event ids, reason) of what could not be delivered.
         let mut failed: Vec<(Vec<i64>, String)> = Vec::new();
-        // Set once an event gave up for lack of budget: later events are not tried.
-        let mut budget_spent = false;
         let mut delivered = 0u64;
         match self.cfg.mode {
-            Mode::PerEvent => {
-                let mut seen = std::collections::HashSet::new();
-                for e in batch.events.iter().filter(|e| seen.insert(e.event_id)) {
-                    if budget_spent || host.now_micros() > deadline {
-                        failed.push((
-                            vec![e.event_id],
-                            format!(
-                                "not attempted: batch retry budget of {} ms spent on earlier events",
-                                self.cfg.batch_budget_ms
-                            ),
-                        ));
-                        continue;
-                    }
-                    let key = format!("event-{}", e.event_id);
-                    match self.deliver(
-                        host,
-                        &event_json_string(e),
-                        &key,
-                        e.event_id as u64,
-                        deadline,
-                    ) {
-                        Delivery::Delivered => delivered += 1,
-                        Delivery::Failed {
-                            not_granted: true,
-                            reason,
-                            ..
-                        } => return WriteOutcome::RetryLater(format!("external-api: {reason}")),
-                        Delivery::Failed {
-                            reason,
-                            final_answer,
-                            out_of_budget,
-                            ..
-                        } => {
-                            if !final_answer && self.cfg.policy == Policy::FailFast {
-                                return self.fail_fast(host, batch, e.event_id, &reason);
-                            }
-                            budget_spent |= out_of_budget;
-                            failed.push((vec![e.event_id], reason));
-                        }
-                    }
-                }
-            }
+            Mode::PerEvent => return self.write_per_event(host, batch, deadline),
             Mode::Batch => {
                 let events: Vec<&EnrichedEvent> = {
                     let mut seen = std::collections::HashSet::new();
@@ -399,6 +397,169 @@ impl ExternalApi {
                 }
             }
         }
+        self.finish(host, batch, delivered, failed)
+    }
+
+    /// Per-event mode: every event in the first wave, `concurrency` requests in flight; then
+    /// waves of only the events that failed retriably, after the longest of their backoffs,
+    /// until they are delivered, out of retries, or out of budget.
+    fn write_per_event(&self, host: &impl Host, batch: &Batch, deadline: i64) -> WriteOutcome {
+        let mut seen = std::collections::HashSet::new();
+        let mut pending: Vec<Pending> = batch
+            .events
+            .iter()
+            .filter(|e| seen.insert(e.event_id))
+            .enumerate()
+            .map(|(index, e)| Pending {
+                index,
+                event_id: e.event_id,
+                request: self.request(&event_json_string(e), &format!("event-{}", e.event_id)),
+                jitter: Jitter::new(e.event_id as u64),
+                reason: String::new(),
+            })
+            .collect();
+        let mut delivered = 0u64;
+        // (position, event id, reason): final answers (4xx), rejected under both policies.
+        let mut final_failures: Vec<(usize, i64, String)> = Vec::new();
+        // Out of retries or budget: retry-later under fail-fast, rejected under best-effort.
+        let mut gave_up: Vec<(usize, i64, String)> = Vec::new();
+        let mut retry = 0u32;
+        while !pending.is_empty() {
+            let answers = self.send_wave(host, &pending, deadline);
+            let mut again: Vec<Pending> = Vec::new();
+            let mut wait = 0u64;
+            let mut rest = pending.into_iter();
+            // `answers` first: zip stops on it without taking an unanswered event from `rest`.
+            for (answer, mut p) in answers.into_iter().zip(rest.by_ref()) {
+                match classify(&answer) {
+                    Attempt::Delivered => delivered += 1,
+                    // A configuration problem: the host retries the call, nothing is lost.
+                    Attempt::Final {
+                        not_granted: true,
+                        reason,
+                    } => return WriteOutcome::RetryLater(format!("external-api: {reason}")),
+                    Attempt::Final { reason, .. } => {
+                        final_failures.push((p.index, p.event_id, reason))
+                    }
+                    Attempt::Retriable {
+                        reason,
+                        retry_after,
+                    } => {
+                        if retry >= self.cfg.max_retries {
+                            let why = format!("{reason} (after {} attempts)", retry + 1);
+                            gave_up.push((p.index, p.event_id, why));
+                            continue;
+                        }
+                        // One wait for the whole wave: the longest any of its events needs,
+                        // so each waits at least its own backoff or Retry-After.
+                        wait = wait.max(backoff_ms(
+                            retry,
+                            self.cfg.base_backoff_ms,
+                            self.cfg.max_backoff_ms,
+                            retry_after,
+                            &mut p.jitter,
+                        ));
+                        p.reason = reason;
+                        again.push(p);
+                    }
+                }
+            }
+            // Not sent in this wave: the budget ran out while pacing.
+            for p in rest {
+                let why = self.budget_spent(&p, retry);
+                gave_up.push((p.index, p.event_id, why));
+            }
+            if again.is_empty() {
+                break;
+            }
+            let wait_micros = i64::try_from(wait).unwrap_or(i64::MAX).saturating_mul(1000);
+            if host.now_micros().saturating_add(wait_micros) > deadline {
+                for p in again {
+                    let why = self.budget_spent(&p, retry + 1);
+                    gave_up.push((p.index, p.event_id, why));
+                }
+                break;
+            }
+            host.counter_add("retries", again.len() as u64);
+            host.sleep_ms(wait);
+            retry += 1;
+            pending = again;
+        }
+        if !gave_up.is_empty() && self.cfg.policy == Policy::FailFast {
+            host.counter_add("events_delivered", delivered);
+            gave_up.sort_by_key(|g| g.0);
+            let (_, event_id, reason) = &gave_up[0];
+            let reason = match gave_up.len() {
+                1 => reason.clone(),
+                n => format!("{reason}; {} more events undelivered", n - 1),
+            };
+            return self.fail_fast(host, batch, *event_id, &reason);
+        }
+        let mut failed = final_failures;
+        failed.extend(gave_up);
+        failed.sort_by_key(|f| f.0);
+        let failed = failed
+            .into_iter()
+            .map(|(_, id, reason)| (vec![id], reason))
+            .collect();
+        self.finish(host, batch, delivered, failed)
+    }
+
+    /// Why an event is given up for lack of budget, after `attempts` attempts.
+    fn budget_spent(&self, p: &Pending, attempts: u32) -> String {
+        if attempts == 0 {
+            return format!(
+                "not attempted: batch retry budget of {} ms spent",
+                self.cfg.batch_budget_ms
+            );
+        }
+        format!(
+            "{} (after {attempts} attempts; batch retry budget of {} ms spent)",
+            p.reason, self.cfg.batch_budget_ms
+        )
+    }
+
+    /// Sends one wave. Answers a prefix of `pending`, all of it unless the budget ran out
+    /// while pacing to `max_requests_per_second`.
+    fn send_wave(
+        &self,
+        host: &impl Host,
+        pending: &[Pending],
+        deadline: i64,
+    ) -> Vec<Result<Response, CapabilityError>> {
+        let requests: Vec<Request> = pending.iter().map(|p| p.request.clone()).collect();
+        let rate = self.cfg.max_requests_per_second;
+        if rate == 0 {
+            return host.http_send_all(&requests, self.cfg.concurrency);
+        }
+        // About ten slices a second, each started only when the rate allows it.
+        let slice = (rate / 10).max(1) as usize;
+        let mut answers = Vec::with_capacity(requests.len());
+        for part in requests.chunks(slice) {
+            let now = host.now_micros();
+            let next = self.pace_next_micros.get();
+            if next > deadline || now > deadline {
+                break;
+            }
+            if next > now {
+                host.sleep_ms(u64::try_from(next - now).unwrap_or(0).div_ceil(1000));
+            }
+            let start = host.now_micros().max(next);
+            let spacing = (part.len() as i64).saturating_mul(1_000_000) / i64::from(rate);
+            self.pace_next_micros.set(start.saturating_add(spacing));
+            answers.extend(host.http_send_all(part, self.cfg.concurrency));
+        }
+        answers
+    }
+
+    /// The outcome of a call that is not given back: accepted, or rejected with `failed`.
+    fn finish(
+        &self,
+        host: &impl Host,
+        batch: &Batch,
+        delivered: u64,
+        failed: Vec<(Vec<i64>, String)>,
+    ) -> WriteOutcome {
         host.counter_add("events_delivered", delivered);
         if failed.is_empty() {
             return WriteOutcome::Accepted;

@@ -11,6 +11,32 @@ fn api(extra: serde_json::Value) -> ExternalApi {
     ExternalApi::new(Config::from_json(cfg).unwrap())
 }
 
+/// The idempotency key of every request, in the order sent.
+fn keys(host: &MockHost) -> Vec<String> {
+    posts(host)
+        .into_iter()
+        .map(|(headers, _)| {
+            headers
+                .into_iter()
+                .find(|(k, _)| k == "Idempotency-Key")
+                .map(|(_, v)| v)
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn ok() -> Result<Response, CapabilityError> {
+    status(200)
+}
+
+fn status(status: u16) -> Result<Response, CapabilityError> {
+    Ok(Response {
+        status,
+        headers: Vec::new(),
+        body: Vec::new(),
+    })
+}
+
 fn posts(host: &MockHost) -> Vec<(Vec<(String, String)>, String)> {
     host.service_calls()
         .into_iter()
@@ -163,9 +189,11 @@ fn retries_with_backoff_then_succeeds() {
 #[test]
 fn fail_fast_gives_the_batch_back_after_last_retry() {
     let host = MockHost::at(T);
-    for _ in 0..3 {
-        host.push_http_status(500, &[]);
-    }
+    // Wave 1: event 1 fails, event 2 is delivered; waves 2 and 3: only event 1, failing.
+    host.push_http_status(500, &[]);
+    host.push_http_status(200, &[]);
+    host.push_http_status(500, &[]);
+    host.push_http_status(500, &[]);
     let b = batch(vec![event(1, Some(1), T), event(2, Some(1), T)]);
     let out = api(serde_json::json!({"max_retries": 2})).write_with(&host, &b);
     match out {
@@ -175,21 +203,20 @@ fn fail_fast_gives_the_batch_back_after_last_retry() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(
-        posts(&host).len(),
-        3,
-        "the stream waits: event 2 is not tried"
-    );
+    assert_eq!(keys(&host), ["event-1", "event-2", "event-1", "event-1"]);
+    assert_eq!(host.counter("batches_failed"), 1);
+    assert_eq!(host.counter("events_delivered"), 1);
 }
 
 #[test]
 fn best_effort_dead_letters_failed_events_and_goes_on() {
     let host = MockHost::at(T);
-    for _ in 0..3 {
-        host.push_http_status(502, &[]);
-    }
+    // Wave 1: 502, 422 (final), 200; waves 2 and 3: event 1 alone, 502 again.
+    host.push_http_status(502, &[]);
     host.push_http_status(422, &[]);
     host.push_http_status(200, &[]);
+    host.push_http_status(502, &[]);
+    host.push_http_status(502, &[]);
     let b = batch(vec![
         event(1, Some(1), T),
         event(2, Some(1), T),
@@ -215,8 +242,174 @@ fn best_effort_dead_letters_failed_events_and_goes_on() {
         }
         other => panic!("{other:?}"),
     }
+    assert_eq!(
+        keys(&host),
+        ["event-1", "event-2", "event-3", "event-1", "event-1"]
+    );
     assert_eq!(host.counter("events_dead_lettered"), 2);
     assert_eq!(host.counter("events_delivered"), 1);
+}
+
+#[test]
+fn one_send_all_per_wave_with_the_configured_concurrency() {
+    let host = MockHost::at(T);
+    let events: Vec<_> = (1..=100).map(|id| event(id, Some(1), T)).collect();
+    // Answers come back in request order: every tenth event gets a final 422.
+    for id in 1..=100 {
+        if id % 10 == 0 {
+            host.push_http_status(422, &[]);
+        } else {
+            host.push_http_status(200, &[]);
+        }
+    }
+    let a = api(serde_json::json!({"concurrency": 8, "policy": "best-effort"}));
+    let WriteOutcome::Rejected(r) = a.write_with(&host, &batch(events)) else {
+        panic!("expected rejections")
+    };
+    assert_eq!(
+        r.iter().map(|r| r.event_id).collect::<Vec<_>>(),
+        (1..=10).map(|i| i * 10).collect::<Vec<_>>(),
+        "each answer is matched to its own event"
+    );
+    assert_eq!(host.http_send_alls(), [(8, 100)], "one wave, 8 in flight");
+    assert_eq!(host.counter("events_delivered"), 90);
+    // The default: 32 in flight.
+    let host = MockHost::at(T);
+    api(serde_json::json!({})).write_with(&host, &batch(vec![event(1, None, T)]));
+    assert_eq!(host.http_send_alls(), [(32, 1)]);
+}
+
+#[test]
+fn only_failed_events_are_resent_with_the_same_key() {
+    let host = MockHost::at(T);
+    // Wave 1: 1 ok, 2 503, 3 ok, 4 no response, 5 ok; wave 2: 2 ok, 4 503; wave 3: 4 ok.
+    for r in [
+        ok(),
+        status(503),
+        ok(),
+        Err(CapabilityError::Failed("timeout".into())),
+        ok(),
+        ok(),
+        status(503),
+        ok(),
+    ] {
+        host.push_http(r);
+    }
+    let b = batch((1..=5).map(|id| event(id, Some(1), T)).collect());
+    let a = api(serde_json::json!({}));
+    assert_eq!(a.write_with(&host, &b), WriteOutcome::Accepted);
+    assert_eq!(host.http_send_alls(), [(32, 5), (32, 2), (32, 1)]);
+    assert_eq!(
+        keys(&host),
+        ["event-1", "event-2", "event-3", "event-4", "event-5", "event-2", "event-4", "event-4"]
+    );
+    // The same body on every attempt of an event.
+    let p = posts(&host);
+    assert_eq!(p[3].1, p[6].1);
+    assert_eq!(p[6].1, p[7].1);
+    let sleeps = host.sleeps();
+    assert_eq!(sleeps.len(), 2);
+    assert!((100..=200).contains(&sleeps[0]), "{sleeps:?}");
+    assert!((200..=400).contains(&sleeps[1]), "{sleeps:?}");
+    assert_eq!(host.counter("retries"), 3);
+    assert_eq!(host.counter("events_delivered"), 5);
+
+    // A replay of the batch (the host retrying it) sends the same keys again.
+    let again = MockHost::at(T);
+    assert_eq!(a.write_with(&again, &b), WriteOutcome::Accepted);
+    assert_eq!(keys(&again), keys(&host)[..5]);
+}
+
+#[test]
+fn retry_after_sets_the_wave_wait() {
+    let host = MockHost::at(T);
+    host.push_http_status(429, &[("Retry-After", "3")]);
+    host.push_http_status(503, &[]);
+    host.push_http_status(200, &[]);
+    let b = batch(vec![
+        event(1, Some(1), T),
+        event(2, Some(1), T),
+        event(3, None, T),
+    ]);
+    assert_eq!(
+        api(serde_json::json!({})).write_with(&host, &b),
+        WriteOutcome::Accepted
+    );
+    assert_eq!(
+        host.sleeps(),
+        [3_000],
+        "the longest wait of the wave: Retry-After"
+    );
+    assert_eq!(
+        keys(&host),
+        ["event-1", "event-2", "event-3", "event-1", "event-2"]
+    );
+    // Capped by max_backoff_ms like any wait.
+    let host = MockHost::at(T);
+    host.push_http_status(429, &[("Retry-After", "3600")]);
+    let a = api(serde_json::json!({"max_backoff_ms": 5000}));
+    assert_eq!(a.write_with(&host, &b), WriteOutcome::Accepted);
+    assert_eq!(host.sleeps(), [5_000]);
+}
+
+#[test]
+fn rate_cap_paces_the_requests_across_waves_and_calls() {
+    let host = MockHost::at(T);
+    let a = api(serde_json::json!({"max_requests_per_second": 10}));
+    let b = batch((1..=25).map(|id| event(id, Some(1), T)).collect());
+    assert_eq!(a.write_with(&host, &b), WriteOutcome::Accepted);
+    // 10/s: slices of one request, 100 ms apart.
+    let waves = host.http_send_alls();
+    assert_eq!(waves.len(), 25);
+    assert!(waves.iter().all(|w| *w == (32, 1)), "{waves:?}");
+    assert_eq!(host.sleeps(), vec![100; 24]);
+    // The next call right after waits for its slot too: no burst at a batch boundary.
+    let b2 = batch(vec![event(26, Some(1), T)]);
+    assert_eq!(a.write_with(&host, &b2), WriteOutcome::Accepted);
+    assert_eq!(host.sleeps().len(), 25);
+    assert_eq!(host.now_micros() - T, 2_500_000, "26 requests at 10/s");
+
+    // 100/s: slices of 10, 100 ms apart; retries are paced like first attempts.
+    let host = MockHost::at(T);
+    for _ in 0..10 {
+        host.push_http_status(503, &[]);
+    }
+    let a = api(
+        serde_json::json!({"max_requests_per_second": 100, "concurrency": 4,
+        "base_backoff_ms": 10, "max_backoff_ms": 10}),
+    );
+    let b = batch((1..=30).map(|id| event(id, Some(1), T)).collect());
+    assert_eq!(a.write_with(&host, &b), WriteOutcome::Accepted);
+    assert_eq!(host.http_send_alls(), vec![(4, 10); 4]);
+    let total: u64 = host.sleeps().iter().sum();
+    assert!(total >= 300, "40 requests at 100/s take >= 300 ms: {total}");
+}
+
+#[test]
+fn budget_ends_pacing_and_leaves_the_rest_unattempted() {
+    let host = MockHost::at(T);
+    let cfg = serde_json::json!({"policy": "best-effort", "max_requests_per_second": 1,
+        "batch_budget_ms": 2500});
+    let b = batch((1..=5).map(|id| event(id, Some(1), T)).collect());
+    let WriteOutcome::Rejected(r) = api(cfg).write_with(&host, &b) else {
+        panic!("expected rejections")
+    };
+    // Sent at 0, 1 and 2 s; the slot at 3 s is past the budget.
+    assert_eq!(keys(&host), ["event-1", "event-2", "event-3"]);
+    assert_eq!(r.iter().map(|r| r.event_id).collect::<Vec<_>>(), [4, 5]);
+    assert!(
+        r.iter().all(|r| r.reason.contains("not attempted")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn config_bounds_concurrency() {
+    let c = Config::from_json(serde_json::json!({})).unwrap();
+    assert_eq!((c.concurrency, c.max_requests_per_second), (32, 0));
+    assert!(Config::from_json(serde_json::json!({"concurrency": 0})).is_err());
+    assert!(Config::from_json(serde_json::json!({"concurrency": 257})).is_err());
+    assert!(Config::from_json(serde_json::json!({"concurrency": 256})).is_ok());
 }
 
 #[test]
@@ -253,12 +446,29 @@ fn budget_stops_retries_and_dead_letters_the_rest() {
     match api(cfg).write_with(&host, &b) {
         WriteOutcome::Rejected(r) => {
             assert_eq!(r.len(), 2);
-            assert!(r[0].reason.contains("budget"), "{}", r[0].reason);
-            assert!(r[1].reason.contains("not attempted"), "{}", r[1].reason);
+            for r in &r {
+                assert!(
+                    r.reason.contains("no response: timeout") && r.reason.contains("budget"),
+                    "{}",
+                    r.reason
+                );
+            }
         }
         other => panic!("{other:?}"),
     }
     assert!(host.sleeps().iter().sum::<u64>() <= 1000);
+    // Fail-fast gives the batch back instead.
+    let host = MockHost::at(T);
+    for _ in 0..50 {
+        host.push_http(Err(CapabilityError::Failed("timeout".into())));
+    }
+    let cfg = serde_json::json!({"batch_budget_ms": 1000, "max_retries": 100,
+        "base_backoff_ms": 200, "max_backoff_ms": 400});
+    let out = api(cfg).write_with(&host, &b);
+    assert!(
+        matches!(&out, WriteOutcome::RetryLater(r) if r.contains("budget") && r.contains("1 more")),
+        "{out:?}"
+    );
 }
 
 #[test]
