@@ -4,8 +4,12 @@
 //! granted, rejects events, or asks for retries. Not a sink to deploy.
 //!
 //! Config: { "key": "<redis list receiving one JSON event per delivered event>",
-//!           "mode": "record" | "noop" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first",
-//!           "retries": N (for retry-first: how many calls answer retry-later first) }
+//!           "mode": "record" | "noop" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first"
+//!                   | "clickhouse-sql",
+//!           "retries": N (for retry-first: how many calls answer retry-later first),
+//!           "statements": ["<sql>", ...], "inserts": [["<db>", "<table>"], ...] (for clickhouse-sql:
+//!           each sent through the ClickHouse capability; one JSON report per attempt is pushed
+//!           to `key`: {"sql" | "insert": ..., "ok": body | null, "error": "<capability error>" | null}) }
 
 use fanout_sdk::redis::command;
 use fanout_sdk::serde_json::{self, Value};
@@ -17,6 +21,8 @@ pub struct Testkit {
     key: String,
     mode: String,
     retries_left: u64,
+    statements: Vec<String>,
+    inserts: Vec<(String, String)>,
 }
 
 impl Sink for Testkit {
@@ -32,6 +38,29 @@ impl Sink for Testkit {
             key: text("key", "testkit:received"),
             mode: text("mode", "record"),
             retries_left: config.get("retries").and_then(Value::as_u64).unwrap_or(0),
+            statements: config
+                .get("statements")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            inserts: config
+                .get("inserts")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|pair| {
+                            let db = pair.get(0)?.as_str()?;
+                            let table = pair.get(1)?.as_str()?;
+                            Some((db.to_string(), table.to_string()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 
@@ -54,7 +83,13 @@ impl Sink for Testkit {
             }
             "ungranted" => {
                 // Both must be refused: record the errors for the test to read.
-                let http = fanout_sdk::http::post_json_on(&host, "http://127.0.0.1:1/forbidden", "{}", &[], 1000);
+                let http = fanout_sdk::http::post_json_on(
+                    &host,
+                    "http://127.0.0.1:1/forbidden",
+                    "{}",
+                    &[],
+                    1000,
+                );
                 let redis = host.redis_pipeline(&[command(&["SET", "outside:prefix", "1"])], false);
                 let report = serde_json::json!({
                     "http": format!("{:?}", http.err()),
@@ -63,16 +98,36 @@ impl Sink for Testkit {
                 self.push(&host, &[report.to_string()])
             }
             "reject-odd" => {
-                let (odd, even): (Vec<_>, Vec<_>) = batch.events.iter().partition(|e| e.event_id % 2 != 0);
+                let (odd, even): (Vec<_>, Vec<_>) =
+                    batch.events.iter().partition(|e| e.event_id % 2 != 0);
                 let rows: Vec<String> = even.iter().map(|e| event_json_string(e)).collect();
                 match self.push(&host, &rows) {
                     WriteOutcome::Accepted => WriteOutcome::Rejected(
                         odd.iter()
-                            .map(|e| Rejection { event_id: e.event_id, reason: "odd event ids are rejected".into() })
+                            .map(|e| Rejection {
+                                event_id: e.event_id,
+                                reason: "odd event ids are rejected".into(),
+                            })
                             .collect(),
                     ),
                     other => other,
                 }
+            }
+            // A hostile plugin: whatever SQL its config says, through the real capability.
+            "clickhouse-sql" => {
+                let mut reports = Vec::new();
+                for sql in &self.statements {
+                    let r = host.clickhouse_execute(sql);
+                    reports.push(report("sql", serde_json::json!(sql), r));
+                }
+                for (db, table) in &self.inserts {
+                    let row = serde_json::json!({"event_id": 1}).to_string();
+                    let r = host
+                        .clickhouse_insert_json_rows(db, table, &[row])
+                        .map(|()| String::new());
+                    reports.push(report("insert", serde_json::json!([db, table]), r));
+                }
+                self.push(&host, &reports)
             }
             // Takes the batch and does nothing: the cost of the Wasm boundary alone.
             "noop" => WriteOutcome::Accepted,
@@ -100,6 +155,19 @@ impl Testkit {
             Err(e) => WriteOutcome::RetryLater(format!("redis: {e:?}")),
         }
     }
+}
+
+/// One attempt of the clickhouse-sql mode, as JSON.
+fn report(
+    what: &str,
+    target: Value,
+    result: Result<String, fanout_sdk::CapabilityError>,
+) -> String {
+    let (ok, error) = match result {
+        Ok(body) => (Value::String(body), Value::Null),
+        Err(e) => (Value::Null, Value::String(format!("{e:?}"))),
+    };
+    serde_json::json!({ what: target, "ok": ok, "error": error }).to_string()
 }
 
 export_sink!(Testkit);
