@@ -2,7 +2,9 @@
 //! (scripts/mock_api.py), each test in its own namespace `/ns/{ns}/events`.
 //!
 //! In-process (through the host's plugin loader): requests and idempotency keys, replays,
-//! retries on 500, `Retry-After` on 429, slow answers (timeouts), connection refused, final 4xx.
+//! retries on 500, `Retry-After` on 429, slow answers (timeouts), connection refused, final 4xx;
+//! concurrent per-event requests (`concurrency`, the mock's max in flight), retries of only the
+//! failed events, `Retry-After` for a wave, `max_requests_per_second` pacing.
 //! Through the host binary: fail-fast stops the stream without committing until the API
 //! recovers; best-effort dead-letters after the retries, with the reason, and goes on.
 
@@ -474,4 +476,199 @@ async fn best_effort_dead_letters_after_retries_and_the_stream_goes_on() {
         "{m}"
     );
     assert_eq!(healthz(&cfg.metrics_addr).await, 200);
+}
+
+/// The mock's counters of namespace `ns`: requests, distinct keys, most in flight at once.
+async fn mock_stats(stack: &Stack, ns: &str) -> Value {
+    let url = format!(
+        "{}/ns/{ns}/stats",
+        stack.external_api_url.trim_end_matches('/')
+    );
+    match reqwest::get(&url).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(e) => panic!("GET {url}: {e}"),
+    }
+}
+
+/// How many requests each idempotency key got.
+fn key_counts(received: &[Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for k in keys(received) {
+        *counts.entry(k).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_event_sends_concurrently_and_every_event_arrives_once() {
+    let Some(stack) = Stack::get() else { return };
+    let ns = unique("apic");
+    // 20 ms per answer: one request after another would take 20 s for 1,000 events.
+    mock_control(&stack, &ns, json!({"delay_ms": 20})).await;
+    let plugin = load(&stack, &ns, "best-effort", "concurrency = 32").await;
+    let ids: Vec<i64> = (1..=1000).collect();
+    let started = std::time::Instant::now();
+    let out = plugin.write("t/0:1-1000", &events(&ids)).await;
+    let took = started.elapsed();
+    assert!(matches!(out, WriteOutcome::Accepted), "{out:?}");
+    let stats = mock_stats(&stack, &ns).await;
+    eprintln!(
+        "1000 events, 20 ms API delay, concurrency 32: {took:?} ({:.0} events/s), mock {stats}",
+        1000.0 / took.as_secs_f64()
+    );
+    let in_flight = stats["max_in_flight"].as_i64().unwrap_or(0);
+    assert!(
+        (2..=32).contains(&in_flight),
+        "requests overlapped, never more than 32: {stats}"
+    );
+    let got = mock_received(&stack, &ns).await;
+    let counts = key_counts(&got);
+    assert_eq!(counts.len(), 1000, "every event id received");
+    assert!(counts.values().all(|&n| n == 1), "each exactly once");
+    let mut bodies: Vec<i64> = got
+        .iter()
+        .map(|r| r["body"]["event_id"].as_i64().unwrap_or(0))
+        .collect();
+    bodies.sort_unstable();
+    assert_eq!(bodies, ids, "each key carries its own event");
+    assert!(got
+        .iter()
+        .all(|r| r["idempotency_key"] == format!("event-{}", r["body"]["event_id"])));
+    assert_eq!(plugin.counter("events_delivered"), 1000.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_concurrency_setting_caps_requests_in_flight() {
+    let Some(stack) = Stack::get() else { return };
+    let ns = unique("apic");
+    mock_control(&stack, &ns, json!({"delay_ms": 50})).await;
+    let plugin = load(&stack, &ns, "best-effort", "concurrency = 4").await;
+    let ids: Vec<i64> = (1..=60).collect();
+    assert!(matches!(
+        plugin.write("t/0:1-60", &events(&ids)).await,
+        WriteOutcome::Accepted
+    ));
+    let stats = mock_stats(&stack, &ns).await;
+    let in_flight = stats["max_in_flight"].as_i64().unwrap_or(0);
+    assert!((2..=4).contains(&in_flight), "{stats}");
+    assert_eq!(stats["distinct_keys"], 60, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_failed_events_are_sent_again_with_their_keys() {
+    let Some(stack) = Stack::get() else { return };
+    let ns = unique("apic");
+    // The first 10 requests to arrive get a 503 (whichever events they carry).
+    mock_control(
+        &stack,
+        &ns,
+        json!({"fail_status": 503, "fail_count": 10, "delay_ms": 10}),
+    )
+    .await;
+    let plugin = load(&stack, &ns, "fail-fast", "concurrency = 8").await;
+    let ids: Vec<i64> = (1..=50).collect();
+    assert!(matches!(
+        plugin.write("t/0:1-50", &events(&ids)).await,
+        WriteOutcome::Accepted
+    ));
+    let got = mock_received(&stack, &ns).await;
+    assert_eq!(got.len(), 60, "50 first attempts and 10 retries");
+    let failed: Vec<&str> = got
+        .iter()
+        .filter(|r| r["status"] == 503)
+        .filter_map(|r| r["idempotency_key"].as_str())
+        .collect();
+    assert_eq!(failed.len(), 10);
+    let counts = key_counts(&got);
+    assert_eq!(counts.len(), 50);
+    for (key, n) in &counts {
+        let expected = if failed.contains(&key.as_str()) { 2 } else { 1 };
+        assert_eq!(*n, expected, "{key}");
+    }
+    let ok: BTreeMap<String, usize> = key_counts(
+        &got.iter()
+            .filter(|r| r["status"] == 200)
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(ok.len(), 50, "every event delivered once");
+    assert_eq!(plugin.counter("retries"), 10.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wave_waits_for_retry_after() {
+    let Some(stack) = Stack::get() else { return };
+    let ns = unique("apic");
+    mock_control(
+        &stack,
+        &ns,
+        json!({"fail_status": 429, "fail_count": 3, "retry_after": 1}),
+    )
+    .await;
+    let plugin = load(&stack, &ns, "fail-fast", "").await;
+    let ids: Vec<i64> = (1..=20).collect();
+    assert!(matches!(
+        plugin.write("t/0:1-20", &events(&ids)).await,
+        WriteOutcome::Accepted
+    ));
+    let got = mock_received(&stack, &ns).await;
+    assert_eq!(got.len(), 23);
+    let at = |r: &Value| r["received_at_ms"].as_i64().unwrap_or(0);
+    let last_429 = got.iter().filter(|r| r["status"] == 429).map(at).max();
+    let first_retry = got[20..].iter().map(at).min();
+    let gap = first_retry.unwrap_or(0) - last_429.unwrap_or(0);
+    assert!(
+        (950..3000).contains(&gap),
+        "Retry-After: 1 honoured, gap {gap} ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_requests_per_second_paces_the_requests() {
+    let Some(stack) = Stack::get() else { return };
+    let ns = unique("apic");
+    let plugin = load(&stack, &ns, "best-effort", "max_requests_per_second = 20").await;
+    let ids: Vec<i64> = (1..=30).collect();
+    assert!(matches!(
+        plugin.write("t/0:1-30", &events(&ids)).await,
+        WriteOutcome::Accepted
+    ));
+    let mut at: Vec<i64> = mock_received(&stack, &ns)
+        .await
+        .iter()
+        .map(|r| r["received_at_ms"].as_i64().unwrap_or(0))
+        .collect();
+    at.sort_unstable();
+    assert_eq!(at.len(), 30);
+    // 20/s in slices of 2 every 100 ms: 30 requests span at least 1.4 s, and no second
+    // holds more than 20 (+ one slice of slack for scheduling jitter).
+    assert!(at[29] - at[0] >= 1300, "spread {} ms", at[29] - at[0]);
+    for (i, t) in at.iter().enumerate() {
+        let in_second = at[i..].iter().take_while(|u| **u < t + 1000).count();
+        assert!(in_second <= 22, "{in_second} requests within 1 s of {t}");
+    }
+}
+
+/// A plugin built against an older WIT (e.g. `fanout:sink@0.1.0`, before `http.send-all`)
+/// still runs in this host: set FANOUT_COMPAT_EXTERNAL_API_WASM to such an external_api.wasm.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_built_against_an_older_wit_still_runs() {
+    let Some(stack) = Stack::get() else { return };
+    let Ok(old) = std::env::var("FANOUT_COMPAT_EXTERNAL_API_WASM") else {
+        eprintln!("FANOUT_COMPAT_EXTERNAL_API_WASM not set: skipped");
+        return;
+    };
+    let ns = unique("apiold");
+    let (grant, url) = ns_urls(&stack, &ns);
+    let toml = plugin_toml("old", &grant, &url, "best-effort", "")
+        .replace(&plugin_wasm("external_api").display().to_string(), &old);
+    let plugin = LoadedPlugin::load(&stack, &toml).await;
+    assert!(matches!(
+        plugin.write("t/0:1-3", &events(&[1, 2, 3])).await,
+        WriteOutcome::Accepted
+    ));
+    assert_eq!(
+        keys(&mock_received(&stack, &ns).await),
+        ["event-1", "event-2", "event-3"]
+    );
 }
