@@ -355,7 +355,7 @@ pub fn check(path: &std::path::Path) -> Result<String, PluginError> {
         .map(|(name, _)| name.to_string())
         .collect();
     Ok(format!(
-        "ok: {} exports fanout:sink/sink@0.1.0\nimports: {}",
+        "ok: {} exports fanout:sink/sink, compatible with this host's fanout:sink@0.1.1\nimports: {}",
         path.display(),
         imports.join(", ")
     ))
