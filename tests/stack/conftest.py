@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_SQL = ROOT / "scripts" / "sql" / "schema.sql"
@@ -162,65 +162,146 @@ def cdc_factory(stack_env, scratch_db, tmp_path) -> Iterator[Callable[..., CdcIn
     # (see docs/stack.md). They are small and live in .stack/kafka/tansu.db.
 
 
-class TopicReader:
-    """Reads a topic from the beginning with a fresh consumer group."""
+STACK_TOPIC_PREFIXES = ("dbserver1.", "fanout.")
 
-    def __init__(self, brokers: str, topic: str) -> None:
+
+def is_stack_topic(topic: str) -> bool:
+    """The stack's own long-lived topics (they keep everything the stack ever carried)."""
+    return topic.startswith(STACK_TOPIC_PREFIXES)
+
+
+class TopicReader:
+    """Reads one topic in batches, from where it ended when the reader was created.
+
+    A long-lived topic (the stack's `dbserver1.*`, which a used stack fills with
+    hundreds of thousands of messages) is read from its high watermarks taken in
+    the constructor: create the reader *before* the action under test and it
+    sees exactly what happened since. `from_beginning=True` is for a test's own
+    topic (unique prefix, a few messages, e.g. a snapshot that may precede the
+    reader); it is refused on the stack's topics.
+
+    Partitions are assigned explicitly (no group join, nothing committed) and
+    read with `consume(num_messages=BATCH)`; predicates run once per batch or,
+    with `wait_for`, only on the messages that are new.
+    """
+
+    BATCH = 500
+    POLL_S = 0.1  # consume() blocks this long when the batch is not full
+
+    def __init__(self, brokers: str, topic: str, *, from_beginning: bool = False,
+                 metadata_timeout: float = 30) -> None:
+        if from_beginning and is_stack_topic(topic):
+            raise ValueError(f"{topic} is a long-lived stack topic: read it from the end")
         self.topic = topic
         self.messages: list[dict[str, Any]] = []
         self.consumer = Consumer({
             "bootstrap.servers": brokers,
-            "group.id": unique("g"),
-            "auto.offset.reset": "earliest",
+            "group.id": unique("g"),  # never joined: partitions are assigned
             "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 100,  # what `received` measures, not the broker's long poll
         })
-        self.consumer.subscribe([topic])
+        partitions = self._partitions(metadata_timeout)
+        if from_beginning:
+            self.start = {p: OFFSET_BEGINNING for p in partitions}
+        else:
+            self.start = {p: self.consumer.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=10, cached=False)[1] for p in partitions}
+        self.consumer.assign([TopicPartition(topic, p, off) for p, off in self.start.items()])
 
-    def read(self, want: Callable[[list[dict[str, Any]]], bool], timeout: float = 30,
-             settle: float = 0.0) -> list[dict[str, Any]]:
-        """Poll until want(messages) is true (then `settle` seconds more).
-
-        Returns every message read so far by this reader (cumulative across
-        calls). Each message is {"topic", "partition", "offset", "key",
-        "value", "received"} with key/value as the raw decoded strings (value
-        None for tombstones).
-        """
-        out = self.messages
+    def _partitions(self, timeout: float) -> list[int]:
+        """The topic's partition ids, waiting for a topic that is being created."""
         deadline = time.monotonic() + timeout
-        settle_until = None
         while True:
-            now = time.monotonic()
-            if settle_until is None and want(out):
-                settle_until = now + settle
-            if settle_until is not None and now >= settle_until:
-                return out
-            if now > deadline:
-                raise AssertionError(f"timeout reading {self.topic}: got {len(out)} messages: "
-                                     f"{[m['value'] for m in out][-5:]}")
-            msg = self.consumer.poll(0.2)
-            if msg is None:
-                continue
+            md = self.consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)
+            if md is not None and md.error is None and md.partitions:
+                return sorted(md.partitions)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"topic {self.topic} not found: {md and md.error}")
+            time.sleep(0.2)
+
+    def poll_batch(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The next batch (possibly empty), also appended to `messages`.
+
+        Each message is {"topic", "partition", "offset", "key", "value",
+        "received", "timestamp_ms"} with key/value as the raw decoded strings
+        (value None for tombstones).
+        """
+        batch = self.consumer.consume(num_messages=self.BATCH,
+                                      timeout=self.POLL_S if timeout is None else timeout)
+        received = time.time()
+        new = []
+        for msg in batch:
             if msg.error():
-                raise AssertionError(f"consumer error: {msg.error()}")
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise AssertionError(f"consumer error on {self.topic}: {msg.error()}")
             key, value = msg.key(), msg.value()
-            out.append({
+            new.append({
                 "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
                 "key": key.decode() if key is not None else None,
                 "value": value.decode() if value is not None else None,
-                "received": time.time(),
+                "received": received,
                 "timestamp_ms": msg.timestamp()[1],  # producer CreateTime
             })
+        self.messages.extend(new)
+        return new
+
+    def read(self, want: Callable[[list[dict[str, Any]]], bool], timeout: float = 30,
+             settle: float = 0.0) -> list[dict[str, Any]]:
+        """Read until want(messages) is true (then `settle` seconds more).
+
+        `want` sees every message this reader read so far (cumulative across
+        calls) and runs once per batch: meant for counts on a test's own
+        topic. On a busy topic use `wait_for`. Returns `messages`.
+        """
+        deadline = time.monotonic() + timeout
+        while not want(self.messages):
+            if time.monotonic() > deadline:
+                raise AssertionError(self._timeout_text())
+            self.poll_batch()
+        settle_until = time.monotonic() + settle
+        while time.monotonic() < settle_until:
+            self.poll_batch(min(self.POLL_S, max(0.0, settle_until - time.monotonic())))
+        return self.messages
+
+    def wait_for(self, match: Callable[[dict[str, Any]], bool], count: int = 1,
+                 timeout: float = 30, settle: float = 0.0) -> list[dict[str, Any]]:
+        """Read until `count` messages satisfy `match`, then `settle` seconds more.
+
+        `match` runs once per message, on messages not seen by an earlier call
+        (already read messages are checked first). Returns every matching
+        message, including any extra ones seen while settling.
+        """
+        found = [m for m in self.messages if match(m)]
+        deadline = time.monotonic() + timeout
+        while len(found) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(self._timeout_text(f"{len(found)}/{count} matches"))
+            found.extend(m for m in self.poll_batch() if match(m))
+        settle_until = time.monotonic() + settle
+        while time.monotonic() < settle_until:
+            found.extend(m for m in self.poll_batch(
+                min(self.POLL_S, max(0.0, settle_until - time.monotonic()))) if match(m))
+        return found
+
+    def _timeout_text(self, what: str = "") -> str:
+        return (f"timeout reading {self.topic} from {self.start}: {what} got "
+                f"{len(self.messages)} messages: {[m['value'] for m in self.messages][-5:]}")
 
     def close(self) -> None:
         self.consumer.close()
 
 
 @pytest.fixture
-def topic_reader(stack_env) -> Iterator[Callable[[str], TopicReader]]:
+def topic_reader(stack_env) -> Iterator[Callable[..., TopicReader]]:
+    """topic_reader(topic) reads from the topic's current end; pass
+    from_beginning=True for a test's own topic."""
     readers: list[TopicReader] = []
 
-    def make(topic: str) -> TopicReader:
-        reader = TopicReader(stack_env["KAFKA_BROKERS"], topic)
+    def make(topic: str, *, from_beginning: bool = False) -> TopicReader:
+        reader = TopicReader(stack_env["KAFKA_BROKERS"], topic, from_beginning=from_beginning)
         readers.append(reader)
         return reader
 

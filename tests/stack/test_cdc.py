@@ -42,18 +42,14 @@ def _save_fixture(case: str, msg: dict) -> None:
 def test_stack_insert_reaches_topic_once(stack_env, topic_reader):
     """An INSERT in the stack's database yields exactly one op=c message on the stack topic."""
     user_id = random.randint(10**12, 10**13)
+    # From the topic's end as it is now (a used stack holds everything it ever carried);
+    # only messages after it are checked, each once.
     reader = topic_reader("dbserver1.public.engagement_events")
     with psycopg.connect(stack_env["PG_URL"], autocommit=True) as conn:
         started = time.time()
         (event_id,) = conn.execute(INSERT, (1, user_id, "play", 7000, "web")).fetchone()
         committed = time.time()
-    matches = []
-
-    def got_one(msgs) -> bool:
-        matches[:] = [m for m in msgs if _by_user(user_id)(m)]
-        return len(matches) >= 1
-
-    reader.read(got_one, timeout=60, settle=2.0)
+    matches = reader.wait_for(_by_user(user_id), count=1, timeout=60, settle=2.0)
     assert len(matches) == 1, matches
     p = payload(matches[0]["value"])
     assert p["op"] == "c"
@@ -84,8 +80,9 @@ def test_isolated_producer_envelopes(stack_env, scratch_db, cdc_factory, topic_r
     cdc = cdc_factory()
     cdc.start()
 
-    events = topic_reader(cdc.events_topic)
-    content = topic_reader(cdc.content_topic)
+    # This instance's own topics, from the beginning: the snapshot may precede the readers.
+    events = topic_reader(cdc.events_topic, from_beginning=True)
+    content = topic_reader(cdc.content_topic, from_beginning=True)
 
     # Snapshot: the 20 seed rows of content and the one earlier event, as op=r.
     snap = content.read(lambda ms: len(ms) >= 20, timeout=60, settle=0.5)
