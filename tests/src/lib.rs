@@ -25,8 +25,46 @@ pub struct Stack {
     pub kafka_brokers: String,
     pub redis_url: String,
     pub clickhouse_url: String,
+    /// ClickHouse's admin user (`default`, with the stack's password): the harness's own
+    /// queries and the hosts of tests with their own databases.
+    pub clickhouse_admin: ClickHouseUser,
+    /// The host's user of the stack (`fanout`), limited to `engagement` and `fanout_sandbox`.
+    pub clickhouse_host: ClickHouseUser,
     pub external_api_url: String,
     pub cdc_producer: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClickHouseUser {
+    pub user: String,
+    pub password: String,
+}
+
+impl ClickHouseUser {
+    /// The `[services]` lines connecting a host as this user.
+    pub fn services_toml(&self) -> String {
+        format!(
+            "clickhouse_user = \"{}\"\nclickhouse_password = \"{}\"\n",
+            self.user, self.password
+        )
+    }
+}
+
+/// `key` from the environment, else from `.stack/env` (a shell that sourced it before the
+/// stack wrote the key still finds it).
+fn stack_var(key: &str) -> Option<String> {
+    if let Some(v) = std::env::var(key).ok().filter(|v| !v.is_empty()) {
+        return Some(v);
+    }
+    let dir = std::env::var("STACK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join(".stack"));
+    let text = std::fs::read_to_string(dir.join("env")).ok()?;
+    text.lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_string())
+        .filter(|v| !v.is_empty())
 }
 
 impl Stack {
@@ -39,6 +77,14 @@ impl Stack {
                 kafka_brokers: var("KAFKA_BROKERS")?,
                 redis_url: var("REDIS_URL")?,
                 clickhouse_url: var("CLICKHOUSE_URL")?,
+                clickhouse_admin: ClickHouseUser {
+                    user: stack_var("CLICKHOUSE_ADMIN_USER").unwrap_or_else(|| "default".into()),
+                    password: stack_var("CLICKHOUSE_ADMIN_PASSWORD").unwrap_or_default(),
+                },
+                clickhouse_host: ClickHouseUser {
+                    user: stack_var("CLICKHOUSE_HOST_USER").unwrap_or_else(|| "fanout".into()),
+                    password: stack_var("CLICKHOUSE_HOST_PASSWORD").unwrap_or_default(),
+                },
                 external_api_url: var("EXTERNAL_API_URL")?,
                 cdc_producer: var("CDC_PRODUCER")?,
             })
@@ -553,6 +599,8 @@ pub struct ConfigBuilder {
     pub max_events: usize,
     pub plugins: Vec<String>,
     pub extra: String,
+    /// Who the host connects to ClickHouse as: the admin unless a test says otherwise.
+    pub clickhouse_user: ClickHouseUser,
 }
 
 impl ConfigBuilder {
@@ -569,6 +617,7 @@ impl ConfigBuilder {
             max_events: 500,
             plugins: vec![],
             extra: String::new(),
+            clickhouse_user: stack.clickhouse_admin.clone(),
         }
     }
 
@@ -637,7 +686,7 @@ max_wait_ms = {max_wait}
 [services]
 redis_url = "{redis}"
 clickhouse_url = "{ch}"
-
+{ch_user}
 [http]
 listen = "{metrics}"
 {extra}
@@ -653,6 +702,7 @@ listen = "{metrics}"
             max_wait = self.max_wait_ms,
             redis = self.stack.redis_url,
             ch = self.stack.clickhouse_url,
+            ch_user = self.clickhouse_user.services_toml(),
             metrics = self.metrics_addr,
             extra = self.extra,
             plugins = self.plugins.join("\n"),
@@ -674,9 +724,17 @@ impl LoadedPlugin {
     /// Loads the single `[[plugins]]` entry of `plugin_toml` against the stack's services.
     /// Call from a multi-thread tokio test (capability calls block on the runtime).
     pub async fn load(stack: &Stack, plugin_toml: &str) -> LoadedPlugin {
+        Self::load_as(stack, plugin_toml, &stack.clickhouse_admin).await
+    }
+
+    /// [`LoadedPlugin::load`] with the host connecting to ClickHouse as `user`.
+    pub async fn load_as(stack: &Stack, plugin_toml: &str, user: &ClickHouseUser) -> LoadedPlugin {
         let text = format!(
-            "[kafka]\nbrokers = \"{}\"\n[services]\nredis_url = \"{}\"\nclickhouse_url = \"{}\"\n{plugin_toml}",
-            stack.kafka_brokers, stack.redis_url, stack.clickhouse_url
+            "[kafka]\nbrokers = \"{}\"\n[services]\nredis_url = \"{}\"\nclickhouse_url = \"{}\"\n{}{plugin_toml}",
+            stack.kafka_brokers,
+            stack.redis_url,
+            stack.clickhouse_url,
+            user.services_toml()
         );
         let config =
             fanout::config::Config::from_toml(&text, Path::new("test.toml"), std::iter::empty())
@@ -768,22 +826,39 @@ pub fn event_envelope(id: i64, content_id: i64, event_ts: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Runs a statement on ClickHouse over HTTP and returns the body; panics on an error status.
+/// Runs a statement on ClickHouse over HTTP as the admin user and returns the body; panics on
+/// an error status.
 pub async fn clickhouse_query(stack: &Stack, sql: &str) -> String {
+    match clickhouse_query_as(stack, &stack.clickhouse_admin, sql).await {
+        Ok(body) => body,
+        Err(e) => panic!("clickhouse {sql}: {e}"),
+    }
+}
+
+/// Runs a statement as `user`; Err holds the status and ClickHouse's message.
+pub async fn clickhouse_query_as(
+    stack: &Stack,
+    user: &ClickHouseUser,
+    sql: &str,
+) -> Result<String, String> {
     let url = format!(
         "{}/?output_format_json_quote_64bit_integers=0",
         stack.clickhouse_url.trim_end_matches('/')
     );
     let resp = reqwest::Client::new()
         .post(&url)
+        .basic_auth(&user.user, Some(&user.password))
         .body(sql.to_string())
         .send()
         .await
-        .unwrap_or_else(|e| panic!("clickhouse {sql}: {e}"));
+        .map_err(|e| e.to_string())?;
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
-    assert!(status.is_success(), "clickhouse {sql}: {status}: {body}");
-    body
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!("{status}: {body}"))
+    }
 }
 
 /// Rows of a `FORMAT JSONEachRow` answer.

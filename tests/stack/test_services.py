@@ -63,24 +63,53 @@ def test_redis(stack_env):
     r.delete(key, key + ":z")
 
 
+def clickhouse(stack_env, sql: str, user: str | None = None, password: str | None = None):
+    """Runs `sql` over ClickHouse's HTTP interface (as the admin unless told); returns
+    (status, body)."""
+    user = user or stack_env.get("CLICKHOUSE_ADMIN_USER", "default")
+    if password is None:
+        password = stack_env.get("CLICKHOUSE_ADMIN_PASSWORD", "")
+    req = urllib.request.Request(stack_env["CLICKHOUSE_URL"] + "/", data=sql.encode(),
+                                 headers={"X-ClickHouse-User": user, "X-ClickHouse-Key": password})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
 def test_clickhouse(stack_env):
     base = stack_env["CLICKHOUSE_URL"]
     with urllib.request.urlopen(base + "/ping") as resp:
         assert resp.read() == b"Ok.\n"
-    with urllib.request.urlopen(base + "/?query=SELECT%20version()") as resp:
-        assert resp.read().decode().startswith("18.16")
-    with urllib.request.urlopen(base + "/?query=SHOW%20DATABASES") as resp:
-        assert "engagement" in resp.read().decode().split()
+    assert clickhouse(stack_env, "SELECT version()")[1].startswith("18.16")
+    assert "engagement" in clickhouse(stack_env, "SHOW DATABASES")[1].split()
     table = f"engagement.stacktest_{uuid.uuid4().hex[:8]}"
-    q = urllib.parse.quote
     for sql in (f"CREATE TABLE {table} (id UInt64, pct Nullable(Float64)) "
                 f"ENGINE = ReplacingMergeTree ORDER BY id",
                 f"INSERT INTO {table} VALUES (1, 0.5), (1, 0.5), (2, NULL)"):
-        urllib.request.urlopen(urllib.request.Request(base + "/", data=sql.encode())).read()
-    with urllib.request.urlopen(base + "/?query=" + q(
-            f"SELECT count(), uniqExact(id) FROM {table} FINAL")) as resp:
-        assert resp.read().decode().split() == ["2", "2"]
-    urllib.request.urlopen(urllib.request.Request(base + "/", data=f"DROP TABLE {table}".encode()))
+        assert clickhouse(stack_env, sql)[0] == 200, sql
+    assert clickhouse(stack_env, f"SELECT count(), uniqExact(id) FROM {table} FINAL")[1].split() \
+        == ["2", "2"]
+    clickhouse(stack_env, f"DROP TABLE {table}")
+
+
+def test_clickhouse_users(stack_env):
+    """`default` needs its password; the host's user reaches only its databases."""
+    if not stack_env.get("CLICKHOUSE_ADMIN_PASSWORD"):
+        return  # a stack started before the users existed: nothing to check yet
+    assert clickhouse(stack_env, "SELECT 1", password="")[0] != 200
+    host = {"user": stack_env["CLICKHOUSE_HOST_USER"],
+            "password": stack_env["CLICKHOUSE_HOST_PASSWORD"]}
+    assert clickhouse(stack_env, "SELECT 1", **host) == (200, "1\n")
+    secret = f"stacksecret_{uuid.uuid4().hex[:8]}"
+    clickhouse(stack_env, f"CREATE DATABASE {secret}")
+    try:
+        clickhouse(stack_env, f"CREATE TABLE {secret}.t (s String) ENGINE = Memory")
+        status, body = clickhouse(stack_env, f"SELECT * FROM {secret}.t", **host)
+        assert status != 200 and "Access denied" in body, body
+    finally:
+        clickhouse(stack_env, f"DROP DATABASE IF EXISTS {secret}")
 
 
 def test_mock_api_records_and_isolates(stack_env):

@@ -11,9 +11,8 @@ use serde_json::{json, Value};
 const SPEC_TS: i64 = 1_767_882_112_000_000;
 
 async fn load(stack: &Stack, db: &str) -> LoadedPlugin {
-    // The test creates its database: the host's clickhouse capability sends every statement
-    // with `database=<first granted>`, which ClickHouse refuses while that database does not
-    // exist, so the plugin's own CREATE DATABASE cannot bootstrap it (see the report).
+    // The test creates its database as the admin; the host connects as the admin too, since
+    // the stack's host user `fanout` may only use a fixed list of databases (18.16).
     clickhouse_query(stack, &format!("CREATE DATABASE IF NOT EXISTS {db}")).await;
     LoadedPlugin::load(stack, &plugin_toml::clickhouse("ch", db)).await
 }
@@ -37,6 +36,7 @@ struct DropDb<'a>(&'a Stack, String);
 impl Drop for DropDb<'_> {
     fn drop(&mut self) {
         let (url, db) = (self.0.clickhouse_url.clone(), self.1.clone());
+        let admin = self.0.clickhouse_admin.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -45,6 +45,7 @@ impl Drop for DropDb<'_> {
             rt.block_on(
                 reqwest::Client::new()
                     .post(url)
+                    .basic_auth(admin.user, Some(admin.password))
                     .body(format!("DROP DATABASE IF EXISTS {db}"))
                     .send(),
             )
