@@ -1,14 +1,20 @@
 //! Assembles a running host from a config: metrics, shared services, plugins, dead letters,
-//! the content table. The live pipeline and backfill both start from here.
+//! the content table; then [`App::run`] starts the live path (one lane per plugin, the lag
+//! monitor, the content follower, the operator's HTTP endpoints). Backfill starts from
+//! [`App::start`] too and delivers through the same plugins.
 
 use std::sync::Arc;
 
-use tracing::info;
+use tokio::sync::watch;
+use tracing::{error, info};
 
 use crate::config::Config;
 use crate::content::{ContentError, ContentTable};
 use crate::deadletter::DeadLetterQueue;
-use crate::fanout::Fanout;
+use crate::lane::consumer::{lane_consumer, lanes_established, seed_and_log};
+use crate::lane::delivery::Delivery;
+use crate::lane::lag::{LagMonitor, WatchedLane};
+use crate::lane::Lane;
 use crate::metrics::Metrics;
 use crate::plugin::capabilities::{Services, ServicesError};
 use crate::plugin::{self, Plugin, PluginError};
@@ -25,30 +31,53 @@ pub enum StartError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("no plugins configured: add at least one [[plugins]] entry")]
     NoPlugins,
+    #[error("no plugin named `{0}` in the config (known: {1})")]
+    UnknownPlugin(String, String),
+    #[error("cannot start the lag monitor: {0}")]
+    LagMonitor(std::io::Error),
+    #[error("cannot read the lanes' committed positions: {0}")]
+    Positions(String),
+    #[error("lane `{0}` panicked: {1}")]
+    LanePanicked(String, String),
 }
 
 pub struct App {
     pub config: Config,
     pub metrics: Metrics,
-    pub fanout: Arc<Fanout>,
+    pub plugins: Vec<Arc<Plugin>>,
+    pub dead_letters: Arc<DeadLetterQueue>,
     pub content: ContentTable,
 }
 
 impl App {
+    /// Loads every configured plugin.
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_with(config, &[]).await
+    }
+
+    /// Loads the plugins named in `only` (all when empty).
+    pub async fn start_with(mut config: Config, only: &[String]) -> Result<Self, StartError> {
         let metrics = Metrics::default();
         if config.plugins.is_empty() {
             return Err(StartError::NoPlugins);
         }
+        if let Some(unknown) = only
+            .iter()
+            .find(|n| !config.plugins.iter().any(|p| &&p.name == n))
+        {
+            let known: Vec<&str> = config.plugins.iter().map(|p| p.name.as_str()).collect();
+            return Err(StartError::UnknownPlugin(unknown.clone(), known.join(", ")));
+        }
+        if !only.is_empty() {
+            config.plugins.retain(|p| only.contains(&p.name));
+        }
         let services = Services::connect(&config.services, metrics.clone()).await?;
-        let engine = plugin::engine().map_err(|source| StartError::Plugin {
-            name: "<engine>".into(),
-            source,
-        })?;
-        let linker = plugin::linker(&engine).map_err(|source| StartError::Plugin {
-            name: "<linker>".into(),
-            source,
-        })?;
+        let setup = |name: &str| {
+            let name = name.to_string();
+            move |source| StartError::Plugin { name, source }
+        };
+        let engine = plugin::engine().map_err(setup("<engine>"))?;
+        let linker = plugin::linker(&engine).map_err(setup("<linker>"))?;
         let mut plugins = Vec::new();
         for pc in &config.plugins {
             let name = pc.name.clone();
@@ -62,7 +91,7 @@ impl App {
                         name: name.clone(),
                         source: PluginError::Init(e.to_string()),
                     })?
-                    .map_err(|source| StartError::Plugin { name, source })?;
+                    .map_err(setup(&name))?;
             plugins.push(Arc::new(loaded));
         }
         let dead_letters = Arc::new(DeadLetterQueue::new(
@@ -85,14 +114,120 @@ impl App {
             "host assembled"
         );
         Ok(App {
-            fanout: Arc::new(Fanout {
-                plugins,
-                dead_letters,
-                metrics: metrics.clone(),
-            }),
             config,
             metrics,
+            plugins,
+            dead_letters,
             content,
         })
     }
+
+    /// How batches reach `plugin`.
+    pub fn delivery(&self, plugin: &Arc<Plugin>) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            plugin: plugin.clone(),
+            dead_letters: self.dead_letters.clone(),
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// The live path: one lane per plugin until shutdown. Err when a lane panicked (a bug:
+    /// the process must end non-zero rather than run on without that plugin).
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
+        let cfg = &self.config;
+        tokio::spawn(crate::serve::serve(
+            cfg.http.listen.clone(),
+            self.metrics.clone(),
+        ));
+        if !cfg.kafka.content_topic.is_empty() {
+            self.content.follow_topic(
+                &cfg.kafka.brokers,
+                &cfg.kafka.content_topic,
+                &cfg.kafka.properties,
+                self.metrics.clone(),
+            )?;
+        }
+        let mut lanes = tokio::task::JoinSet::new();
+        let mut lane_names = std::collections::HashMap::new();
+        let mut watched = Vec::new();
+        // Broker round trips: off the async threads. Asked before any lane seeds its group.
+        // Where lanes start is read before anything is consumed; a broker that cannot tell
+        // stops the start (a guess could skip events under `start = "latest"`).
+        let established = {
+            let (kafka, plugins) = (cfg.kafka.clone(), cfg.plugins.clone());
+            blocking(move || lanes_established(&kafka, &plugins)).await?
+        };
+        for plugin in &self.plugins {
+            let pc = plugin.config.clone();
+            let kafka = cfg.kafka.clone();
+            blocking(move || seed_and_log(&kafka, &pc, established)).await?;
+            let consumer = Arc::new(lane_consumer(&cfg.kafka, &plugin.config)?);
+            let group = cfg.kafka.lane_group(plugin.name());
+            watched.push(WatchedLane {
+                name: plugin.name().to_string(),
+                group: group.clone(),
+                start: plugin.config.start,
+                consumer: consumer.clone(),
+            });
+            let lane = Lane {
+                name: plugin.name().to_string(),
+                group,
+                consumer,
+                include_snapshot_reads: cfg.kafka.include_snapshot_reads,
+                batch: cfg.lane_batch(&plugin.config).clone(),
+                enrich: cfg.enrich.clone(),
+                content: self.content.clone(),
+                delivery: self.delivery(plugin),
+                metrics: self.metrics.clone(),
+                counters: self.metrics.lane(plugin.name()),
+            };
+            let task = lanes.spawn(lane.run(shutdown.clone()));
+            lane_names.insert(task.id(), plugin.name().to_string());
+        }
+        LagMonitor {
+            kafka: cfg.kafka.clone(),
+            health: cfg.health.clone(),
+            lanes: watched,
+            metrics: self.metrics.clone(),
+        }
+        .spawn(shutdown.clone())
+        .map_err(StartError::LagMonitor)?;
+        info!(
+            lanes = lanes.len(),
+            group = %cfg.kafka.group_id,
+            topic = %cfg.kafka.events_topic,
+            "live path started"
+        );
+        while let Some(done) = lanes.join_next_with_id().await {
+            match done {
+                Ok((id, ())) => info!(lane = ?lane_names.get(&id), "lane stopped"),
+                Err(e) if e.is_panic() => {
+                    let lane = lane_names.get(&e.id()).cloned().unwrap_or_default();
+                    let message = panic_message(e.into_panic());
+                    error!(%lane, %message, "a lane panicked; stopping the host");
+                    return Err(StartError::LanePanicked(lane, message));
+                }
+                Err(e) => error!(error = %e, "a lane was cancelled"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs a blocking broker call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, rdkafka::error::KafkaError> + Send + 'static,
+) -> Result<T, StartError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StartError::Positions(e.to_string()))?
+        .map_err(|e| StartError::Positions(e.to_string()))
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
 }

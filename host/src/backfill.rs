@@ -1,5 +1,6 @@
 //! Backfill: events of a time range read from PostgreSQL, through the same enrichment and
-//! fan-out as the live stream. Sinks are idempotent by event_id, so a backfill over a range
+//! plugins as the live stream (all of them, or those named with `--plugin`). It commits no
+//! Kafka offsets, so it never moves a lane's position. Sinks are idempotent by event_id, so a backfill over a range
 //! the stream already delivered, or a second run, changes nothing.
 //!
 //! Rows are streamed in id order (one query, the primary key index), so memory holds one
@@ -19,6 +20,7 @@ use tracing::info;
 use crate::app::App;
 use crate::batch::{Origin, PendingBatch};
 use crate::decode::{parse_timestamp, RawEvent};
+use crate::enrich::enrich_batch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
@@ -138,6 +140,8 @@ pub async fn run(
         .await?;
     pin_mut!(rows);
     let max_events = app.config.batch.max_events;
+    let deliveries: Vec<_> = app.plugins.iter().map(|p| app.delivery(p)).collect();
+    let counters = app.metrics.lane("backfill");
     let mut pending = PendingBatch::default();
     let mut last_id = after_id;
     loop {
@@ -166,14 +170,22 @@ pub async fn run(
         }
         let done = next.is_none();
         if pending.event_count() >= max_events || (done && !pending.is_empty()) {
-            let batch = std::mem::take(&mut pending)
-                .prepare(&app.content, &app.config.enrich, &app.metrics)
-                .await;
+            let batch = enrich_batch(
+                std::mem::take(&mut pending),
+                &app.content,
+                &app.config.enrich,
+                &counters,
+                None,
+            )
+            .await;
             let n = batch.wit.events.len() as u64;
-            app.fanout
-                .deliver(&batch, &shutdown)
-                .await
-                .map_err(|e| BackfillError::Interrupted(format!("{e}; resume with --resume")))?;
+            // Every plugin takes the batch before the checkpoint moves past it.
+            let runs = deliveries.iter().map(|d| d.deliver(&batch, &shutdown));
+            for result in futures::future::join_all(runs).await {
+                result.map_err(|e| {
+                    BackfillError::Interrupted(format!("{e}; resume with --resume"))
+                })?;
+            }
             summary.delivered += n;
             write_state(&opts.state_file, last_id)?;
             progress.update(summary.read);

@@ -1,17 +1,13 @@
-//! Batches: raw events accumulate with the offsets they came from; a cut batch is enriched
-//! (one content lookup for what the table lacks) into the WIT batch every plugin receives.
+//! Batches: raw events accumulate with the offsets they came from until the batch is cut;
+//! [`crate::enrich::enrich_batch`] turns a cut batch into the WIT batch a plugin receives.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::{EnrichConfig, MissingContentPolicy};
-use crate::content::ContentTable;
-use crate::deadletter::{DeadLetter, Stage};
+use crate::deadletter::DeadLetter;
 use crate::decode::RawEvent;
-use crate::enrich::{enrich, EnrichedEvent};
-use crate::metrics::Metrics;
-use crate::plugin::{SourceRange, WitBatch, WitEvent};
+use crate::plugin::{SourceRange, WitBatch};
 
 /// Where a record came from, kept so that it can be dead-lettered with its original bytes.
 #[derive(Debug, Clone)]
@@ -23,27 +19,41 @@ pub struct Origin {
     pub payload: Option<Vec<u8>>,
 }
 
+/// (topic, partition) -> (first, last) offset.
+pub type OffsetRanges = BTreeMap<(String, i32), (i64, i64)>;
+
 /// A batch being filled.
 #[derive(Default)]
 pub struct PendingBatch {
     events: Vec<(RawEvent, Origin)>,
     dead_letters: Vec<DeadLetter>,
-    /// (topic, partition) -> (first, last) offset seen, skipped messages included: committing
-    /// past a batch must also move past the updates and tombstones it skipped.
-    offsets: BTreeMap<(String, i32), (i64, i64)>,
+    /// Every offset seen, skipped messages included: committing past a batch must also move
+    /// past the updates and tombstones it skipped.
+    offsets: OffsetRanges,
     started: Option<Instant>,
+    /// Source timestamp (ms since the epoch) of the oldest message in the batch: how far
+    /// behind the lane is while this batch is not yet taken.
+    oldest_ms: Option<i64>,
 }
 
 impl PendingBatch {
     pub fn record_offset(&mut self, topic: &str, partition: i32, offset: i64) {
         self.started.get_or_insert_with(Instant::now);
-        self.offsets
-            .entry((topic.to_string(), partition))
-            .and_modify(|(first, last)| {
+        match self.offsets.get_mut(&(topic.to_string(), partition)) {
+            Some((first, last)) => {
                 *first = (*first).min(offset);
                 *last = (*last).max(offset);
-            })
-            .or_insert((offset, offset));
+            }
+            None => {
+                self.offsets
+                    .insert((topic.to_string(), partition), (offset, offset));
+            }
+        }
+    }
+
+    /// Remembers a message's source timestamp (ms); the oldest one wins.
+    pub fn record_timestamp(&mut self, millis: i64) {
+        self.oldest_ms = Some(self.oldest_ms.map_or(millis, |t| t.min(millis)));
     }
 
     pub fn push_event(&mut self, event: RawEvent, origin: Origin) {
@@ -67,87 +77,18 @@ impl PendingBatch {
         self.started
     }
 
-    /// Enriches the batch. Content ids the table lacks are looked up once for the batch
-    /// (and waited for up to `missing_content_wait_ms`); what is still unknown follows the
-    /// configured policy.
-    pub async fn prepare(
-        self,
-        content: &ContentTable,
-        cfg: &EnrichConfig,
-        metrics: &Metrics,
-    ) -> ReadyBatch {
-        let ids: Vec<i64> = self
-            .events
-            .iter()
-            .filter_map(|(e, _)| e.content_id)
-            .filter(|id| content.get(*id).is_none())
-            .collect();
-        let still_missing = if ids.is_empty() {
-            Vec::new()
-        } else {
-            content
-                .resolve_missing(
-                    &ids,
-                    std::time::Duration::from_millis(cfg.missing_content_wait_ms),
-                )
-                .await
-        };
-        let mut dead_letters = self.dead_letters;
-        let mut enriched = Vec::with_capacity(self.events.len());
-        let mut origins = HashMap::with_capacity(self.events.len());
-        for (raw, origin) in self.events {
-            let row = raw.content_id.and_then(|id| content.get(id));
-            if row.is_none() {
-                metrics.events_missing_content.inc();
-                let unknown = raw.content_id.is_some_and(|id| still_missing.contains(&id));
-                if unknown && cfg.missing_content == MissingContentPolicy::DeadLetter {
-                    dead_letters.push(DeadLetter {
-                        stage: Stage::Enrich,
-                        plugin: None,
-                        reason: format!(
-                            "content_id {:?} is not in the content table",
-                            raw.content_id
-                        ),
-                        origin,
-                    });
-                    continue;
-                }
-            }
-            let event = enrich(&raw, row.as_ref());
-            metrics.events_enriched.inc();
-            origins.insert(event.event_id, origin);
-            enriched.push(event);
-        }
-        let sources: Vec<SourceRange> = self
-            .offsets
-            .iter()
-            .map(|((topic, partition), (first, last))| SourceRange {
-                topic: topic.clone(),
-                partition: *partition,
-                first_offset: *first,
-                last_offset: *last,
-            })
-            .collect();
-        let id = batch_id(&sources);
-        ReadyBatch {
-            wit: Arc::new(WitBatch {
-                id,
-                events: enriched.iter().map(to_wit).collect(),
-                sources,
-            }),
-            origins,
-            dead_letters,
-            offsets: self
-                .offsets
-                .into_iter()
-                .map(|(k, (_, last))| (k, last))
-                .collect(),
-        }
+    pub fn oldest_ms(&self) -> Option<i64> {
+        self.oldest_ms
+    }
+
+    /// The events with their origins, the dead letters, the offset ranges.
+    pub fn into_parts(self) -> (Vec<(RawEvent, Origin)>, Vec<DeadLetter>, OffsetRanges) {
+        (self.events, self.dead_letters, self.offsets)
     }
 }
 
 /// "topic/partition:first-last,..." is stable for a replay of the same offsets.
-fn batch_id(sources: &[SourceRange]) -> String {
+pub fn batch_id(sources: &[SourceRange]) -> String {
     sources
         .iter()
         .map(|s| {
@@ -160,29 +101,13 @@ fn batch_id(sources: &[SourceRange]) -> String {
         .join(",")
 }
 
-/// An enriched batch, ready for the plugins.
+/// An enriched batch, ready for a plugin.
 pub struct ReadyBatch {
     pub wit: Arc<WitBatch>,
     /// event_id -> where it came from, to dead-letter rejected events with their bytes.
     pub origins: HashMap<i64, Origin>,
-    /// Records that cannot reach any plugin (undecodable, unknown content under dead-letter).
+    /// Records that cannot reach the plugin (undecodable, unknown content under dead-letter).
     pub dead_letters: Vec<DeadLetter>,
     /// (topic, partition) -> last offset in the batch.
     pub offsets: BTreeMap<(String, i32), i64>,
-}
-
-pub fn to_wit(e: &EnrichedEvent) -> WitEvent {
-    WitEvent {
-        event_id: e.event_id,
-        content_id: e.content_id,
-        user_id: e.user_id,
-        event_type: e.event_type.clone(),
-        event_ts_micros: e.event_ts_micros,
-        duration_ms: e.duration_ms,
-        device: e.device.clone(),
-        content_type: e.content_type.clone(),
-        length_seconds: e.length_seconds,
-        engagement_seconds: e.engagement_seconds,
-        engagement_pct: e.engagement_pct,
-    }
 }

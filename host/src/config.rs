@@ -38,6 +38,8 @@ pub struct Config {
     pub services: ServicesConfig,
     #[serde(default)]
     pub http: HttpServerConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
     #[serde(default, rename = "plugins")]
     pub plugins: Vec<PluginConfig>,
 }
@@ -47,6 +49,9 @@ pub struct Config {
 pub struct KafkaConfig {
     /// Bootstrap servers, e.g. "127.0.0.1:9092".
     pub brokers: String,
+    /// Each plugin's lane commits in its own group, `<group_id>.<plugin name>`. The group
+    /// itself is only read: a lane without positions of its own starts from the ones a host
+    /// before lanes committed there, so an upgrade replays and skips nothing.
     #[serde(default = "default_group_id")]
     pub group_id: String,
     #[serde(default = "default_events_topic")]
@@ -62,6 +67,13 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), passed through as is.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// The consumer group of a plugin's lane.
+    pub fn lane_group(&self, plugin: &str) -> String {
+        format!("{}.{plugin}", self.group_id)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -101,7 +113,7 @@ impl Default for EnrichConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
     /// A batch is cut when it holds this many events...
@@ -157,6 +169,47 @@ impl Default for HttpServerConfig {
     }
 }
 
+/// Where a lane starts when neither its own consumer group nor the host's pre-lane group
+/// (`kafka.group_id`) has a committed position: librdkafka's `auto.offset.reset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartPosition {
+    /// The oldest retained message (sinks dedupe by event_id, so a replay is harmless).
+    Earliest,
+    /// Only messages produced after the lane first joins.
+    Latest,
+}
+
+impl StartPosition {
+    pub fn as_offset_reset(self) -> &'static str {
+        match self {
+            StartPosition::Earliest => "earliest",
+            StartPosition::Latest => "latest",
+        }
+    }
+}
+
+/// How lag is measured and when a standstill makes the host unhealthy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// How often every lane's committed offsets are compared with the high watermarks.
+    #[serde(default = "default_lag_interval_ms")]
+    pub lag_interval_ms: u64,
+    /// A partition with lag whose committed offset has not moved for this long is a stall.
+    #[serde(default = "default_stall_after_ms")]
+    pub stall_after_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            lag_interval_ms: default_lag_interval_ms(),
+            stall_after_ms: default_stall_after_ms(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailurePolicy {
@@ -188,6 +241,12 @@ pub struct PluginConfig {
     /// Wall-clock bound of one call, capability calls and sleeps included.
     #[serde(default = "default_call_timeout_ms")]
     pub call_timeout_ms: u64,
+    /// Where this plugin's lane starts without a committed position (see [`StartPosition`]).
+    #[serde(default = "default_start")]
+    pub start: StartPosition,
+    /// This lane's batch cadence; the top-level `[batch]` when absent.
+    #[serde(default)]
+    pub batch: Option<BatchConfig>,
     #[serde(default)]
     pub grants: Grants,
     /// Passed to the plugin's `init` as JSON.
@@ -251,6 +310,15 @@ fn default_max_wait_ms() -> u64 {
 fn default_http_listen() -> String {
     "127.0.0.1:9464".into()
 }
+fn default_lag_interval_ms() -> u64 {
+    5_000
+}
+fn default_stall_after_ms() -> u64 {
+    60_000
+}
+fn default_start() -> StartPosition {
+    StartPosition::Earliest
+}
 fn default_failure_policy() -> FailurePolicy {
     FailurePolicy::FailFast
 }
@@ -279,6 +347,11 @@ fn empty_table() -> toml::Value {
 const ENV_PREFIX: &str = "FANOUT__";
 
 impl Config {
+    /// The batch cadence of a plugin's lane: its own `batch` table, or the top-level one.
+    pub fn lane_batch<'a>(&'a self, plugin: &'a PluginConfig) -> &'a BatchConfig {
+        plugin.batch.as_ref().unwrap_or(&self.batch)
+    }
+
     /// Reads the file, applies `FANOUT__A__B=value` overrides from `env`, validates.
     pub fn load(
         path: &Path,
@@ -340,6 +413,12 @@ impl Config {
         if self.batch.max_wait_ms == 0 {
             return Err(invalid("batch.max_wait_ms", "must be at least 1"));
         }
+        if self.health.lag_interval_ms == 0 || self.health.stall_after_ms == 0 {
+            return Err(invalid(
+                "health.lag_interval_ms/stall_after_ms",
+                "must be at least 1",
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for (i, p) in self.plugins.iter().enumerate() {
             let key = |k: &str| format!("plugins[{i}].{k}");
@@ -359,6 +438,14 @@ impl Config {
                     &key("name"),
                     &format!("`{}` is used twice", p.name),
                 ));
+            }
+            if let Some(b) = &p.batch {
+                if b.max_events == 0 || b.max_wait_ms == 0 {
+                    return Err(invalid(
+                        &key("batch.max_events/max_wait_ms"),
+                        "must be at least 1",
+                    ));
+                }
             }
             if p.memory_mb == 0 || p.fuel_per_call == 0 || p.call_timeout_ms == 0 {
                 return Err(invalid(

@@ -1,21 +1,20 @@
-//! Enrichment: an engagement event joined with its content row, exactly per SPEC section 4.
+//! Enrichment: an engagement event joined with its content row, exactly per SPEC section 4,
+//! and a cut batch enriched as a whole (one content lookup for what the table lacks).
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::batch::{batch_id, PendingBatch, ReadyBatch};
+use crate::config::{EnrichConfig, MissingContentPolicy};
+use crate::content::ContentTable;
+use crate::deadletter::{DeadLetter, Stage};
 use crate::decode::{ContentRow, RawEvent};
+use crate::metrics::LaneMetrics;
+use crate::plugin::{SourceRange, WitBatch};
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct EnrichedEvent {
-    pub event_id: i64,
-    pub content_id: Option<i64>,
-    pub user_id: Option<i64>,
-    pub event_type: Option<String>,
-    pub event_ts_micros: i64,
-    pub duration_ms: Option<i32>,
-    pub device: Option<String>,
-    pub content_type: Option<String>,
-    pub length_seconds: Option<i32>,
-    pub engagement_seconds: Option<f64>,
-    pub engagement_pct: Option<f64>,
-}
+/// The one enriched event type: the WIT record every plugin receives.
+pub use crate::plugin::WitEvent as EnrichedEvent;
 
 /// Joins one event with its content row (`None` when the content is unknown).
 pub fn enrich(event: &RawEvent, content: Option<&ContentRow>) -> EnrichedEvent {
@@ -39,6 +38,79 @@ pub fn enrich(event: &RawEvent, content: Option<&ContentRow>) -> EnrichedEvent {
             (Some(d), Some(l)) => engagement_pct(d, l),
             _ => None,
         },
+    }
+}
+
+/// Enriches a cut batch. Content ids the table lacks are looked up once for the batch (and
+/// waited for up to `missing_content_wait_ms`); what is still unknown follows the configured
+/// policy: delivered with NULL content fields, or dead-lettered (naming `lane`, the plugin
+/// whose lane enriched it; none for a backfill, which enriches once for all plugins).
+pub async fn enrich_batch(
+    pending: PendingBatch,
+    content: &ContentTable,
+    cfg: &EnrichConfig,
+    counters: &LaneMetrics,
+    lane: Option<&str>,
+) -> ReadyBatch {
+    let (events, mut dead_letters, offsets) = pending.into_parts();
+    let ids: Vec<i64> = events
+        .iter()
+        .filter_map(|(e, _)| e.content_id)
+        .filter(|id| content.get(*id).is_none())
+        .collect();
+    let still_missing = if ids.is_empty() {
+        Vec::new()
+    } else {
+        content
+            .resolve_missing(&ids, Duration::from_millis(cfg.missing_content_wait_ms))
+            .await
+    };
+    let mut enriched = Vec::with_capacity(events.len());
+    let mut origins = HashMap::with_capacity(events.len());
+    for (raw, origin) in events {
+        let row = raw.content_id.and_then(|id| content.get(id));
+        if row.is_none() {
+            counters.events_missing_content.inc();
+            let unknown = raw.content_id.is_some_and(|id| still_missing.contains(&id));
+            if unknown && cfg.missing_content == MissingContentPolicy::DeadLetter {
+                dead_letters.push(DeadLetter {
+                    stage: Stage::Enrich,
+                    plugin: lane.map(str::to_string),
+                    reason: format!(
+                        "content_id {:?} is not in the content table",
+                        raw.content_id
+                    ),
+                    origin,
+                });
+                continue;
+            }
+        }
+        let event = enrich(&raw, row.as_ref());
+        counters.events_enriched.inc();
+        origins.insert(event.event_id, origin);
+        enriched.push(event);
+    }
+    let sources: Vec<SourceRange> = offsets
+        .iter()
+        .map(|((topic, partition), (first, last))| SourceRange {
+            topic: topic.clone(),
+            partition: *partition,
+            first_offset: *first,
+            last_offset: *last,
+        })
+        .collect();
+    ReadyBatch {
+        wit: Arc::new(WitBatch {
+            id: batch_id(&sources),
+            events: enriched,
+            sources,
+        }),
+        origins,
+        dead_letters,
+        offsets: offsets
+            .into_iter()
+            .map(|(k, (_, last))| (k, last))
+            .collect(),
     }
 }
 

@@ -1,9 +1,9 @@
 //! fanout: a WebAssembly-plugin sink host for Debezium change streams.
 //!
-//! The live path reads top to bottom: [`pipeline`] consumes, [`decode`]s, collects a
-//! [`batch`], [`enrich`]es it from the [`content`] table, [`fanout`]s it to every
-//! [`plugin`], and commits. [`backfill`] feeds the same enrichment and fan-out from
-//! PostgreSQL.
+//! The live path is one [`lane`] per plugin, each reading top to bottom: consume, [`decode`],
+//! collect a [`batch`], [`enrich`] it from the [`content`] table, deliver it to its
+//! [`plugin`], commit in its own consumer group. [`app`] assembles the host and starts the
+//! lanes; [`backfill`] feeds the same enrichment and plugins from PostgreSQL.
 
 pub mod app;
 pub mod backfill;
@@ -13,9 +13,8 @@ pub mod content;
 pub mod deadletter;
 pub mod decode;
 pub mod enrich;
-pub mod fanout;
+pub mod lane;
 pub mod metrics;
-pub mod pipeline;
 pub mod plugin;
 pub mod serve;
 pub mod shutdown;

@@ -10,7 +10,6 @@ use tracing::{error, info};
 use fanout::app::App;
 use fanout::backfill::{self, BackfillOptions, TimeRange};
 use fanout::config::Config;
-use fanout::pipeline::{events_consumer, Pipeline};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +42,10 @@ enum Command {
         /// Only these content ids (repeatable).
         #[arg(long = "content-id")]
         content_ids: Vec<i64>,
+        /// Deliver to this plugin only (repeatable; default: every configured plugin).
+        /// Backfill never moves a lane's committed position.
+        #[arg(long = "plugin")]
+        plugins: Vec<String>,
         /// Continue an interrupted backfill from its checkpoint.
         #[arg(long)]
         resume: bool,
@@ -119,28 +122,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let config = load_config(&config)?;
             let shutdown = fanout::shutdown::on_signal();
             let app = App::start(config).await.context("cannot start")?;
-            tokio::spawn(fanout::serve::serve(
-                app.config.http.listen.clone(),
-                app.metrics.clone(),
-            ));
-            if !app.config.kafka.content_topic.is_empty() {
-                app.content
-                    .follow_topic(
-                        &app.config.kafka.brokers,
-                        &app.config.kafka.content_topic,
-                        &app.config.kafka.properties,
-                        app.metrics.clone(),
-                    )
-                    .context("cannot follow the content topic")?;
-            }
-            let pipeline = Pipeline {
-                consumer: events_consumer(&app.config)?,
-                config: app.config.clone(),
-                content: app.content.clone(),
-                fanout: app.fanout.clone(),
-                metrics: app.metrics.clone(),
-            };
-            pipeline.run(shutdown).await?;
+            app.run(shutdown).await?;
             info!("stopped cleanly");
             Ok(ExitCode::SUCCESS)
         }
@@ -149,6 +131,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             start,
             end,
             content_ids,
+            plugins,
             resume,
             state_file,
         } => {
@@ -156,7 +139,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let range = TimeRange::parse(&start, &end)?;
             let config = load_config(&config)?;
             let shutdown = fanout::shutdown::on_signal();
-            let app = App::start(config).await.context("cannot start")?;
+            let app = App::start_with(config, &plugins)
+                .await
+                .context("cannot start")?;
             let opts = BackfillOptions {
                 state_file: state_file
                     .unwrap_or_else(|| backfill::default_state_file(&range, &content_ids)),

@@ -20,17 +20,40 @@ impl Counter {
     }
 }
 
-/// Hot-path counters are plain atomics; labelled series (per plugin, per reason) live in a map.
+/// The hot-path counters of one lane (one plugin's consumer), exported with `plugin="<name>"`.
 #[derive(Default)]
-pub struct MetricsInner {
+pub struct LaneMetrics {
     pub messages_consumed: Counter,
     pub events_decoded: Counter,
     pub events_enriched: Counter,
     pub events_missing_content: Counter,
     pub batches_delivered: Counter,
     pub commits: Counter,
+}
+
+impl LaneMetrics {
+    fn series(&self) -> [(&'static str, &Counter); 6] {
+        [
+            ("fanout_messages_consumed_total", &self.messages_consumed),
+            ("fanout_events_decoded_total", &self.events_decoded),
+            ("fanout_events_enriched_total", &self.events_enriched),
+            (
+                "fanout_events_missing_content_total",
+                &self.events_missing_content,
+            ),
+            ("fanout_batches_delivered_total", &self.batches_delivered),
+            ("fanout_commits_total", &self.commits),
+        ]
+    }
+}
+
+/// Hot-path counters are plain atomics (per lane, or host-wide); labelled series (per plugin
+/// and reason) live in a map.
+#[derive(Default)]
+pub struct MetricsInner {
     pub content_updates: Counter,
     pub content_decode_errors: Counter,
+    lanes: Mutex<BTreeMap<String, Arc<LaneMetrics>>>,
     labelled: Mutex<BTreeMap<(String, String), f64>>,
     health: Mutex<BTreeMap<String, String>>,
 }
@@ -46,6 +69,15 @@ impl std::ops::Deref for Metrics {
 }
 
 impl Metrics {
+    /// The counters of lane `plugin`, created on first use.
+    pub fn lane(&self, plugin: &str) -> Arc<LaneMetrics> {
+        match self.lanes.lock() {
+            Ok(mut lanes) => lanes.entry(plugin.to_string()).or_default().clone(),
+            // A poisoned map only loses the export, never the caller's work.
+            Err(_) => Arc::new(LaneMetrics::default()),
+        }
+    }
+
     /// Adds to a labelled counter, e.g. `("fanout_messages_skipped_total", "reason=\"update\"")`.
     pub fn add_labelled(&self, name: &str, labels: &str, value: f64) {
         if let Ok(mut m) = self.labelled.lock() {
@@ -105,16 +137,17 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
+        if let Ok(lanes) = self.lanes.lock() {
+            let names = LaneMetrics::default().series().map(|(name, _)| name);
+            for (i, name) in names.iter().enumerate() {
+                let _ = writeln!(out, "# TYPE {name} counter");
+                for (plugin, lane) in lanes.iter() {
+                    let value = lane.series()[i].1.get();
+                    let _ = writeln!(out, "{name}{{{}}} {value}", label("plugin", plugin));
+                }
+            }
+        }
         let plain = [
-            ("fanout_messages_consumed_total", &self.messages_consumed),
-            ("fanout_events_decoded_total", &self.events_decoded),
-            ("fanout_events_enriched_total", &self.events_enriched),
-            (
-                "fanout_events_missing_content_total",
-                &self.events_missing_content,
-            ),
-            ("fanout_batches_delivered_total", &self.batches_delivered),
-            ("fanout_commits_total", &self.commits),
             ("fanout_content_updates_total", &self.content_updates),
             (
                 "fanout_content_decode_errors_total",

@@ -423,8 +423,16 @@ impl Record {
 }
 
 /// Reads a topic from the beginning until `want` records arrived or `timeout` passed.
+///
+/// Only for a test's own topic (a per-test dead-letter or CDC topic: a few records). The
+/// stack's long-lived topics (`dbserver1.*`, `fanout.dead_letter`) hold everything a used stack
+/// ever carried, so reading them from the beginning slows down with its age; they are refused.
 pub fn read_topic(stack: &Stack, topic: &str, want: usize, timeout: Duration) -> Vec<Record> {
     use rdkafka::message::Headers;
+    assert!(
+        !topic.starts_with("dbserver1.") && !topic.starts_with("fanout."),
+        "read_topic({topic}): a long-lived stack topic; read a test's own topic instead"
+    );
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &stack.kafka_brokers)
         .set("group.id", unique("reader"))
@@ -969,5 +977,71 @@ mode = "{mode}"
             external_api("external-api", stack, ns, api_mode),
         ]
         .concat()
+    }
+}
+
+/// A TCP forwarder on a fixed loopback port that a test can take down (connections refused)
+/// and bring back: an external service that goes away and returns, seen from the plugin.
+pub struct ToggleProxy {
+    pub addr: std::net::SocketAddr,
+    target: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ToggleProxy {
+    /// Forwards to `target` ("host:port") from a free loopback port, up at once.
+    pub async fn start(target: &str) -> ToggleProxy {
+        let addr: std::net::SocketAddr = free_addr().parse().expect("addr");
+        let mut proxy = ToggleProxy {
+            addr,
+            target: target.to_string(),
+            task: None,
+        };
+        proxy.up().await;
+        proxy
+    }
+
+    /// "http://addr/" : the base URL the plugin is pointed at.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Listens again (SO_REUSEADDR: the port's old connections may linger in TIME_WAIT).
+    pub async fn up(&mut self) {
+        if self.task.is_some() {
+            return;
+        }
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket.bind(self.addr).expect("bind the proxy port again");
+        let listener = socket.listen(1024).expect("listen");
+        let target = self.target.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Closes the listener and every open connection: new connections are refused.
+    pub async fn down(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for ToggleProxy {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }

@@ -110,8 +110,14 @@ async fn inserts_reach_the_plugin_enriched_and_new_content_is_used() {
     .expect("delete");
     eventually(WAIT, "update and delete counted as skipped", || async {
         let m = host.metrics().await;
-        (metric_value(&m, "fanout_messages_skipped_total{reason=\"update\"}") >= 1.0
-            && metric_value(&m, "fanout_messages_skipped_total{reason=\"delete\"}") >= 1.0)
+        (metric_value(
+            &m,
+            "fanout_messages_skipped_total{plugin=\"rec\",reason=\"update\"}",
+        ) >= 1.0
+            && metric_value(
+                &m,
+                "fanout_messages_skipped_total{plugin=\"rec\",reason=\"delete\"}",
+            ) >= 1.0)
             .then_some(())
     })
     .await;

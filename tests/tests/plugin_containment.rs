@@ -102,8 +102,8 @@ async fn trap_loop_and_oom_plugins_are_contained() {
         "{m}"
     );
     assert!(
-        metric_value(&m, "fanout_commits_total") >= 1.0,
-        "the stream goes on and commits"
+        metric_value(&m, "fanout_commits_total{plugin=\"good\"}") >= 1.0,
+        "the good lane goes on and commits"
     );
 }
 
@@ -140,14 +140,17 @@ retries = 4
         (resp.status() == 503).then_some(())
     })
     .await;
-    assert_eq!(host.metric("fanout_commits_total").await, 0.0);
+    assert_eq!(
+        host.metric("fanout_commits_total{plugin=\"flaky\"}").await,
+        0.0
+    );
     let r = redis(&stack).await;
     eventually(WAIT, "delivered after recovery", || async {
         (recorded(&r, &key).await.len() == 1).then_some(())
     })
     .await;
     eventually(WAIT, "committed after recovery", || async {
-        (host.metric("fanout_commits_total").await >= 1.0).then_some(())
+        (host.metric("fanout_commits_total{plugin=\"flaky\"}").await >= 1.0).then_some(())
     })
     .await;
     assert!(
@@ -248,9 +251,16 @@ async fn malformed_and_rejected_events_are_dead_lettered_with_reasons() {
     assert!(decode
         .iter()
         .any(|l| l.header("fanout.reason").is_some_and(|r| r.contains("id"))));
+    // Every letter names the lane it came from; the decode ones too (each lane decodes).
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.header("fanout.plugin") == Some("picky")),
+        "{letters:?}"
+    );
     let rejected: Vec<_> = letters
         .iter()
-        .filter(|l| l.header("fanout.plugin") == Some("picky"))
+        .filter(|l| l.header("fanout.stage") == Some("plugin"))
         .collect();
     assert_eq!(rejected.len(), 1, "{letters:?}");
     assert!(rejected[0]
@@ -264,9 +274,12 @@ async fn malformed_and_rejected_events_are_dead_lettered_with_reasons() {
         let m = host.metrics().await;
         (metric_value(
             &m,
-            "fanout_dead_lettered_total{stage=\"decode\",plugin=\"\"}",
+            "fanout_dead_lettered_total{stage=\"decode\",plugin=\"picky\"}",
         ) == 2.0
-            && metric_value(&m, "fanout_messages_skipped_total{reason=\"tombstone\"}") == 1.0)
+            && metric_value(
+                &m,
+                "fanout_messages_skipped_total{plugin=\"picky\",reason=\"tombstone\"}",
+            ) == 1.0)
             .then_some(())
     })
     .await;
@@ -287,7 +300,7 @@ async fn sigterm_finishes_cleanly_with_exit_code_0() {
     let mut host = HostProc::start("sigterm", &cfg.render(), &cfg.metrics_addr);
     produce(&stack, &t.events, None, Some(&envelope(1, 1))).await;
     eventually(WAIT, "a committed batch", || async {
-        (host.metric("fanout_commits_total").await >= 1.0).then_some(())
+        (host.metric("fanout_commits_total{plugin=\"rec\"}").await >= 1.0).then_some(())
     })
     .await;
     let status = host

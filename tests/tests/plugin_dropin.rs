@@ -121,7 +121,11 @@ label = "{label}"
         "{m}"
     );
     eventually(WAIT, "committed", || async {
-        (host.metric("fanout_commits_total").await >= 1.0).then_some(())
+        (host
+            .metric("fanout_commits_total{plugin=\"my-sink\"}")
+            .await
+            >= 1.0)
+            .then_some(())
     })
     .await;
     // Its log lines reach the host's log, tagged with the plugin.

@@ -339,7 +339,7 @@ async fn fail_fast_holds_the_stream_until_the_api_recovers() {
     .await;
     let m = host.metrics().await;
     assert_eq!(
-        metric_value(&m, "fanout_commits_total"),
+        metric_value(&m, "fanout_commits_total{plugin=\"api\"}"),
         0.0,
         "nothing committed while failing:\n{m}"
     );
@@ -373,7 +373,7 @@ async fn fail_fast_holds_the_stream_until_the_api_recovers() {
     })
     .await;
     eventually(WAIT, "committed after recovery", || async {
-        (host.metric("fanout_commits_total").await >= 1.0).then_some(())
+        (host.metric("fanout_commits_total{plugin=\"api\"}").await >= 1.0).then_some(())
     })
     .await;
     eventually(WAIT, "healthy again", || async {
@@ -447,7 +447,7 @@ async fn best_effort_dead_letters_after_retries_and_the_stream_goes_on() {
     }
     // The stream goes on: committed, healthy, and later events flow once the API is back.
     eventually(WAIT, "committed", || async {
-        (host.metric("fanout_commits_total").await >= 1.0).then_some(())
+        (host.metric("fanout_commits_total{plugin=\"api503\"}").await >= 1.0).then_some(())
     })
     .await;
     mock_control(&stack, &ns, json!({})).await;

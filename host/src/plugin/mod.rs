@@ -52,6 +52,11 @@ pub enum PluginError {
 }
 
 impl PluginError {
+    /// The plugin could not be loaded or initialised: not the fault of the batch at hand.
+    pub fn is_setup(&self) -> bool {
+        matches!(self, PluginError::Load { .. } | PluginError::Init(_))
+    }
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -194,6 +199,8 @@ pub struct Plugin {
     pub config: PluginConfig,
     prepared: Arc<Prepared>,
     worker: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
+    /// Set once the first batch was taken, for the operator's start-up log.
+    first_batch: std::sync::atomic::AtomicBool,
 }
 
 /// The engine shared by all plugins: fuel metering on, component model on.
@@ -259,11 +266,18 @@ impl Plugin {
             config,
             prepared,
             worker: std::sync::Mutex::new(worker),
+            first_batch: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// True from the second call on: the first caller learns it saw the first batch.
+    pub fn first_batch_taken(&self) -> bool {
+        self.first_batch
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Hands one batch to the plugin and waits for its answer, at most `call_timeout_ms`.

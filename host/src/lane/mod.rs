@@ -1,64 +1,53 @@
-//! The live pipeline, top to bottom as the data flows:
-//! consume -> decode -> batch -> enrich -> fan out -> commit.
+//! Lanes: every plugin consumes, batches, delivers and commits on its own, in a consumer group
+//! of its own (`<group_id>.<plugin>`, the way Kafka Connect runs one group per connector). A
+//! slow or failing sink lags alone; the others keep their pace.
 //!
-//! Batches are delivered one after the other, so committing the last offset of each
+//! One lane reads top to bottom as the data flows:
+//! consume -> decode -> batch -> enrich -> deliver -> commit.
+//!
+//! Batches of a lane are delivered one after the other, so committing the last offset of each
 //! partition in a delivered batch is an ordered acknowledgement: every earlier offset of that
 //! partition was in this batch or an earlier, already delivered one.
+
+pub mod consumer;
+pub mod delivery;
+pub mod lag;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::batch::{Origin, PendingBatch, ReadyBatch};
-use crate::config::Config;
+use crate::config::{BatchConfig, EnrichConfig};
 use crate::content::ContentTable;
 use crate::deadletter::{DeadLetter, Stage};
 use crate::decode::{decode_event, EventMessage};
-use crate::fanout::{DeliveryError, Fanout};
-use crate::metrics::{label, Metrics};
+use crate::enrich::enrich_batch;
+use crate::metrics::{label, LaneMetrics, Metrics};
+use delivery::{Delivery, DeliveryError};
 
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-}
-
-pub struct Pipeline {
-    pub config: Config,
-    pub consumer: StreamConsumer,
+/// One plugin's lane.
+pub struct Lane {
+    /// The plugin's name: the lane's name in logs, metrics and dead letters.
+    pub name: String,
+    pub group: String,
+    pub consumer: Arc<consumer::LaneConsumer>,
+    pub include_snapshot_reads: bool,
+    pub batch: BatchConfig,
+    pub enrich: EnrichConfig,
     pub content: ContentTable,
-    pub fanout: Arc<Fanout>,
+    pub delivery: Arc<Delivery>,
     pub metrics: Metrics,
+    pub counters: Arc<LaneMetrics>,
 }
 
-pub fn events_consumer(config: &Config) -> Result<StreamConsumer, PipelineError> {
-    let k = &config.kafka;
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &k.brokers)
-        .set("group.id", &k.group_id)
-        // Offsets are committed by the pipeline, after delivery: never automatically.
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", "10000")
-        // Notice a topic created after start (Debezium creates it with the first change).
-        .set("topic.metadata.refresh.interval.ms", "5000");
-    for (key, v) in &k.properties {
-        cfg.set(key, v);
-    }
-    let consumer: StreamConsumer = cfg.create()?;
-    consumer.subscribe(&[k.events_topic.as_str()])?;
-    Ok(consumer)
-}
-
-/// A batch handed to the plugins in the background, with how its delivery ended.
-type Delivery = tokio::task::JoinHandle<(ReadyBatch, Result<(), DeliveryError>)>;
+/// A batch handed to the plugin in the background, with how its delivery ended.
+type InFlight = tokio::task::JoinHandle<(ReadyBatch, Result<(), DeliveryError>)>;
 
 /// Why filling a batch stopped without a batch to deliver.
 enum Stop {
@@ -68,47 +57,47 @@ enum Stop {
     Undelivered,
 }
 
-impl Pipeline {
+impl Lane {
     /// Runs until `shutdown` turns true.
     ///
     /// One batch is delivered in the background while the next one fills, so consuming and
     /// delivering overlap; a batch is only handed over once the previous one is delivered and
     /// committed, which keeps commits in order. At shutdown the batch being delivered is
-    /// finished (unless a plugin is stuck in retries) and committed; the batch being filled is
-    /// abandoned (not committed: it is consumed again after a restart).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), PipelineError> {
-        info!(topic = %self.config.kafka.events_topic, group = %self.config.kafka.group_id, "pipeline started");
-        let mut in_flight: Option<Delivery> = None;
+    /// finished (unless the plugin is stuck in retries) and committed; the batch being filled
+    /// is abandoned (not committed: it is consumed again after a restart).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        info!(lane = %self.name, group = %self.group, "lane started");
+        let mut in_flight: Option<InFlight> = None;
         loop {
             let filled = self.fill_batch(&mut shutdown, &mut in_flight).await;
             // The previous batch must be committed before the next one is handed over.
             if let Some(delivery) = in_flight.take() {
-                if !self.finish(delivery).await {
-                    return Ok(());
+                if !self.settle(delivery.await) {
+                    return;
                 }
             }
             let pending = match filled {
                 Ok(p) => p,
                 Err(Stop::Shutdown) => {
-                    info!("shutdown: abandoning the batch being filled (it is not committed)");
-                    return Ok(());
+                    info!(lane = %self.name, "shutdown: abandoning the batch being filled (it is not committed)");
+                    return;
                 }
-                Err(Stop::Undelivered) => return Ok(()),
+                Err(Stop::Undelivered) => return,
             };
-            let ready = pending
-                .prepare(&self.content, &self.config.enrich, &self.metrics)
-                .await;
-            let (fanout, stop) = (self.fanout.clone(), shutdown.clone());
+            let ready = enrich_batch(
+                pending,
+                &self.content,
+                &self.enrich,
+                &self.counters,
+                Some(&self.name),
+            )
+            .await;
+            let (delivery, stop) = (self.delivery.clone(), shutdown.clone());
             in_flight = Some(tokio::spawn(async move {
-                let result = fanout.deliver(&ready, &stop).await;
+                let result = delivery.deliver(&ready, &stop).await;
                 (ready, result)
             }));
         }
-    }
-
-    /// Waits for a delivery and commits it. False when the batch was not delivered.
-    async fn finish(&self, delivery: Delivery) -> bool {
-        self.settle(delivery.await)
     }
 
     /// Commits a finished delivery. False when the batch was not delivered.
@@ -118,15 +107,23 @@ impl Pipeline {
     ) -> bool {
         match done {
             Ok((ready, Ok(()))) => {
+                if !ready.wit.events.is_empty() {
+                    self.counters.batches_delivered.inc();
+                }
                 self.commit(&ready);
                 true
             }
             Ok((ready, Err(e))) => {
-                warn!(error = %e, batch = %ready.wit.id, "batch not delivered; not committed");
+                warn!(lane = %self.name, error = %e, batch = %ready.wit.id, "batch not delivered; not committed");
                 false
             }
+            Err(e) if e.is_panic() => {
+                // A bug, not a sink failure: let the process end (non-zero) rather than run
+                // on with a lane that silently stopped.
+                std::panic::resume_unwind(e.into_panic())
+            }
             Err(e) => {
-                warn!(error = %e, "delivery task failed; not committed");
+                warn!(lane = %self.name, error = %e, "delivery task cancelled; not committed");
                 false
             }
         }
@@ -138,21 +135,28 @@ impl Pipeline {
     async fn fill_batch(
         &self,
         shutdown: &mut watch::Receiver<bool>,
-        in_flight: &mut Option<Delivery>,
+        in_flight: &mut Option<InFlight>,
     ) -> Result<PendingBatch, Stop> {
         let mut pending = PendingBatch::default();
-        let max_events = self.config.batch.max_events;
-        let max_wait = self.config.batch.max_wait();
+        let max_events = self.batch.max_events;
+        let max_wait = self.batch.max_wait();
         loop {
             let wait = match pending.started() {
                 Some(t) => max_wait.saturating_sub(t.elapsed()),
                 None => Duration::from_secs(3600),
             };
-            let delivering = in_flight.is_some();
+            // Set in the select, slept after it: the select's output holds the consumer's
+            // borrowed message, which must not live across an await of a spawned task.
+            let mut consumer_error = false;
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return Err(Stop::Shutdown),
-                done = async { in_flight.as_mut().expect("guarded by `delivering`").await }, if delivering => {
+                done = async {
+                    match in_flight.as_mut() {
+                        Some(delivery) => delivery.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     *in_flight = None;
                     if !self.settle(done) {
                         return Err(Stop::Undelivered);
@@ -167,17 +171,23 @@ impl Pipeline {
                         }
                     }
                     Err(e) => {
-                        warn!(error = %e, "kafka consumer error");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        warn!(lane = %self.name, error = %e, "kafka consumer error");
+                        consumer_error = true;
                     }
                 },
+            }
+            if consumer_error {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
 
     fn accept(&self, pending: &mut PendingBatch, m: &BorrowedMessage<'_>) {
-        self.metrics.messages_consumed.inc();
+        self.counters.messages_consumed.inc();
         pending.record_offset(m.topic(), m.partition(), m.offset());
+        if let Some(ts) = m.timestamp().to_millis() {
+            pending.record_timestamp(ts);
+        }
         let origin = || Origin {
             topic: m.topic().to_string(),
             partition: m.partition(),
@@ -185,24 +195,28 @@ impl Pipeline {
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
         };
-        match decode_event(m.payload(), self.config.kafka.include_snapshot_reads) {
+        match decode_event(m.payload(), self.include_snapshot_reads) {
             Ok(EventMessage::Insert(event)) => {
-                self.metrics.events_decoded.inc();
+                self.counters.events_decoded.inc();
                 pending.push_event(event, origin());
             }
             Ok(EventMessage::Skip(reason)) => {
-                debug!(reason = reason.as_str(), offset = m.offset(), "skipped");
+                debug!(lane = %self.name, reason = reason.as_str(), offset = m.offset(), "skipped");
                 self.metrics.add_labelled(
                     "fanout_messages_skipped_total",
-                    &label("reason", reason.as_str()),
+                    &format!(
+                        "{},{}",
+                        label("plugin", &self.name),
+                        label("reason", reason.as_str())
+                    ),
                     1.0,
                 );
             }
             Err(e) => {
-                warn!(error = %e, partition = m.partition(), offset = m.offset(), "undecodable message: dead-lettered");
+                warn!(lane = %self.name, error = %e, partition = m.partition(), offset = m.offset(), "undecodable message: dead-lettered");
                 pending.push_dead_letter(DeadLetter {
                     stage: Stage::Decode,
-                    plugin: None,
+                    plugin: Some(self.name.clone()),
                     reason: e.to_string(),
                     origin: origin(),
                 });
@@ -218,7 +232,7 @@ impl Pipeline {
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), last) in &batch.offsets {
             if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(last + 1)) {
-                warn!(error = %e, "cannot build the commit");
+                warn!(lane = %self.name, error = %e, "cannot build the commit");
                 return;
             }
         }
@@ -226,11 +240,11 @@ impl Pipeline {
         // and every sink is idempotent by event_id.
         match tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync)) {
             Ok(()) => {
-                self.metrics.commits.inc();
-                debug!(batch = %batch.wit.id, "committed");
+                self.counters.commits.inc();
+                debug!(lane = %self.name, batch = %batch.wit.id, "committed");
             }
             Err(e) => {
-                warn!(error = %e, batch = %batch.wit.id, "commit failed; the batch will be replayed")
+                warn!(lane = %self.name, error = %e, batch = %batch.wit.id, "commit failed; the batch will be replayed")
             }
         }
     }

@@ -1,0 +1,282 @@
+//! Delivery: one batch to one plugin under that plugin's failure policy, with the batch's
+//! dead letters. `deliver` returns Ok only when the plugin has durably taken the batch (or,
+//! under best-effort, given up and dead-lettered its events) and every dead letter is
+//! acknowledged by Kafka: the condition for the lane to commit past the batch.
+//!
+//! Retries depend on what failed: a plugin that cannot be instantiated or initialised is not
+//! the batch's fault, so it is retried at the capped backoff under every policy and never
+//! dead-letters the batch; a failed write (trap, timeout, retry-later) counts towards
+//! `max_retries`, after which best-effort dead-letters and fail-fast keeps trying.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::batch::{Origin, ReadyBatch};
+use crate::config::FailurePolicy;
+use crate::deadletter::{DeadLetter, DeadLetterQueue, Stage};
+use crate::metrics::{label, Metrics};
+use crate::plugin::{Plugin, WriteOutcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("shut down while plugin `{0}` had not taken the batch")]
+    Interrupted(String),
+    #[error("dead-letter topic unreachable: {0}")]
+    DeadLetter(String),
+}
+
+/// Hands batches to one plugin.
+pub struct Delivery {
+    pub plugin: Arc<Plugin>,
+    pub dead_letters: Arc<DeadLetterQueue>,
+    pub metrics: Metrics,
+}
+
+impl Delivery {
+    /// Delivers a batch; Err means nothing may be committed past it.
+    pub async fn deliver(
+        &self,
+        batch: &ReadyBatch,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), DeliveryError> {
+        if !batch.dead_letters.is_empty() {
+            self.send_dead_letters(&batch.dead_letters, shutdown)
+                .await?;
+        }
+        if batch.wit.events.is_empty() {
+            return Ok(());
+        }
+        self.deliver_events(batch, shutdown.clone()).await
+    }
+
+    fn health_key(&self) -> String {
+        format!("plugin {}", self.plugin.name())
+    }
+
+    fn count_failure(&self, kind: &str) {
+        self.metrics.add_labelled(
+            "fanout_plugin_failures_total",
+            &format!(
+                "{},{}",
+                label("plugin", self.plugin.name()),
+                label("kind", kind)
+            ),
+            1.0,
+        );
+    }
+
+    async fn deliver_events(
+        &self,
+        batch: &ReadyBatch,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), DeliveryError> {
+        let plugin = &self.plugin;
+        let cfg = &plugin.config;
+        // Failed writes: they count towards max_retries.
+        let mut attempt: u32 = 0;
+        // Every pause so far, failed starts included: the backoff grows with it.
+        let mut pauses: u32 = 0;
+        loop {
+            let failure = match plugin.write(batch.wit.clone()).await {
+                Ok(WriteOutcome::Accepted) => {
+                    self.delivered(batch.wit.events.len());
+                    return Ok(());
+                }
+                Ok(WriteOutcome::Rejected(rejections)) => {
+                    let letters: Vec<DeadLetter> = rejections
+                        .iter()
+                        .map(|r| self.letter(batch, r.event_id, r.reason.clone()))
+                        .collect();
+                    self.send_dead_letters(&letters, &shutdown).await?;
+                    self.delivered(batch.wit.events.len().saturating_sub(letters.len()));
+                    return Ok(());
+                }
+                Ok(WriteOutcome::RetryLater(reason)) => {
+                    self.count_failure("retry_later");
+                    attempt += 1;
+                    reason
+                }
+                Err(e) if e.is_setup() => {
+                    // Not the batch's fault: never dead-letter it for this, under any policy.
+                    self.count_failure(e.kind());
+                    let reason = format!("cannot start: {e}");
+                    error!(plugin = plugin.name(), reason = %reason, "plugin cannot start; its lane waits");
+                    self.metrics
+                        .set_unhealthy(&self.health_key(), Some(reason.clone()));
+                    pauses += 1;
+                    if !self
+                        .pause(
+                            cfg.retry_backoff_ms,
+                            cfg.max_backoff_ms,
+                            pauses,
+                            &mut shutdown,
+                        )
+                        .await
+                    {
+                        return Err(DeliveryError::Interrupted(plugin.name().to_string()));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.count_failure(e.kind());
+                    attempt += 1;
+                    e.to_string()
+                }
+            };
+            if attempt > cfg.max_retries && cfg.failure_policy == FailurePolicy::BestEffort {
+                warn!(plugin = plugin.name(), batch = %batch.wit.id, reason = %failure,
+                      "best-effort: giving up on the batch, dead-lettering its events");
+                let letters: Vec<DeadLetter> = batch
+                    .wit
+                    .events
+                    .iter()
+                    .map(|e| {
+                        self.letter(
+                            batch,
+                            e.event_id,
+                            format!("gave up after {attempt} attempts: {failure}"),
+                        )
+                    })
+                    .collect();
+                self.send_dead_letters(&letters, &shutdown).await?;
+                self.metrics.set_unhealthy(&self.health_key(), None);
+                return Ok(());
+            }
+            if attempt > cfg.max_retries {
+                // Fail-fast: this lane waits for its plugin; keep trying at the capped backoff.
+                error!(plugin = plugin.name(), batch = %batch.wit.id, attempt, reason = %failure,
+                       "fail-fast: plugin keeps failing; its lane waits and commits nothing");
+                self.metrics
+                    .set_unhealthy(&self.health_key(), Some(failure.clone()));
+            } else {
+                warn!(plugin = plugin.name(), batch = %batch.wit.id, attempt, reason = %failure, "plugin failed; retrying");
+            }
+            self.metrics.add_labelled(
+                "fanout_plugin_retries_total",
+                &label("plugin", plugin.name()),
+                1.0,
+            );
+            pauses += 1;
+            if !self
+                .pause(
+                    cfg.retry_backoff_ms,
+                    cfg.max_backoff_ms,
+                    pauses,
+                    &mut shutdown,
+                )
+                .await
+            {
+                return Err(DeliveryError::Interrupted(plugin.name().to_string()));
+            }
+        }
+    }
+
+    /// Sleeps the backoff of retry number `n`; false when shutdown came first.
+    async fn pause(
+        &self,
+        base_ms: u64,
+        max_ms: u64,
+        n: u32,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(base_ms, max_ms, n)) => true,
+            _ = shutdown.wait_for(|stop| *stop) => false,
+        }
+    }
+
+    fn delivered(&self, n: usize) {
+        let plugin = self.plugin.name();
+        self.metrics.add_labelled(
+            "fanout_events_delivered_total",
+            &label("plugin", plugin),
+            n as f64,
+        );
+        if !self.plugin.first_batch_taken() {
+            info!(plugin, events = n, "first batch delivered");
+        }
+        self.metrics.set_unhealthy(&self.health_key(), None);
+    }
+
+    fn letter(&self, batch: &ReadyBatch, event_id: i64, reason: String) -> DeadLetter {
+        let origin = batch
+            .origins
+            .get(&event_id)
+            .cloned()
+            .unwrap_or_else(|| Origin {
+                topic: String::new(),
+                partition: -1,
+                offset: -1,
+                key: None,
+                payload: Some(format!("{{\"event_id\":{event_id}}}").into_bytes()),
+            });
+        DeadLetter {
+            stage: Stage::Plugin,
+            plugin: Some(self.plugin.name().to_string()),
+            reason,
+            origin,
+        }
+    }
+
+    /// Dead letters must be durable before the batch is committed: retry until they are.
+    async fn send_dead_letters(
+        &self,
+        letters: &[DeadLetter],
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), DeliveryError> {
+        let mut attempt = 0;
+        loop {
+            match self.dead_letters.send_all(letters).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    attempt += 1;
+                    error!(error = %e, attempt, "dead-letter topic unreachable; retrying");
+                    if *shutdown.borrow() {
+                        return Err(DeliveryError::DeadLetter(e.to_string()));
+                    }
+                    tokio::time::sleep(backoff(500, 10_000, attempt)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter in [delay/2, delay].
+pub fn backoff(base_ms: u64, max_ms: u64, attempt: u32) -> Duration {
+    let exp = base_ms.saturating_mul(1u64 << attempt.min(20).saturating_sub(1));
+    let capped = exp.min(max_ms).max(1);
+    let jitter = jitter_fraction();
+    Duration::from_millis(capped / 2 + (capped as f64 / 2.0 * jitter) as u64)
+}
+
+fn jitter_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    (h.finish() % 10_000) as f64 / 10_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 1..30 {
+            let d = backoff(200, 10_000, attempt).as_millis() as u64;
+            let full = (200u64 << (attempt - 1).min(20)).min(10_000);
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d} vs {full}"
+            );
+        }
+    }
+}
