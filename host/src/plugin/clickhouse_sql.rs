@@ -2,9 +2,9 @@
 //! on a parse tree (sqlparser's ClickHouse dialect), never on the text.
 //!
 //! A statement is allowed only when all of this holds:
-//! - the text has no comment markers (`--`, `/*`, `*/`, `#`), no `;`, no `$`, no control
-//!   characters: the places where two SQL lexers (sqlparser's and ClickHouse's) could disagree
-//!   about what is code;
+//! - the text is ASCII without control characters, comment markers (`--`, `/*`, `*/`, `#`),
+//!   `;` or `$`: the places where two SQL lexers (sqlparser's and ClickHouse's) could disagree
+//!   about what is code (Unicode spaces, nested comments, heredocs);
 //! - it parses, as exactly one statement, of a kind a sink needs: `SELECT` (with `UNION`),
 //!   `CREATE DATABASE [IF NOT EXISTS] db`, `CREATE TABLE [IF NOT EXISTS] db.t (...) ENGINE = ...`;
 //!   rows are written with `insert-json-rows`, whose INSERT the host builds itself;
@@ -234,9 +234,11 @@ fn screen_text(sql: &str) -> Result<(), String> {
     }
     if let Some(c) = sql
         .chars()
-        .find(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r'))
+        .find(|c| !c.is_ascii() || (c.is_control() && !matches!(c, '\n' | '\t' | '\r')))
     {
-        return Err(format!("control character {c:?} in the statement"));
+        return Err(format!(
+            "character {c:?} in the statement (ASCII without control characters only)"
+        ));
     }
     for marker in ["--", "/*", "*/", "#", ";", "$"] {
         if sql.contains(marker) {
@@ -666,12 +668,27 @@ mod tests {
             "   ",
             "SELEC 1",
             "SELECT \u{0} FROM engagement.t",
+            "SELECT * FROM engagement.t\u{a0}JOIN system.tables AS s ON 1 = 1",
+            "SELECT * FROM engagement.t\u{2028}, system.tables",
+            "SELECT 'caf\u{e9}' FROM system.tables",
             "SELECT $$x$$",
         ];
         for sql in hostile {
             let r = check(sql);
             assert!(r.is_err(), "must be refused: {sql}");
         }
+    }
+
+    #[test]
+    fn a_full_lookup_chunk_passes() {
+        // The plugin's lookup_chunk default: 5000 ids in one IN list.
+        let ids: Vec<String> = (1..=5000).map(|i| (i * 7_919).to_string()).collect();
+        let sql = format!(
+            "SELECT DISTINCT event_id FROM `engagement`.`events_enriched` WHERE event_id IN ({}) \
+             FORMAT TabSeparated",
+            ids.join(",")
+        );
+        assert_eq!(check(&sql), Ok(()));
     }
 
     #[test]
