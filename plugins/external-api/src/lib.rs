@@ -486,7 +486,7 @@ impl ExternalApi {
             pending = again;
         }
         if !gave_up.is_empty() && self.cfg.policy == Policy::FailFast {
-            host.counter_add("events_delivered", delivered);
+            // The whole batch comes back: its events count as delivered once it is accepted.
             gave_up.sort_by_key(|g| g.0);
             let (_, event_id, reason) = &gave_up[0];
             let reason = match gave_up.len() {
