@@ -60,6 +60,13 @@ impl Services {
             )
         };
         let clickhouse = (!cfg.clickhouse_url.is_empty()).then(|| {
+            // The statement check is one fence; the user is the other (docs/architecture.md).
+            if matches!(cfg.clickhouse_user.as_str(), "" | "default") {
+                warn!(
+                    "clickhouse: connecting as `default`: give the host a user of its own, \
+                     limited to the granted databases (services.clickhouse_user)"
+                );
+            }
             let mut c = ::clickhouse::Client::default().with_url(&cfg.clickhouse_url);
             if !cfg.clickhouse_user.is_empty() {
                 c = c.with_user(&cfg.clickhouse_user);
