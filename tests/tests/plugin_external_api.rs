@@ -119,7 +119,10 @@ async fn per_event_posts_with_idempotency_keys_and_replays_reuse_them() {
     let got = mock_received(&stack, &ns).await;
     assert_eq!(got.len(), 6);
     assert_eq!(sorted(&got[3..]), ["event-16", "event-17", "event-18"]);
-    assert_eq!(body_of(&got[3..], "event-16"), body_of(&got[..3], "event-16"));
+    assert_eq!(
+        body_of(&got[3..], "event-16"),
+        body_of(&got[..3], "event-16")
+    );
     assert_eq!(plugin.counter("events_delivered"), 6.0);
 
     // Batch mode: one request per batch, a key derived from the event ids.
