@@ -437,4 +437,133 @@ mod tests {
         assert_eq!(http_in_flight(32), 32);
         assert_eq!(http_in_flight(100_000), MAX_HTTP_IN_FLIGHT as usize);
     }
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::config::{Grants, HttpGrant};
+    use http::Host as _;
+
+    /// What the test server saw: requests, and the most it was answering at once.
+    #[derive(Default)]
+    struct Seen {
+        requests: AtomicUsize,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+    }
+
+    /// A local HTTP server answering `POST /n` with body `n` after 30 ms.
+    fn server(rt: &tokio::runtime::Runtime) -> (String, Arc<Seen>) {
+        use axum::extract::{Path, State};
+        let seen = Arc::new(Seen::default());
+        let app = axum::Router::new()
+            .route(
+                "/{n}",
+                axum::routing::post(
+                    |State(seen): State<Arc<Seen>>, Path(n): Path<String>| async move {
+                        seen.requests.fetch_add(1, Ordering::SeqCst);
+                        let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        seen.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        seen.in_flight.fetch_sub(1, Ordering::SeqCst);
+                        n
+                    },
+                ),
+            )
+            .with_state(seen.clone());
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        rt.spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}/"), seen)
+    }
+
+    fn state(rt: &tokio::runtime::Runtime, prefix: &str) -> PluginState {
+        let services = Arc::new(Services {
+            runtime: rt.handle().clone(),
+            redis: None,
+            http: reqwest::Client::new(),
+            clickhouse: None,
+            metrics: Metrics::default(),
+        });
+        PluginState {
+            wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
+            table: wasmtime::component::ResourceTable::new(),
+            limiter: super::super::MemoryLimiter {
+                max_bytes: 1 << 20,
+                denied: false,
+            },
+            caps: Arc::new(Capabilities {
+                plugin: "t".into(),
+                grants: Grants {
+                    http: Some(HttpGrant {
+                        url_prefixes: vec![prefix.to_string()],
+                    }),
+                    ..Grants::default()
+                },
+                services,
+            }),
+        }
+    }
+
+    fn post(url: String) -> http::Request {
+        http::Request {
+            method: "POST".into(),
+            url,
+            headers: vec![],
+            body: vec![],
+            timeout_ms: 5_000,
+        }
+    }
+
+    #[test]
+    fn send_all_answers_in_order_with_bounded_concurrency() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let (base, seen) = server(&rt);
+        let mut st = state(&rt, &base);
+        let requests: Vec<_> = (0..40).map(|i| post(format!("{base}{i}"))).collect();
+        let answers = st.send_all(requests, 4);
+        let bodies: Vec<String> = answers
+            .iter()
+            .map(|a| match a {
+                Ok(r) => String::from_utf8_lossy(&r.body).into_owned(),
+                Err(e) => format!("{e:?}"),
+            })
+            .collect();
+        let expected: Vec<String> = (0..40).map(|i| i.to_string()).collect();
+        assert_eq!(bodies, expected, "each answer at its request's position");
+        let most = seen.max_in_flight.load(Ordering::SeqCst);
+        assert!(
+            (2..=4).contains(&most),
+            "concurrent, at most 4 at once: {most}"
+        );
+        // A refused connection is that request's own `failed`.
+        let mut st = state(&rt, "http://127.0.0.1:");
+        let out = st.send_all(vec![post("http://127.0.0.1:9/x".into())], 0);
+        assert!(
+            matches!(out[..], [Err(CapabilityError::Failed(_))]),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn send_all_sends_nothing_when_one_url_is_not_granted() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let (base, seen) = server(&rt);
+        let mut st = state(&rt, &base);
+        let out = st.send_all(
+            vec![
+                post(format!("{base}1")),
+                post("http://elsewhere.example/".into()),
+            ],
+            8,
+        );
+        assert_eq!(out.len(), 2);
+        assert!(
+            out.iter()
+                .all(|r| matches!(r, Err(CapabilityError::NotGranted(_)))),
+            "{out:?}"
+        );
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 0, "nothing was sent");
+    }
 }
