@@ -180,6 +180,9 @@ impl App {
                 delivery: self.delivery(plugin),
                 metrics: self.metrics.clone(),
                 counters: self.metrics.lane(plugin.name()),
+                commit_interval: std::time::Duration::from_millis(cfg.kafka.commit_interval_ms),
+                delivered: Default::default(),
+                last_commit: std::sync::Mutex::new(std::time::Instant::now()),
             };
             let task = lanes.spawn(lane.run(shutdown.clone()));
             lane_names.insert(task.id(), plugin.name().to_string());

@@ -61,6 +61,11 @@ pub struct KafkaConfig {
     pub content_topic: String,
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// A busy lane commits its delivered offsets at most this often (every commit is a write
+    /// on the broker); an idle or stopping lane commits at once. A crash replays at most this
+    /// much, which the sinks' idempotency absorbs.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
     /// Treat snapshot reads (`op: "r"`) as inserts.
     #[serde(default)]
     pub include_snapshot_reads: bool,
@@ -309,6 +314,9 @@ fn default_max_wait_ms() -> u64 {
 }
 fn default_http_listen() -> String {
     "127.0.0.1:9464".into()
+}
+fn default_commit_interval_ms() -> u64 {
+    1_000
 }
 fn default_lag_interval_ms() -> u64 {
     5_000

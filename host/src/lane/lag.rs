@@ -113,7 +113,9 @@ impl LagMonitor {
                 cfg.set("group.id", &lane.group)
                     .set("enable.auto.commit", "false")
                     .set("enable.partition.eof", "false")
-                    .set("fetch.max.bytes", "1048576");
+                    // It reads one message per lagging partition: keep the prefetch small.
+                    .set("max.partition.fetch.bytes", "65536")
+                    .set("queued.min.messages", "1");
                 cfg.create()
             })
             .collect()
@@ -245,6 +247,8 @@ fn oldest_undelivered_ms(peek: &BaseConsumer, topic: &str, lags: &[PartitionLag]
             }
         }
     }
+    // Unassigned at once: an assigned client keeps prefetching in the background.
+    let _ = peek.unassign();
     seen.values().min().copied()
 }
 

@@ -13,8 +13,9 @@ pub mod consumer;
 pub mod delivery;
 pub mod lag;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::BorrowedMessage;
@@ -44,6 +45,12 @@ pub struct Lane {
     pub delivery: Arc<Delivery>,
     pub metrics: Metrics,
     pub counters: Arc<LaneMetrics>,
+    /// Commits are cumulative: at most one per interval while the lane is busy (every commit
+    /// is a write on the broker), at once when it is idle or stops.
+    pub commit_interval: Duration,
+    /// (topic, partition) -> last offset delivered and not yet committed.
+    pub delivered: Mutex<BTreeMap<(String, i32), i64>>,
+    pub last_commit: Mutex<Instant>,
 }
 
 /// A batch handed to the plugin in the background, with how its delivery ended.
@@ -73,6 +80,7 @@ impl Lane {
             // The previous batch must be committed before the next one is handed over.
             if let Some(delivery) = in_flight.take() {
                 if !self.settle(delivery.await) {
+                    self.commit(true);
                     return;
                 }
             }
@@ -80,10 +88,15 @@ impl Lane {
                 Ok(p) => p,
                 Err(Stop::Shutdown) => {
                     info!(lane = %self.name, "shutdown: abandoning the batch being filled (it is not committed)");
+                    self.commit(true);
                     return;
                 }
-                Err(Stop::Undelivered) => return,
+                Err(Stop::Undelivered) => {
+                    self.commit(true);
+                    return;
+                }
             };
+            self.commit(false);
             let ready = enrich_batch(
                 pending,
                 &self.content,
@@ -100,7 +113,8 @@ impl Lane {
         }
     }
 
-    /// Commits a finished delivery. False when the batch was not delivered.
+    /// Records a finished delivery for the next commit. False when the batch was not
+    /// delivered.
     fn settle(
         &self,
         done: Result<(ReadyBatch, Result<(), DeliveryError>), tokio::task::JoinError>,
@@ -110,7 +124,9 @@ impl Lane {
                 if !ready.wit.events.is_empty() {
                     self.counters.batches_delivered.inc();
                 }
-                self.commit(&ready);
+                if let Ok(mut delivered) = self.delivered.lock() {
+                    delivered.extend(ready.offsets.iter().map(|(k, v)| (k.clone(), *v)));
+                }
                 true
             }
             Ok((ready, Err(e))) => {
@@ -160,6 +176,10 @@ impl Lane {
                     *in_flight = None;
                     if !self.settle(done) {
                         return Err(Stop::Undelivered);
+                    }
+                    // Nothing is being filled: commit now, an idle lane holds nothing back.
+                    if pending.is_empty() {
+                        self.commit(true);
                     }
                 }
                 _ = tokio::time::sleep(wait) => return Ok(pending),
@@ -224,27 +244,37 @@ impl Lane {
         }
     }
 
-    /// Commits the offset after the last one of each partition in the batch.
-    fn commit(&self, batch: &ReadyBatch) {
-        if batch.offsets.is_empty() {
+    /// Commits the offset after the last delivered one of each partition, when `now` or
+    /// when `commit_interval_ms` has passed since the last commit. Batches are delivered in
+    /// order, so the newest delivered offset of a partition covers every earlier one.
+    fn commit(&self, now: bool) {
+        let Ok(mut last) = self.last_commit.lock() else {
+            return;
+        };
+        if !now && last.elapsed() < self.commit_interval {
             return;
         }
+        let offsets = match self.delivered.lock() {
+            Ok(mut d) if !d.is_empty() => std::mem::take(&mut *d),
+            _ => return,
+        };
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), last) in &batch.offsets {
+        for ((topic, partition), last) in &offsets {
             if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(last + 1)) {
                 warn!(lane = %self.name, error = %e, "cannot build the commit");
                 return;
             }
         }
-        // A failed commit (e.g. after a rebalance) is not fatal: the batch is replayed later
-        // and every sink is idempotent by event_id.
+        *last = Instant::now();
+        // A failed commit (e.g. after a rebalance) is not fatal: the batches are replayed
+        // later and every sink is idempotent by event_id.
         match tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync)) {
             Ok(()) => {
                 self.counters.commits.inc();
-                debug!(lane = %self.name, batch = %batch.wit.id, "committed");
+                debug!(lane = %self.name, ?offsets, "committed");
             }
             Err(e) => {
-                warn!(lane = %self.name, error = %e, batch = %batch.wit.id, "commit failed; the batch will be replayed")
+                warn!(lane = %self.name, error = %e, "commit failed; delivered batches will be replayed")
             }
         }
     }
