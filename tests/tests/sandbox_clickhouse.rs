@@ -313,9 +313,7 @@ async fn a_hostile_plugin_does_not_stop_the_others() {
     let Some(stack) = Stack::get() else { return };
     let secret = SecretDb::create(&stack).await;
     let events = unique("events");
-    let content = unique("content");
     create_topic(&stack, &events, 1).await;
-    create_topic(&stack, &content, 1).await;
     let good = unique("good");
     let key = unique("hostile");
     let sink_table = unique("events");
@@ -334,7 +332,8 @@ async fn a_hostile_plugin_does_not_stop_the_others() {
             .replace("{tbl}", &sink_table)
     })
     .collect();
-    let mut cfg = ConfigBuilder::new(&stack, &events, &content, "")
+    // No content topic (one topic less for the broker to create): events keep NULL content.
+    let mut cfg = ConfigBuilder::new(&stack, &events, "", "")
         .testkit("good", "record", &good, "fail-fast", 3)
         .plugin_raw(&hostile_toml(
             "hostile",
