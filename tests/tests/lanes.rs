@@ -242,7 +242,13 @@ impl Rig {
 
     /// Runs the load and measures Redis freshness while it runs. Returns (events inserted,
     /// sorted latencies, when the last insert committed).
-    async fn load(&self, rate: u64, seconds: u64) -> (u64, Vec<Duration>, Instant) {
+    /// `base_content`: the first sample's content id; every load of a test needs its own range.
+    async fn load(
+        &self,
+        rate: u64,
+        seconds: u64,
+        base_content: i64,
+    ) -> (u64, Vec<Duration>, Instant) {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let expected = (seconds * 20) as usize;
         let watcher = {
@@ -253,7 +259,7 @@ impl Rig {
                 watch_samples(&stack, &prefix, samples, expected, deadline).await
             })
         };
-        let inserted = insert_load(&self.db, rate, seconds, samples, 5_000_000).await;
+        let inserted = insert_load(&self.db, rate, seconds, samples, base_content).await;
         let last = Instant::now();
         let latencies = watcher.await.expect("watcher");
         (inserted, latencies, last)
@@ -305,16 +311,16 @@ async fn a_slow_api_lags_alone() {
     let seconds = env_u64("FANOUT_LANES_SECONDS", 15);
     let rig = Rig::new(stack.clone()).await;
     mock_control(&stack, &rig.ns, serde_json::json!({"delay_ms": 20})).await;
-    let cfg = rig.config(&plugin_toml::external_api(
-        "external-api",
-        &stack,
-        &rig.ns,
-        "per-event",
-    ));
+    // The plugin's default concurrency (32) unless FANOUT_LANES_API_CONCURRENCY says otherwise.
+    let mut api_plugin = plugin_toml::external_api("external-api", &stack, &rig.ns, "per-event");
+    if let Ok(n) = std::env::var("FANOUT_LANES_API_CONCURRENCY") {
+        api_plugin.push_str(&format!("concurrency = {n}\n"));
+    }
+    let cfg = rig.config(&api_plugin);
     let _host = HostProc::start("lanes-slow-api", &cfg.render(), &cfg.metrics_addr);
     let warm = rig.warm_up().await;
 
-    let (inserted, latencies, last) = rig.load(rate, seconds).await;
+    let (inserted, latencies, last) = rig.load(rate, seconds, 5_000_000).await;
     let total = warm + inserted;
     report_latency("20 ms API", &latencies, (seconds * 20) as usize);
 
@@ -417,7 +423,7 @@ max_backoff_ms = 100
         })
     };
     // Half the load, kill -9, the other half.
-    let (first, lat1, _) = rig.load(rate, seconds / 2).await;
+    let (first, lat1, _) = rig.load(rate, seconds / 2, 5_000_000).await;
     let health = reqwest::get(format!("http://{}/healthz", cfg.metrics_addr))
         .await
         .expect("healthz");
@@ -432,7 +438,7 @@ max_backoff_ms = 100
         "/healthz names the lane: {why}"
     );
     host.restart("lanes-outage-ff");
-    let (second, lat2, _) = rig.load(rate, seconds - seconds / 2).await;
+    let (second, lat2, _) = rig.load(rate, seconds - seconds / 2, 6_000_000).await;
     let total = warm + first + second;
     // The SPEC bound is about the running stream: the first half, before the kill. Across
     // the restart every sample must still arrive (the restart itself takes seconds).
@@ -521,7 +527,7 @@ max_backoff_ms = 100
     let _host = HostProc::start("lanes-outage-be", &cfg.render(), &cfg.metrics_addr);
     let warm = rig.warm_up().await;
     api.down().await;
-    let (inserted, latencies, _) = rig.load(rate, seconds).await;
+    let (inserted, latencies, _) = rig.load(rate, seconds, 5_000_000).await;
     api.up().await;
     let total = warm + inserted;
     report_latency(
