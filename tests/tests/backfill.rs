@@ -139,6 +139,48 @@ async fn backfill_delivers_the_range_once_with_the_live_enrichment() {
     assert!(stdout.contains("read=1 "), "{stdout}");
 }
 
+/// `--plugin` delivers to the named plugins only; an unknown name is refused before any work.
+#[tokio::test(flavor = "multi_thread")]
+async fn backfill_to_named_plugins_only() {
+    let Some(stack) = Stack::get() else { return };
+    let db = Database::create(&stack, true).await;
+    let (inside, _) = seed_history(&db).await;
+    let (chosen, other) = (unique("bf-chosen"), unique("bf-other"));
+    let cfg = ConfigBuilder::new(&stack, &unique("unused"), "", &db.url)
+        .testkit("chosen", "record", &chosen, "fail-fast", 2)
+        .testkit("other", "record", &other, "fail-fast", 2);
+    let config = write_config(&cfg, "backfill-plugin");
+    let range = [
+        "--start",
+        "2026-01-08T09:00:00",
+        "--end",
+        "2026-01-08T10:00:00",
+    ];
+
+    let (code, stdout, stderr) = backfill(&config, &[&range[..], &["--plugin", "nope"]].concat());
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("no plugin named `nope`") && stderr.contains("chosen, other"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("backfill done"), "{stdout}");
+
+    let (code, stdout, stderr) = backfill(&config, &[&range[..], &["--plugin", "chosen"]].concat());
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("delivered=5"), "{stdout}");
+    let r = redis(&stack).await;
+    let ids: BTreeSet<i64> = recorded(&r, &chosen)
+        .await
+        .iter()
+        .filter_map(|e| e["event_id"].as_i64())
+        .collect();
+    assert_eq!(ids, inside);
+    assert!(
+        recorded(&r, &other).await.is_empty(),
+        "the other plugin got nothing"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn backfill_twice_and_over_the_live_stream_changes_nothing() {
     let Some(stack) = Stack::get() else { return };
