@@ -156,6 +156,20 @@ pub struct ServicesConfig {
     pub clickhouse_user: String,
     #[serde(default)]
     pub clickhouse_password: String,
+    /// Who makes the Redis ACL users plugins connect as (`redis_url` is the admin connection).
+    #[serde(default)]
+    pub redis_users: RedisUsers,
+}
+
+/// `services.redis_users`: Redis enforces every plugin's grant as an ACL user of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RedisUsers {
+    /// The host runs `ACL SETUSER` for each plugin at its first Redis call, from its grant.
+    #[default]
+    Host,
+    /// The operator manages the users; each grant names its `user` and `password`.
+    Provided,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -271,12 +285,55 @@ pub struct Grants {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisGrant {
-    /// Every key a command touches must start with this prefix.
+    /// Shorthand for a one-element `key_prefixes`.
     #[serde(default)]
-    pub key_prefix: String,
-    /// EVAL/EVALSHA: scripts are checked on their declared KEYS only, so this is opt-in.
+    pub key_prefix: Option<String>,
+    /// Every key a command touches (in a script too: Redis checks it) starts with one of these.
+    #[serde(default)]
+    pub key_prefixes: Vec<String>,
+    /// EVAL/EVALSHA. Redis holds scripts to the same keys and commands (ACL user).
     #[serde(default)]
     pub allow_scripts: bool,
+    /// Commands allowed (scripts' `redis.call`s included); default: every data command the
+    /// host knows (`plugin::grants::REDIS_DATA_COMMANDS`).
+    #[serde(default)]
+    pub commands: Option<Vec<String>>,
+    /// Bytes of all replies of one pipeline together (default 8 MiB).
+    #[serde(default)]
+    pub max_reply_bytes: Option<u64>,
+    /// Bound of one pipeline (default 5000 ms); a script still running then is killed.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// `services.redis_users = "provided"`: the operator's ACL user and its password.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// Default of `grants.redis.max_reply_bytes`.
+pub const DEFAULT_MAX_REDIS_REPLY_BYTES: u64 = 8 << 20;
+/// Default of `grants.redis.timeout_ms`.
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 5_000;
+
+impl RedisGrant {
+    /// `key_prefix` and `key_prefixes` together.
+    pub fn prefixes(&self) -> Vec<&str> {
+        self.key_prefix
+            .iter()
+            .chain(&self.key_prefixes)
+            .map(String::as_str)
+            .collect()
+    }
+
+    pub fn max_reply_bytes(&self) -> u64 {
+        self.max_reply_bytes
+            .unwrap_or(DEFAULT_MAX_REDIS_REPLY_BYTES)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.unwrap_or(DEFAULT_REDIS_TIMEOUT_MS))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -470,6 +527,10 @@ impl Config {
                     ),
                 ));
             }
+            if let Some(g) = &p.grants.redis {
+                crate::plugin::grants::check_redis_grant(g, self.services.redis_users)
+                    .map_err(|why| invalid(&key("grants.redis"), &why))?;
+            }
             if p.grants.clickhouse.is_some() && self.services.clickhouse_url.is_empty() {
                 return Err(invalid(
                     "services.clickhouse_url",
@@ -607,12 +668,8 @@ x = 1
         assert_eq!(c.plugins[0].failure_policy, FailurePolicy::BestEffort);
         assert_eq!(c.kafka.events_topic, "dbserver1.public.engagement_events");
         assert_eq!(
-            c.plugins[0]
-                .grants
-                .redis
-                .as_ref()
-                .map(|g| g.key_prefix.as_str()),
-            Some("a:")
+            c.plugins[0].grants.redis.as_ref().map(|g| g.prefixes()),
+            Some(vec!["a:"])
         );
     }
 

@@ -935,7 +935,8 @@ database = "{db}"
         )
     }
 
-    /// redis_topn.wasm with every key (idempotency markers included) under `prefix`.
+    /// redis_topn.wasm with every key (idempotency markers included) under `prefix`, granted
+    /// exactly the key prefixes it uses (as config/local.toml does).
     pub fn redis_topn(name: &str, prefix: &str) -> String {
         format!(
             r#"
@@ -943,7 +944,7 @@ database = "{db}"
 name = "{name}"
 path = "{}"
 [plugins.grants]
-redis = {{ key_prefix = "{prefix}", allow_scripts = true }}
+redis = {{ key_prefixes = ["{prefix}content:", "{prefix}top:content:", "{prefix}fanout:seen:"], allow_scripts = true }}
 [plugins.config]
 key_prefix = "{prefix}"
 "#,

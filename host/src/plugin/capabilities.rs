@@ -17,6 +17,9 @@ use super::{clickhouse_sql, grants};
 use crate::config::{Grants, ServicesConfig};
 use crate::metrics::{label, Metrics};
 
+mod redis_access;
+pub use redis_access::RedisAccess;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServicesError {
     #[error("redis at {url}: {source}")]
@@ -26,12 +29,15 @@ pub enum ServicesError {
     },
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("a password for the plugins' redis users: {0}")]
+    Random(std::io::Error),
 }
 
 /// Clients shared by every plugin; grants decide who may use them.
 pub struct Services {
     pub runtime: tokio::runtime::Handle,
-    pub redis: Option<::redis::aio::ConnectionManager>,
+    /// The admin connection, and each plugin's own as its ACL user.
+    pub redis: Option<RedisAccess>,
     pub http: reqwest::Client,
     pub clickhouse: Option<::clickhouse::Client>,
     pub metrics: Metrics,
@@ -45,19 +51,7 @@ impl Services {
         let redis = if cfg.redis_url.is_empty() {
             None
         } else {
-            let redis_err = |source| ServicesError::Redis {
-                url: cfg.redis_url.clone(),
-                source,
-            };
-            let client = ::redis::Client::open(cfg.redis_url.as_str()).map_err(redis_err)?;
-            let mgr_cfg = ::redis::aio::ConnectionManagerConfig::new()
-                .set_response_timeout(Some(Duration::from_secs(10)))
-                .set_connection_timeout(Some(Duration::from_secs(5)));
-            Some(
-                ::redis::aio::ConnectionManager::new_with_config(client, mgr_cfg)
-                    .await
-                    .map_err(redis_err)?,
-            )
+            Some(RedisAccess::connect(cfg).await?)
         };
         let clickhouse = (!cfg.clickhouse_url.is_empty()).then(|| {
             // The statement check is one fence; the user is the other (docs/architecture.md).
@@ -153,79 +147,8 @@ impl wit_redis::Host for PluginState {
         commands: Vec<wit_redis::Command>,
         atomic: bool,
     ) -> Result<Vec<wit_redis::Reply>, CapabilityError> {
-        let caps = &self.caps;
-        let grant = granted(&caps.grants.redis, "redis", &caps.plugin)?;
-        for c in &commands {
-            grants::check_redis_command(grant, c).map_err(CapabilityError::NotGranted)?;
-        }
-        let mut conn = caps
-            .services
-            .redis
-            .clone()
-            .ok_or_else(|| CapabilityError::Failed("the host has no redis_url".into()))?;
-        let mut pipe = ::redis::pipe();
-        if atomic {
-            pipe.atomic();
-        }
-        for c in &commands {
-            let mut cmd = ::redis::cmd(&String::from_utf8_lossy(&c[0]));
-            for arg in &c[1..] {
-                cmd.arg(arg.as_slice());
-            }
-            pipe.add_command(cmd);
-        }
-        let replies: Vec<::redis::Value> = caps
-            .services
-            .runtime
-            .block_on(pipe.query_async(&mut conn))
-            .map_err(|e| CapabilityError::Failed(format!("redis: {e}")))?;
-        replies.into_iter().map(to_reply).collect()
+        redis_access::pipeline(self, commands, atomic)
     }
-}
-
-fn to_scalar(v: ::redis::Value) -> Result<wit_redis::Scalar, CapabilityError> {
-    use ::redis::Value as V;
-    use wit_redis::Scalar as S;
-    Ok(match v {
-        V::Nil => S::Nil,
-        V::Int(i) => S::Integer(i),
-        V::BulkString(b) => S::Data(b),
-        V::SimpleString(s) => S::Status(s),
-        V::Okay => S::Status("OK".into()),
-        V::Double(d) => S::Data(d.to_string().into_bytes()),
-        V::Boolean(b) => S::Integer(i64::from(b)),
-        V::VerbatimString { text, .. } => S::Data(text.into_bytes()),
-        V::BigNumber(n) => S::Data(n.to_string().into_bytes()),
-        V::ServerError(e) => return Err(CapabilityError::Failed(format!("redis: {e:?}"))),
-        other => {
-            return Err(CapabilityError::Failed(format!(
-                "redis reply nested too deep for the capability: {other:?}"
-            )))
-        }
-    })
-}
-
-fn to_reply(v: ::redis::Value) -> Result<wit_redis::Reply, CapabilityError> {
-    use ::redis::Value as V;
-    use wit_redis::Reply as R;
-    Ok(match v {
-        V::Array(items) | V::Set(items) => {
-            R::Array(items.into_iter().map(to_scalar).collect::<Result<_, _>>()?)
-        }
-        V::Map(pairs) => R::Array(
-            pairs
-                .into_iter()
-                .flat_map(|(k, v)| [k, v])
-                .map(to_scalar)
-                .collect::<Result<_, _>>()?,
-        ),
-        scalar => match to_scalar(scalar)? {
-            wit_redis::Scalar::Nil => R::Nil,
-            wit_redis::Scalar::Integer(i) => R::Integer(i),
-            wit_redis::Scalar::Data(d) => R::Data(d),
-            wit_redis::Scalar::Status(s) => R::Status(s),
-        },
-    })
 }
 
 /// The most requests one `send-all` keeps in flight, whatever the plugin asks for.

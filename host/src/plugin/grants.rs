@@ -1,8 +1,9 @@
 //! What a plugin's grant allows: pure checks, applied before any capability does I/O.
 
-use crate::config::{HttpGrant, RedisGrant};
+use crate::config::{HttpGrant, RedisGrant, RedisUsers};
 
 /// Where the keys of a Redis command are among its arguments (index 0 is the command name).
+#[derive(Clone, Copy)]
 enum KeyPositions {
     None,
     First,
@@ -14,28 +15,54 @@ enum KeyPositions {
     ScriptKeys,
 }
 
+/// The data commands a sink may be granted (`grants.redis.commands`; all of them by default).
+/// Nothing administrative, no pub/sub, no command that lists or scans the keyspace.
+#[rustfmt::skip]
+pub const REDIS_DATA_COMMANDS: &[&str] = &[
+    "PING", "TIME", "ECHO", "GET", "SET", "SETNX", "SETEX", "PSETEX", "GETSET", "GETDEL", "GETEX",
+    "INCR", "INCRBY", "INCRBYFLOAT", "DECR", "DECRBY", "APPEND", "STRLEN", "EXPIRE", "PEXPIRE",
+    "EXPIREAT", "PEXPIREAT", "TTL", "PTTL", "PERSIST", "TYPE", "HSET", "HSETNX", "HGET", "HMSET",
+    "HMGET", "HGETALL", "HDEL", "HINCRBY", "HEXISTS", "HLEN", "HKEYS", "HVALS", "LPUSH", "RPUSH",
+    "LPOP", "RPOP", "LRANGE", "LLEN", "LTRIM", "SADD", "SREM", "SMEMBERS", "SISMEMBER", "SCARD",
+    "ZADD", "ZINCRBY", "ZSCORE", "ZRANGE", "ZREVRANGE", "ZRANGEBYSCORE", "ZREVRANGEBYSCORE",
+    "ZREM", "ZCARD", "ZCOUNT", "ZRANK", "ZREVRANK", "ZREMRANGEBYSCORE", "ZREMRANGEBYRANK",
+    "PFADD", "DEL", "UNLINK", "EXISTS", "MGET", "TOUCH", "PFCOUNT", "MSET", "MSETNX",
+    "ZUNIONSTORE", "ZINTERSTORE",
+];
+
+/// Added to the allowed commands by `allow_scripts = true`.
+pub const REDIS_SCRIPT_COMMANDS: &[&str] = &["EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO"];
+
 fn key_positions(command: &str) -> Option<KeyPositions> {
     use KeyPositions::*;
     Some(match command {
         "PING" | "TIME" | "ECHO" => None,
-        "GET" | "SET" | "SETNX" | "SETEX" | "PSETEX" | "GETSET" | "GETDEL" | "GETEX" | "INCR"
-        | "INCRBY" | "INCRBYFLOAT" | "DECR" | "DECRBY" | "APPEND" | "STRLEN" | "EXPIRE"
-        | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" | "TTL" | "PTTL" | "PERSIST" | "TYPE" | "HSET"
-        | "HSETNX" | "HGET" | "HMSET" | "HMGET" | "HGETALL" | "HDEL" | "HINCRBY" | "HEXISTS"
-        | "HLEN" | "HKEYS" | "HVALS" | "LPUSH" | "RPUSH" | "LPOP" | "RPOP" | "LRANGE" | "LLEN"
-        | "LTRIM" | "SADD" | "SREM" | "SMEMBERS" | "SISMEMBER" | "SCARD" | "ZADD" | "ZINCRBY"
-        | "ZSCORE" | "ZRANGE" | "ZREVRANGE" | "ZRANGEBYSCORE" | "ZREVRANGEBYSCORE" | "ZREM"
-        | "ZCARD" | "ZCOUNT" | "ZRANK" | "ZREVRANK" | "ZREMRANGEBYSCORE" | "ZREMRANGEBYRANK"
-        | "PFADD" => First,
         "DEL" | "UNLINK" | "EXISTS" | "MGET" | "TOUCH" | "PFCOUNT" => All,
         "MSET" | "MSETNX" => EveryOther,
         "ZUNIONSTORE" | "ZINTERSTORE" => StoreWithNumKeys,
         "EVAL" | "EVALSHA" | "EVAL_RO" | "EVALSHA_RO" => ScriptKeys,
+        c if REDIS_DATA_COMMANDS.contains(&c) => First,
         _ => return Option::None,
     })
 }
 
+/// The commands the grant allows, upper case: its `commands` (or every data command), plus
+/// the script commands when `allow_scripts`.
+pub fn redis_allowed_commands(grant: &RedisGrant) -> Vec<String> {
+    let mut out: Vec<String> = match &grant.commands {
+        Some(list) => list.iter().map(|c| c.to_ascii_uppercase()).collect(),
+        None => REDIS_DATA_COMMANDS.iter().map(|c| c.to_string()).collect(),
+    };
+    if grant.allow_scripts {
+        out.extend(REDIS_SCRIPT_COMMANDS.iter().map(|c| c.to_string()));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Checks one command against the grant. Err carries the reason given to the plugin.
+/// Redis checks it again as the plugin's ACL user (scripts included); this is the first fence.
 pub fn check_redis_command(grant: &RedisGrant, args: &[Vec<u8>]) -> Result<(), String> {
     let name = args
         .first()
@@ -43,6 +70,14 @@ pub fn check_redis_command(grant: &RedisGrant, args: &[Vec<u8>]) -> Result<(), S
         .ok_or("empty command")?;
     let positions = key_positions(&name)
         .ok_or_else(|| format!("command {name} is not available to plugins"))?;
+    if matches!(positions, KeyPositions::ScriptKeys) && !grant.allow_scripts {
+        return Err(format!(
+            "{name} needs `allow_scripts = true` in the redis grant"
+        ));
+    }
+    if !redis_allowed_commands(grant).contains(&name) {
+        return Err(format!("command {name} is not in the grant's `commands`"));
+    }
     let keys: Vec<&Vec<u8>> = match positions {
         KeyPositions::None => vec![],
         KeyPositions::First => args.get(1).into_iter().collect(),
@@ -56,21 +91,16 @@ pub fn check_redis_command(grant: &RedisGrant, args: &[Vec<u8>]) -> Result<(), S
                 .collect()
         }
         KeyPositions::ScriptKeys => {
-            if !grant.allow_scripts {
-                return Err(format!(
-                    "{name} needs `allow_scripts = true` in the redis grant"
-                ));
-            }
             let n = num_keys(args, 2, &name)?;
             args.iter().skip(3).take(n).collect()
         }
     };
+    let prefixes = grant.prefixes();
     for key in keys {
-        if !key.starts_with(grant.key_prefix.as_bytes()) {
+        if !prefixes.iter().any(|p| key.starts_with(p.as_bytes())) {
             return Err(format!(
-                "{name} on key `{}` is outside the granted prefix `{}`",
+                "{name} on key `{}` is outside the granted prefixes {prefixes:?}",
                 String::from_utf8_lossy(key),
-                grant.key_prefix
             ));
         }
     }
@@ -87,6 +117,89 @@ fn num_keys(args: &[Vec<u8>], at: usize, name: &str) -> Result<usize, String> {
         return Err(format!("{name}: fewer keys than numkeys says"));
     }
     Ok(n)
+}
+
+/// A redis grant as a config error: explicit prefixes that are literal ACL key patterns,
+/// known commands, the user fields matching `services.redis_users`.
+pub fn check_redis_grant(grant: &RedisGrant, users: RedisUsers) -> Result<(), String> {
+    let prefixes = grant.prefixes();
+    if prefixes.is_empty() {
+        return Err("name the key prefixes the plugin uses (`key_prefixes = [..]`)".into());
+    }
+    for p in prefixes {
+        // `""` would be every key; glob characters would widen the ACL pattern `~prefix*`.
+        if p.is_empty() {
+            return Err("an empty key prefix would grant every key".into());
+        }
+        if p.chars().any(|c| {
+            matches!(c, '*' | '?' | '[' | ']' | '\\') || c.is_whitespace() || c.is_control()
+        }) {
+            return Err(format!(
+                "key prefix `{p}`: no glob characters (*?[]\\), spaces or control characters"
+            ));
+        }
+    }
+    for c in grant.commands.iter().flatten() {
+        let up = c.to_ascii_uppercase();
+        if REDIS_SCRIPT_COMMANDS.contains(&up.as_str()) {
+            return Err(format!(
+                "`{c}` in commands: scripts are granted by allow_scripts"
+            ));
+        }
+        if !REDIS_DATA_COMMANDS.contains(&up.as_str()) {
+            return Err(format!(
+                "`{c}` in commands is not a data command plugins may use"
+            ));
+        }
+    }
+    if grant.max_reply_bytes == Some(0) || grant.timeout_ms == Some(0) {
+        return Err("max_reply_bytes and timeout_ms must be positive".into());
+    }
+    match (users, &grant.user, &grant.password) {
+        (RedisUsers::Host, None, None) => Ok(()),
+        (RedisUsers::Host, _, _) => Err(
+            "user/password are for services.redis_users = \"provided\"; the host makes its own"
+                .into(),
+        ),
+        (RedisUsers::Provided, Some(u), Some(_)) if !u.is_empty() => Ok(()),
+        (RedisUsers::Provided, _, _) => {
+            Err("services.redis_users = \"provided\": set user and password".into())
+        }
+    }
+}
+
+/// The `ACL SETUSER` rules of a grant, password aside: only its key patterns and commands,
+/// nothing else the user may have had (selectors, channels, other keys).
+pub fn redis_acl_rules(grant: &RedisGrant) -> Vec<String> {
+    let mut rules: Vec<String> = [
+        "on",
+        "clearselectors",
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+    ]
+    .iter()
+    .map(|r| r.to_string())
+    .collect();
+    rules.extend(
+        redis_allowed_commands(grant)
+            .iter()
+            .map(|c| format!("+{}", c.to_ascii_lowercase())),
+    );
+    rules.extend(grant.prefixes().iter().map(|p| format!("~{p}*")));
+    rules
+}
+
+/// The ACL user of a plugin: its name and a hash of its rules, so that hosts sharing a Redis
+/// with the same grant share the user, and a changed grant never edits a user in use.
+pub fn redis_acl_user(plugin: &str, rules: &[String]) -> String {
+    // FNV-1a: stable across builds (the name must be the same on every host).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in rules.join(" ").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("fanout-plugin-{plugin}-{h:016x}")
 }
 
 /// A URL is allowed when it starts with one of the granted prefixes, after parsing (so that
@@ -124,14 +237,16 @@ mod tests {
     #[test]
     fn redis_prefix_is_enforced_on_every_key() {
         let g = RedisGrant {
-            key_prefix: "t1:".into(),
-            allow_scripts: false,
+            key_prefix: Some("t1:".into()),
+            key_prefixes: vec!["t3:".into()],
+            ..RedisGrant::default()
         };
         assert!(check_redis_command(&g, &cmd(&["INCR", "t1:count"])).is_ok());
+        assert!(check_redis_command(&g, &cmd(&["INCR", "t3:count"])).is_ok());
         assert!(check_redis_command(&g, &cmd(&["incr", "other"])).is_err());
         assert!(check_redis_command(&g, &cmd(&["DEL", "t1:a", "t2:b"])).is_err());
         assert!(
-            check_redis_command(&g, &cmd(&["ZUNIONSTORE", "t1:dst", "2", "t1:a", "t1:b"])).is_ok()
+            check_redis_command(&g, &cmd(&["ZUNIONSTORE", "t1:dst", "2", "t1:a", "t3:b"])).is_ok()
         );
         assert!(
             check_redis_command(&g, &cmd(&["ZUNIONSTORE", "t1:dst", "2", "t1:a", "x:b"])).is_err()
@@ -139,11 +254,71 @@ mod tests {
         assert!(check_redis_command(&g, &cmd(&["FLUSHALL"])).is_err());
         assert!(check_redis_command(&g, &cmd(&["EVAL", "return 1", "0"])).is_err());
         let s = RedisGrant {
-            key_prefix: "t1:".into(),
+            key_prefix: Some("t1:".into()),
             allow_scripts: true,
+            ..RedisGrant::default()
         };
         assert!(check_redis_command(&s, &cmd(&["EVAL", "return 1", "1", "t1:k", "arg"])).is_ok());
         assert!(check_redis_command(&s, &cmd(&["EVAL", "return 1", "1", "x:k"])).is_err());
+        // A `commands` list narrows the default set.
+        let narrow = RedisGrant {
+            key_prefixes: vec!["t1:".into()],
+            commands: Some(vec!["rpush".into()]),
+            ..RedisGrant::default()
+        };
+        assert!(check_redis_command(&narrow, &cmd(&["RPUSH", "t1:l", "x"])).is_ok());
+        assert!(check_redis_command(&narrow, &cmd(&["DEL", "t1:l"])).is_err());
+    }
+
+    #[test]
+    fn redis_grants_are_explicit_and_become_acl_rules() {
+        let ok = RedisGrant {
+            key_prefixes: vec!["content:".into(), "top:content:".into()],
+            allow_scripts: true,
+            ..RedisGrant::default()
+        };
+        assert!(check_redis_grant(&ok, RedisUsers::Host).is_ok());
+        assert!(check_redis_grant(&ok, RedisUsers::Provided).is_err());
+        for bad in ["", "a*", "a?", "a[b]", "a b", "a\\"] {
+            let g = RedisGrant {
+                key_prefix: Some(bad.into()),
+                ..RedisGrant::default()
+            };
+            assert!(check_redis_grant(&g, RedisUsers::Host).is_err(), "{bad:?}");
+        }
+        assert!(check_redis_grant(&RedisGrant::default(), RedisUsers::Host).is_err());
+        for bad in ["FLUSHALL", "CONFIG", "EVAL", "KEYS", "SCRIPT"] {
+            let g = RedisGrant {
+                key_prefix: Some("a:".into()),
+                commands: Some(vec![bad.into()]),
+                ..RedisGrant::default()
+            };
+            assert!(check_redis_grant(&g, RedisUsers::Host).is_err(), "{bad}");
+        }
+        let rules = redis_acl_rules(&ok);
+        assert_eq!(
+            rules[..5],
+            [
+                "on",
+                "clearselectors",
+                "resetkeys",
+                "resetchannels",
+                "-@all"
+            ]
+        );
+        assert!(rules.contains(&"+eval".to_string()) && rules.contains(&"+zincrby".to_string()));
+        assert!(!rules
+            .iter()
+            .any(|r| r.contains("flushall") || r.contains("@") && r != "-@all"));
+        assert_eq!(rules[rules.len() - 2..], ["~content:*", "~top:content:*"]);
+        let user = redis_acl_user("topn", &rules);
+        assert!(user.starts_with("fanout-plugin-topn-"), "{user}");
+        assert_eq!(user, redis_acl_user("topn", &rules), "stable");
+        assert_ne!(
+            user,
+            redis_acl_user("topn", &rules[1..]),
+            "a changed grant, another user"
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!
 //! Config: { "key": "<redis list receiving one JSON event per delivered event>",
 //!           "mode": "record" | "noop" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first"
-//!                   | "clickhouse-sql",
+//!                   | "clickhouse-sql" | "redis-hostile",
+//!           "outside": "<key>" (for redis-hostile: a key outside its prefix it tries to reach),
 //!           "retries": N (for retry-first: how many calls answer retry-later first),
 //!           "statements": ["<sql>", ...], "inserts": [["<db>", "<table>"], ...] (for clickhouse-sql:
 //!           each sent through the ClickHouse capability; one JSON report per attempt is pushed
@@ -23,6 +24,61 @@ pub struct Testkit {
     retries_left: u64,
     statements: Vec<String>,
     inserts: Vec<(String, String)>,
+    /// For redis-hostile: a key outside the plugin's prefix that it tries to reach.
+    outside: String,
+}
+
+/// The attempts of the redis-hostile mode: (name, command).
+fn redis_hostile_attempts(outside: &str) -> Vec<(&'static str, Vec<&str>)> {
+    vec![
+        // The host cannot see which keys a script computes: Redis (the ACL user) must refuse.
+        (
+            "script-set-outside",
+            vec![
+                "EVAL",
+                "return redis.call('SET', ARGV[1], 'hostile')",
+                "0",
+                outside,
+            ],
+        ),
+        (
+            "script-del-outside",
+            vec!["EVAL", "return redis.call('DEL', ARGV[1])", "0", outside],
+        ),
+        (
+            "script-flushall",
+            vec!["EVAL", "return redis.call('FLUSHALL')", "0"],
+        ),
+        (
+            "script-config-set",
+            vec![
+                "EVAL",
+                "return redis.call('CONFIG', 'SET', 'maxmemory', '1')",
+                "0",
+            ],
+        ),
+        (
+            "script-keys",
+            vec!["EVAL", "return redis.call('KEYS', '*')", "0"],
+        ),
+        (
+            "script-acl",
+            vec![
+                "EVAL",
+                "return redis.call('ACL', 'SETUSER', 'evil', 'on', 'nopass', '+@all', '~*')",
+                "0",
+            ],
+        ),
+        // The host's own check refuses these before Redis sees them.
+        (
+            "declared-key-outside",
+            vec!["EVAL", "return 1", "1", outside],
+        ),
+        ("flushall", vec!["FLUSHALL"]),
+        ("config-set", vec!["CONFIG", "SET", "maxmemory", "1"]),
+        // Blocks Redis for everyone until killed.
+        ("busy-script", vec!["EVAL", "while true do end", "0"]),
+    ]
 }
 
 impl Sink for Testkit {
@@ -61,6 +117,7 @@ impl Sink for Testkit {
                         .collect()
                 })
                 .unwrap_or_default(),
+            outside: text("outside", "outside:prefix"),
         })
     }
 
@@ -127,6 +184,25 @@ impl Sink for Testkit {
                         .map(|()| String::new());
                     reports.push(report("insert", serde_json::json!([db, table]), r));
                 }
+                self.push(&host, &reports)
+            }
+            // A hostile plugin granted scripts: every way out of its key prefix it can try, one
+            // JSON report per attempt pushed to `key` (sandbox_redis.rs reads them).
+            "redis-hostile" => {
+                let reports: Vec<String> = redis_hostile_attempts(&self.outside)
+                    .into_iter()
+                    .map(|(name, cmd)| {
+                        let started = host.now_micros();
+                        let r = host.redis_pipeline(&[command(&cmd)], false);
+                        let ms = (host.now_micros() - started) / 1000;
+                        let (ok, error) = match r {
+                            Ok(replies) => (Value::String(format!("{replies:?}")), Value::Null),
+                            Err(e) => (Value::Null, Value::String(format!("{e:?}"))),
+                        };
+                        serde_json::json!({"attempt": name, "ok": ok, "error": error, "ms": ms})
+                            .to_string()
+                    })
+                    .collect();
                 self.push(&host, &reports)
             }
             // Takes the batch and does nothing: the cost of the Wasm boundary alone.
