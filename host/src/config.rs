@@ -340,12 +340,38 @@ impl RedisGrant {
 #[serde(deny_unknown_fields)]
 pub struct HttpGrant {
     pub url_prefixes: Vec<String>,
+    /// The largest response body one request may return, and all responses of one
+    /// `send-all` together (default 8 MiB): the body is read in chunks and refused past it.
+    #[serde(default)]
+    pub max_response_bytes: Option<u64>,
+}
+
+/// Default of `grants.http.max_response_bytes`.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 8 << 20;
+
+impl HttpGrant {
+    pub fn max_response_bytes(&self) -> u64 {
+        self.max_response_bytes
+            .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseGrant {
     pub databases: Vec<String>,
+    /// The largest result `execute` may return (default 8 MiB); the query is cancelled past it.
+    #[serde(default)]
+    pub max_result_bytes: Option<u64>,
+}
+
+/// Default of `grants.clickhouse.max_result_bytes`.
+pub const DEFAULT_MAX_RESULT_BYTES: u64 = 8 << 20;
+
+impl ClickHouseGrant {
+    pub fn max_result_bytes(&self) -> u64 {
+        self.max_result_bytes.unwrap_or(DEFAULT_MAX_RESULT_BYTES)
+    }
 }
 
 fn default_group_id() -> String {

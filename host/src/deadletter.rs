@@ -44,6 +44,38 @@ pub struct DeadLetterQueue {
     producer: FutureProducer,
     topic: String,
     metrics: Metrics,
+    /// The producer's `message.max.bytes`: every letter is made to fit it.
+    max_message_bytes: usize,
+}
+
+/// The longest reason a letter carries (a plugin chooses its rejection reasons).
+pub const MAX_REASON_BYTES: usize = 1024;
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// What a record costs beyond its key, value and header bytes (batch and record framing),
+/// generously.
+const RECORD_OVERHEAD_BYTES: usize = 1024;
+
+/// `text` made safe for one log line or header: control characters (newlines included) and
+/// Unicode line separators escaped, cut at `max_bytes` with a note of what was cut.
+pub fn escape_truncate(text: &str, max_bytes: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_bytes) + 32);
+    let mut buf = [0u8; 4];
+    for (i, c) in text.char_indices() {
+        let escaped;
+        let piece: &str = if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+            escaped = c.escape_default().to_string();
+            &escaped
+        } else {
+            c.encode_utf8(&mut buf)
+        };
+        if out.len() + piece.len() > max_bytes {
+            out.push_str(&format!("...[{} more bytes]", text.len() - i));
+            return out;
+        }
+        out.push_str(piece);
+    }
+    out
 }
 
 impl DeadLetterQueue {
@@ -60,10 +92,15 @@ impl DeadLetterQueue {
         for (k, v) in properties {
             cfg.set(k, v);
         }
+        let max_message_bytes = properties
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
         Ok(DeadLetterQueue {
             producer: cfg.create()?,
             topic: topic.to_string(),
             metrics,
+            max_message_bytes,
         })
     }
 
@@ -120,12 +157,79 @@ impl DeadLetterQueue {
     }
 
     async fn send(&self, letter: &DeadLetter) -> Result<(), rdkafka::error::KafkaError> {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaErrorCode;
+        let reason = escape_truncate(&letter.reason, MAX_REASON_BYTES);
+        let key = letter.origin.key.as_deref();
+        let payload = letter.origin.payload.as_deref();
+        let size = |k: Option<&[u8]>, p: Option<&[u8]>| {
+            k.map_or(0, <[u8]>::len)
+                + p.map_or(0, <[u8]>::len)
+                + reason.len()
+                + letter.origin.topic.len()
+                + RECORD_OVERHEAD_BYTES
+        };
+        // A letter that cannot fit would be refused forever and hold the lane: the original
+        // bytes are left out (the source topic, partition and offset still point at them).
+        let fits = |k, p| size(k, p) <= self.max_message_bytes;
+        let mut omitted = None;
+        let (mut key, mut payload) = (key, payload);
+        if !fits(key, payload) {
+            omitted = Some(format!(
+                "payload of {} bytes left out: the letter would exceed message.max.bytes ({})",
+                payload.map_or(0, <[u8]>::len),
+                self.max_message_bytes
+            ));
+            payload = None;
+            if !fits(key, None) {
+                key = None;
+            }
+        }
+        let result = match self
+            .produce(letter, &reason, key, payload, omitted.as_deref())
+            .await
+        {
+            // The broker's limit can be lower than the producer's: once more without the bytes.
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge))
+                if payload.is_some() || key.is_some() =>
+            {
+                let note = "key and payload left out: the broker refused the letter as too large";
+                self.produce(letter, &reason, None, None, Some(note)).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(()) => {
+                let labels = format!(
+                    "{},{}",
+                    label("stage", letter.stage.as_str()),
+                    label("plugin", letter.plugin.as_deref().unwrap_or(""))
+                );
+                self.metrics
+                    .add_labelled("fanout_dead_lettered_total", &labels, 1.0);
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, reason = %reason, "dead letter not sent");
+                Err(e)
+            }
+        }
+    }
+
+    async fn produce(
+        &self,
+        letter: &DeadLetter,
+        reason: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        omitted: Option<&str>,
+    ) -> Result<(), rdkafka::error::KafkaError> {
         let partition = letter.origin.partition.to_string();
         let offset = letter.origin.offset.to_string();
-        let headers = OwnedHeaders::new()
+        let mut headers = OwnedHeaders::new()
             .insert(Header {
                 key: "fanout.reason",
-                value: Some(letter.reason.as_bytes()),
+                value: Some(reason.as_bytes()),
             })
             .insert(Header {
                 key: "fanout.stage",
@@ -147,29 +251,42 @@ impl DeadLetterQueue {
                 key: "fanout.source.offset",
                 value: Some(offset.as_bytes()),
             });
+        if let Some(note) = omitted {
+            headers = headers.insert(Header {
+                key: "fanout.payload.omitted",
+                value: Some(note.as_bytes()),
+            });
+        }
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&self.topic).headers(headers);
-        if let Some(k) = &letter.origin.key {
-            record = record.key(k.as_slice());
+        if let Some(k) = key {
+            record = record.key(k);
         }
-        if let Some(p) = &letter.origin.payload {
-            record = record.payload(p.as_slice());
+        if let Some(p) = payload {
+            record = record.payload(p);
         }
-        match self.producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => {
-                let labels = format!(
-                    "{},{}",
-                    label("stage", letter.stage.as_str()),
-                    label("plugin", letter.plugin.as_deref().unwrap_or(""))
-                );
-                self.metrics
-                    .add_labelled("fanout_dead_lettered_total", &labels, 1.0);
-                Ok(())
-            }
-            Err((e, _)) => {
-                warn!(error = %e, reason = %letter.reason, "dead letter not sent");
-                Err(e)
-            }
-        }
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_escaped_and_truncated() {
+        assert_eq!(escape_truncate("plain", 100), "plain");
+        let forged = "x\n2026-01-01T00:00:00Z  INFO fanout: forged\r\u{1b}[31m\u{2028}";
+        let out = escape_truncate(forged, 1000);
+        assert!(!out.chars().any(|c| c.is_control()), "{out}");
+        assert!(out.contains("\\n2026"), "{out}");
+        let long = "é".repeat(10_000);
+        let out = escape_truncate(&long, MAX_REASON_BYTES);
+        assert!(out.len() <= MAX_REASON_BYTES + 32, "{}", out.len());
+        assert!(out.ends_with("more bytes]"), "{out}");
     }
 }

@@ -56,6 +56,30 @@ pub struct MetricsInner {
     lanes: Mutex<BTreeMap<String, Arc<LaneMetrics>>>,
     labelled: Mutex<BTreeMap<(String, String), f64>>,
     health: Mutex<BTreeMap<String, String>>,
+    /// The metric names each plugin has used, and whether a refusal was already logged.
+    plugin_names: Mutex<BTreeMap<String, (std::collections::BTreeSet<String>, bool)>>,
+}
+
+/// The most metric names one plugin may use: each is a series on /metrics.
+pub const MAX_PLUGIN_METRIC_NAMES: usize = 100;
+/// The longest plugin metric name.
+pub const MAX_PLUGIN_METRIC_NAME_LEN: usize = 64;
+
+/// Why a plugin's metric was not recorded; `first` is set on the plugin's first refusal.
+#[derive(Debug)]
+pub struct MetricRefusal {
+    pub reason: String,
+    pub first: bool,
+}
+
+/// `[a-z_][a-z0-9_]*`, at most `MAX_PLUGIN_METRIC_NAME_LEN` bytes.
+pub fn valid_metric_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= MAX_PLUGIN_METRIC_NAME_LEN
+        && bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 #[derive(Clone, Default)]
@@ -111,6 +135,48 @@ impl Metrics {
             .ok()
             .and_then(|m| m.get(&(name.to_string(), labels.to_string())).copied())
             .unwrap_or(0.0)
+    }
+
+    /// Admits metric `name` of `plugin`: a valid name, and a known one or one of the first
+    /// `MAX_PLUGIN_METRIC_NAMES`. Refusals are counted in
+    /// `fanout_plugin_metrics_refused_total{plugin,reason}` (two reasons: bounded).
+    pub fn plugin_metric_name(&self, plugin: &str, name: &str) -> Result<(), MetricRefusal> {
+        let reason = if !valid_metric_name(name) {
+            "invalid_name"
+        } else {
+            let Ok(mut all) = self.plugin_names.lock() else {
+                return Ok(());
+            };
+            let (names, _) = all.entry(plugin.to_string()).or_default();
+            if names.contains(name) {
+                return Ok(());
+            }
+            if names.len() < MAX_PLUGIN_METRIC_NAMES {
+                names.insert(name.to_string());
+                return Ok(());
+            }
+            "too_many_names"
+        };
+        self.add_labelled(
+            "fanout_plugin_metrics_refused_total",
+            &format!("{},{}", label("plugin", plugin), label("reason", reason)),
+            1.0,
+        );
+        let first = match self.plugin_names.lock() {
+            Ok(mut all) => {
+                let (_, logged) = all.entry(plugin.to_string()).or_default();
+                !std::mem::replace(logged, true)
+            }
+            Err(_) => false,
+        };
+        let shown: String = name.chars().take(MAX_PLUGIN_METRIC_NAME_LEN).collect();
+        Err(MetricRefusal {
+            reason: format!(
+                "{reason}: `{}` (names are [a-z_][a-z0-9_]*, at most {MAX_PLUGIN_METRIC_NAME_LEN} bytes, {MAX_PLUGIN_METRIC_NAMES} per plugin; further refusals are only counted)",
+                shown.escape_default()
+            ),
+            first,
+        })
     }
 
     /// Marks a component unhealthy with a reason (None = healthy again).
@@ -185,4 +251,45 @@ pub fn label(key: &str, value: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n");
     format!("{key}=\"{escaped}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_metric_names_are_validated_and_capped() {
+        assert!(valid_metric_name("rows_inserted"));
+        assert!(valid_metric_name("_x9"));
+        for bad in [
+            "",
+            "9x",
+            "Rows",
+            "a-b",
+            "a b",
+            "a\nfanout_healthy 1",
+            "x\"}",
+        ] {
+            assert!(!valid_metric_name(bad), "{bad:?}");
+        }
+        assert!(!valid_metric_name(&"a".repeat(65)));
+        let m = Metrics::default();
+        for i in 0..MAX_PLUGIN_METRIC_NAMES {
+            assert!(m.plugin_metric_name("p", &format!("n{i}")).is_ok());
+        }
+        assert!(
+            m.plugin_metric_name("p", "n0").is_ok(),
+            "a known name stays"
+        );
+        let first = m.plugin_metric_name("p", "one_more").unwrap_err();
+        assert!(first.first);
+        let again = m.plugin_metric_name("p", "two_more").unwrap_err();
+        assert!(!again.first, "logged once");
+        assert!(m.plugin_metric_name("other", "n0").is_ok(), "per plugin");
+        let refused = "fanout_plugin_metrics_refused_total";
+        assert_eq!(
+            m.labelled(refused, "plugin=\"p\",reason=\"too_many_names\""),
+            2.0
+        );
+    }
 }

@@ -86,23 +86,30 @@ impl Delivery {
                     return Ok(());
                 }
                 Ok(WriteOutcome::Rejected(rejections)) => {
-                    let letters: Vec<DeadLetter> = rejections
-                        .iter()
-                        .map(|r| self.letter(batch, r.event_id, r.reason.clone()))
-                        .collect();
-                    self.send_dead_letters(&letters, &shutdown).await?;
-                    self.delivered(batch.wit.events.len().saturating_sub(letters.len()));
-                    return Ok(());
+                    match self.rejection_letters(batch, rejections) {
+                        Ok(letters) => {
+                            self.send_dead_letters(&letters, &shutdown).await?;
+                            self.delivered(batch.wit.events.len().saturating_sub(letters.len()));
+                            return Ok(());
+                        }
+                        // Not an answer about this batch: a failed write (retried, then the
+                        // failure policy), never a commit on the plugin's word.
+                        Err(why) => {
+                            self.count_failure("invalid_outcome");
+                            attempt += 1;
+                            why
+                        }
+                    }
                 }
                 Ok(WriteOutcome::RetryLater(reason)) => {
                     self.count_failure("retry_later");
                     attempt += 1;
-                    reason
+                    clean(&reason)
                 }
                 Err(e) if e.is_setup() => {
                     // Not the batch's fault: never dead-letter it for this, under any policy.
                     self.count_failure(e.kind());
-                    let reason = format!("cannot start: {e}");
+                    let reason = clean(&format!("cannot start: {e}"));
                     error!(plugin = plugin.name(), reason = %reason, "plugin cannot start; its lane waits");
                     self.metrics
                         .set_unhealthy(&self.health_key(), Some(reason.clone()));
@@ -123,7 +130,7 @@ impl Delivery {
                 Err(e) => {
                     self.count_failure(e.kind());
                     attempt += 1;
-                    e.to_string()
+                    clean(&e.to_string())
                 }
             };
             if attempt > cfg.max_retries && cfg.failure_policy == FailurePolicy::BestEffort {
@@ -201,6 +208,31 @@ impl Delivery {
         self.metrics.set_unhealthy(&self.health_key(), None);
     }
 
+    /// The dead letters of a `rejected` outcome, one per rejected event (a repeated id once);
+    /// Err when it names an event that is not in the batch.
+    fn rejection_letters(
+        &self,
+        batch: &ReadyBatch,
+        rejections: Vec<crate::plugin::Rejection>,
+    ) -> Result<Vec<DeadLetter>, String> {
+        let in_batch: std::collections::HashSet<i64> =
+            batch.wit.events.iter().map(|e| e.event_id).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut letters = Vec::new();
+        for r in rejections {
+            if !in_batch.contains(&r.event_id) {
+                return Err(format!(
+                    "the plugin rejected event {} which is not in batch {}",
+                    r.event_id, batch.wit.id
+                ));
+            }
+            if seen.insert(r.event_id) {
+                letters.push(self.letter(batch, r.event_id, clean(&r.reason)));
+            }
+        }
+        Ok(letters)
+    }
+
     fn letter(&self, batch: &ReadyBatch, event_id: i64, reason: String) -> DeadLetter {
         let origin = batch
             .origins
@@ -242,6 +274,12 @@ impl Delivery {
             }
         }
     }
+}
+
+/// A plugin's text (reasons, errors) as the host logs and dead-letters it: bounded and with
+/// control characters escaped, so it cannot forge log lines or swell letters.
+fn clean(text: &str) -> String {
+    crate::deadletter::escape_truncate(text, crate::deadletter::MAX_REASON_BYTES)
 }
 
 /// Exponential backoff with full jitter in [delay/2, delay].

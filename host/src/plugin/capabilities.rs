@@ -73,7 +73,10 @@ impl Services {
         Ok(Arc::new(Services {
             runtime: tokio::runtime::Handle::current(),
             redis,
-            http: reqwest::Client::builder().build()?,
+            // Redirects are followed by the capability, each hop checked against the grant.
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
             clickhouse,
             metrics,
         }))
@@ -85,6 +88,202 @@ pub struct Capabilities {
     pub plugin: String,
     pub grants: Grants,
     pub services: Arc<Services>,
+    /// What the plugin may still write to the host log (log calls, stdout, stderr).
+    output: std::sync::Mutex<OutputBudget>,
+}
+
+impl Capabilities {
+    pub fn new(plugin: String, grants: Grants, services: Arc<Services>) -> Self {
+        Capabilities {
+            plugin,
+            grants,
+            services,
+            output: std::sync::Mutex::new(OutputBudget::new()),
+        }
+    }
+
+    /// Writes one line of the plugin's to the host log: truncated, control characters
+    /// escaped (a plugin cannot forge host lines), within the plugin's output budget.
+    fn log_line(&self, level: log::Level, stream: &str, message: &[u8]) {
+        let line = crate::deadletter::escape_truncate(
+            &String::from_utf8_lossy(message),
+            MAX_LOG_LINE_BYTES,
+        );
+        let allowed = match self.output.lock() {
+            Ok(mut b) => b.take(line.len() as u64),
+            Err(_) => Err(false),
+        };
+        if let Err(first) = allowed {
+            self.services.metrics.add_labelled(
+                "fanout_plugin_log_dropped_bytes_total",
+                &label("plugin", &self.plugin),
+                line.len() as f64,
+            );
+            if first {
+                warn!(plugin = %self.plugin, "plugin writes more than its log budget; dropping its lines for now");
+            }
+            return;
+        }
+        let plugin = self.plugin.as_str();
+        match level {
+            log::Level::Trace => trace!(plugin, stream, "{line}"),
+            log::Level::Debug => debug!(plugin, stream, "{line}"),
+            log::Level::Info => info!(plugin, stream, "{line}"),
+            log::Level::Warn => warn!(plugin, stream, "{line}"),
+            log::Level::Error => error!(plugin, stream, "{line}"),
+        }
+    }
+}
+
+/// The longest line a plugin writes to the host log (log calls and stdout/stderr lines).
+pub const MAX_LOG_LINE_BYTES: usize = 4096;
+/// A plugin's log budget: a burst of this many bytes...
+const LOG_BURST_BYTES: f64 = 1024.0 * 1024.0;
+/// ... refilled at this rate.
+const LOG_BYTES_PER_SEC: f64 = 256.0 * 1024.0;
+
+/// A token bucket of log bytes per plugin: a flood costs the host a bounded log volume.
+struct OutputBudget {
+    tokens: f64,
+    at: std::time::Instant,
+    dropping: bool,
+}
+
+impl OutputBudget {
+    fn new() -> Self {
+        OutputBudget {
+            tokens: LOG_BURST_BYTES,
+            at: std::time::Instant::now(),
+            dropping: false,
+        }
+    }
+
+    /// Ok when `n` bytes may be logged; Err(true) for the first refusal of an episode.
+    fn take(&mut self, n: u64) -> Result<(), bool> {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * LOG_BYTES_PER_SEC;
+        self.tokens = (self.tokens + refill).min(LOG_BURST_BYTES);
+        self.at = now;
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            self.dropping = false;
+            Ok(())
+        } else {
+            let first = !self.dropping;
+            self.dropping = true;
+            Err(first)
+        }
+    }
+}
+
+/// A plugin's WASI stdout or stderr: never the host's own, split into lines that go to the
+/// host log as the plugin's (capped and escaped like log calls, within the same budget).
+pub struct PluginOutput {
+    caps: Arc<Capabilities>,
+    stream: &'static str,
+    line: Arc<std::sync::Mutex<LineBuffer>>,
+}
+
+impl PluginOutput {
+    pub fn new(caps: Arc<Capabilities>, stream: &'static str) -> Self {
+        PluginOutput {
+            caps,
+            stream,
+            line: Arc::default(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct LineBuffer {
+    bytes: Vec<u8>,
+    /// The current line was already cut at the cap: its rest is skipped up to the newline.
+    skipping: bool,
+}
+
+struct OutputWriter {
+    caps: Arc<Capabilities>,
+    stream: &'static str,
+    line: Arc<std::sync::Mutex<LineBuffer>>,
+}
+
+impl OutputWriter {
+    fn accept(&self, mut buf: &[u8]) {
+        let Ok(mut line) = self.line.lock() else {
+            return;
+        };
+        let level = if self.stream == "stderr" {
+            log::Level::Warn
+        } else {
+            log::Level::Info
+        };
+        while !buf.is_empty() {
+            let (part, rest, ends) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (&buf[..i], &buf[i + 1..], true),
+                None => (buf, &buf[buf.len()..], false),
+            };
+            buf = rest;
+            if !line.skipping {
+                let room = MAX_LOG_LINE_BYTES.saturating_sub(line.bytes.len());
+                line.bytes.extend_from_slice(&part[..part.len().min(room)]);
+                if part.len() > room {
+                    line.bytes.extend_from_slice(b" [line truncated]");
+                    self.caps.log_line(level, self.stream, &line.bytes);
+                    line.bytes.clear();
+                    line.skipping = true;
+                }
+            }
+            if ends {
+                if !line.skipping {
+                    self.caps.log_line(level, self.stream, &line.bytes);
+                }
+                line.bytes.clear();
+                line.skipping = false;
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for OutputWriter {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        // Always taken: what is over the budget is dropped, never pushed back on the plugin.
+        self.accept(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for PluginOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for PluginOutput {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(OutputWriter {
+            caps: self.caps.clone(),
+            stream: self.stream,
+            line: self.line.clone(),
+        })
+    }
 }
 
 /// The plugin's grant for `capability`, or the error the plugin sees when it has none.
@@ -103,19 +302,32 @@ impl errors::Host for PluginState {}
 
 impl log::Host for PluginState {
     fn log(&mut self, level: log::Level, message: String) {
-        let plugin = self.caps.plugin.as_str();
-        match level {
-            log::Level::Trace => trace!(plugin, "{message}"),
-            log::Level::Debug => debug!(plugin, "{message}"),
-            log::Level::Info => info!(plugin, "{message}"),
-            log::Level::Warn => warn!(plugin, "{message}"),
-            log::Level::Error => error!(plugin, "{message}"),
+        self.caps.log_line(level, "log", message.as_bytes());
+    }
+}
+
+impl PluginState {
+    /// Whether the plugin may write series `name`: a valid name, and at most
+    /// `MAX_PLUGIN_METRIC_NAMES` names per plugin (each one is a series on /metrics).
+    fn metric_allowed(&self, name: &str) -> bool {
+        let caps = &self.caps;
+        match caps.services.metrics.plugin_metric_name(&caps.plugin, name) {
+            Ok(()) => true,
+            Err(refusal) => {
+                if refusal.first {
+                    warn!(plugin = %caps.plugin, reason = %refusal.reason, "plugin metric refused");
+                }
+                false
+            }
         }
     }
 }
 
 impl metrics::Host for PluginState {
     fn counter_add(&mut self, name: String, value: u64) {
+        if !self.metric_allowed(&name) {
+            return;
+        }
         let labels = format!(
             "{},{}",
             label("plugin", &self.caps.plugin),
@@ -129,6 +341,9 @@ impl metrics::Host for PluginState {
     }
 
     fn gauge_set(&mut self, name: String, value: f64) {
+        if !self.metric_allowed(&name) {
+            return;
+        }
         let labels = format!(
             "{},{}",
             label("plugin", &self.caps.plugin),
@@ -154,46 +369,168 @@ impl wit_redis::Host for PluginState {
 /// The most requests one `send-all` keeps in flight, whatever the plugin asks for.
 pub const MAX_HTTP_IN_FLIGHT: u32 = 256;
 
+/// Redirects followed by the capability, each one checked against the grant again.
+pub const MAX_HTTP_REDIRECTS: usize = 5;
+
+/// The longest any capability call may take, whatever the plugin asks for; the time left in
+/// the plugin's call caps it further.
+pub const MAX_CAPABILITY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Headers that belong to the host (framing, routing, connection management): a plugin that
+/// sets one is refused rather than silently overridden.
+const HOST_OWNED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "proxy-connection",
+];
+
 /// A plugin's `max-in-flight`, clamped to what the host allows.
 fn http_in_flight(requested: u32) -> usize {
     requested.clamp(1, MAX_HTTP_IN_FLIGHT) as usize
 }
 
-/// Checks the request's URL against the grant: nothing is built for a refused URL.
-fn granted_http_url(
-    caps: &Capabilities,
-    req: &http::Request,
-) -> Result<reqwest::Url, CapabilityError> {
-    let grant = granted(&caps.grants.http, "http", &caps.plugin)?;
-    grants::check_http_url(grant, &req.url).map_err(CapabilityError::NotGranted)
+impl PluginState {
+    /// A timeout asked for by the plugin, capped by the time left in the call: a capability
+    /// call never outlives the call it is part of.
+    fn capability_timeout(&self, requested_ms: u64) -> Result<Duration, CapabilityError> {
+        Ok(Duration::from_millis(requested_ms.max(1))
+            .min(self.remaining()?)
+            .min(MAX_CAPABILITY_TIMEOUT))
+    }
 }
 
-/// The reqwest request for a granted URL; the timeout is capped as for every request.
-fn http_request(
-    caps: &Capabilities,
+/// One checked request: everything needed to send it again on a redirect.
+struct HttpCall {
+    method: reqwest::Method,
     url: reqwest::Url,
-    req: http::Request,
-) -> Result<reqwest::RequestBuilder, CapabilityError> {
+    headers: reqwest::header::HeaderMap,
+    body: Bytes,
+    timeout: Duration,
+}
+
+/// Checks the request against the grant (URL, method, headers): nothing is sent for a
+/// refused request.
+fn checked_http_call(state: &PluginState, req: http::Request) -> Result<HttpCall, CapabilityError> {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let caps = &state.caps;
+    let grant = granted(&caps.grants.http, "http", &caps.plugin)?;
+    let url = grants::check_http_url(grant, &req.url).map_err(CapabilityError::NotGranted)?;
     let method = reqwest::Method::from_bytes(req.method.as_bytes())
         .map_err(|_| CapabilityError::Failed(format!("bad HTTP method `{}`", req.method)))?;
-    let timeout = Duration::from_millis(u64::from(req.timeout_ms.clamp(1, 300_000)));
-    let mut builder = caps
-        .services
-        .http
-        .request(method, url)
-        .timeout(timeout)
-        .body(req.body);
+    let mut headers = reqwest::header::HeaderMap::new();
     for (k, v) in &req.headers {
-        builder = builder.header(k, v);
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| CapabilityError::Failed(format!("bad header name `{k}`")))?;
+        if HOST_OWNED_HEADERS.contains(&name.as_str()) {
+            return Err(CapabilityError::NotGranted(format!(
+                "header `{name}` is set by the host, not by plugins"
+            )));
+        }
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| CapabilityError::Failed(format!("bad value of header `{name}`")))?;
+        headers.append(name, value);
     }
-    Ok(builder)
+    Ok(HttpCall {
+        method,
+        url,
+        headers,
+        body: Bytes::from(req.body),
+        timeout: state.capability_timeout(u64::from(req.timeout_ms))?,
+    })
 }
 
-async fn perform_http(builder: reqwest::RequestBuilder) -> Result<http::Response, CapabilityError> {
-    let resp = builder
-        .send()
-        .await
-        .map_err(|e| CapabilityError::Failed(format!("http: {}", error_chain(&e))))?;
+/// What one call may still read: per response and, for `send-all`, for all its responses.
+struct BodyBudget {
+    per_response: u64,
+    left: std::sync::atomic::AtomicU64,
+}
+
+impl BodyBudget {
+    fn new(max: u64) -> Self {
+        BodyBudget {
+            per_response: max,
+            left: std::sync::atomic::AtomicU64::new(max),
+        }
+    }
+
+    /// Takes `n` bytes from the call's budget; false when it is spent.
+    fn take(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(n)
+            })
+            .is_ok()
+    }
+}
+
+/// Sends the call; redirects are followed here (the shared client follows none) only to
+/// URLs the grant covers. The body is read in chunks and refused past the budget, so a
+/// huge response costs the host at most the budget.
+async fn perform_http(
+    grant: &crate::config::HttpGrant,
+    mut call: HttpCall,
+    client: &reqwest::Client,
+    budget: &BodyBudget,
+) -> Result<http::Response, CapabilityError> {
+    use reqwest::StatusCode;
+    let deadline = tokio::time::Instant::now() + call.timeout;
+    let mut hops = 0;
+    let resp = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(CapabilityError::Failed("http: timed out".into()));
+        }
+        let resp = client
+            .request(call.method.clone(), call.url.clone())
+            .headers(call.headers.clone())
+            .body(call.body.clone())
+            .timeout(left)
+            .send()
+            .await
+            .map_err(|e| CapabilityError::Failed(format!("http: {}", error_chain(&e))))?;
+        let status = resp.status();
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok());
+        let (true, Some(location)) = (status.is_redirection(), location) else {
+            break resp;
+        };
+        hops += 1;
+        if hops > MAX_HTTP_REDIRECTS {
+            return Err(CapabilityError::Failed(format!(
+                "http: more than {MAX_HTTP_REDIRECTS} redirects"
+            )));
+        }
+        let next = call.url.join(location).map_err(|e| {
+            CapabilityError::Failed(format!("http: bad redirect `{location}`: {e}"))
+        })?;
+        let next = grants::check_http_url(grant, next.as_str()).map_err(|why| {
+            CapabilityError::NotGranted(format!("redirect from {} refused: {why}", call.url))
+        })?;
+        // As browsers do: 303 (and 301/302 after a POST) continue as a GET without a body.
+        if status == StatusCode::SEE_OTHER
+            || (call.method == reqwest::Method::POST
+                && matches!(status, StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND))
+        {
+            call.method = reqwest::Method::GET;
+            call.body = Bytes::new();
+            call.headers.remove(reqwest::header::CONTENT_TYPE);
+        }
+        if next.origin() != call.url.origin() {
+            call.headers.remove(reqwest::header::AUTHORIZATION);
+            call.headers.remove(reqwest::header::COOKIE);
+        }
+        call.url = next;
+    };
     let status = resp.status().as_u16();
     let headers = resp
         .headers()
@@ -205,23 +542,52 @@ async fn perform_http(builder: reqwest::RequestBuilder) -> Result<http::Response
             )
         })
         .collect();
-    let body = resp
-        .bytes()
+    let too_big = || {
+        CapabilityError::Failed(format!(
+            "http: response body larger than the grant's max_response_bytes ({} bytes)",
+            budget.per_response
+        ))
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > budget.per_response)
+    {
+        return Err(too_big());
+    }
+    let mut resp = resp;
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
         .await
-        .map_err(|e| CapabilityError::Failed(format!("http body: {}", error_chain(&e))))?;
+        .map_err(|e| CapabilityError::Failed(format!("http body: {}", error_chain(&e))))?
+    {
+        let n = chunk.len() as u64;
+        if body.len() as u64 + n > budget.per_response {
+            return Err(too_big());
+        }
+        if !budget.take(n) {
+            return Err(CapabilityError::Failed(format!(
+                "http: the responses of this call together exceed the grant's \
+                 max_response_bytes ({} bytes)",
+                budget.per_response
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
     Ok(http::Response {
         status,
         headers,
-        body: body.to_vec(),
+        body,
     })
 }
 
 impl http::Host for PluginState {
     fn send(&mut self, req: http::Request) -> Result<http::Response, CapabilityError> {
+        let call = checked_http_call(self, req)?;
         let caps = &self.caps;
-        let url = granted_http_url(caps, &req)?;
-        let builder = http_request(caps, url, req)?;
-        caps.services.runtime.block_on(perform_http(builder))
+        let grant = granted(&caps.grants.http, "http", &caps.plugin)?;
+        let budget = BodyBudget::new(grant.max_response_bytes());
+        self.block_on(perform_http(grant, call, &caps.services.http, &budget))
     }
 
     fn send_all(
@@ -232,19 +598,22 @@ impl http::Host for PluginState {
         use futures::stream::{self, StreamExt};
 
         let caps = &self.caps;
-        // Every URL first: one refused URL means nothing is sent at all, as with `send`.
-        let mut urls = Vec::with_capacity(requests.len());
-        for (i, req) in requests.iter().enumerate() {
-            match granted_http_url(caps, req) {
-                Ok(url) => urls.push(url),
+        let count = requests.len();
+        let grant = match granted(&caps.grants.http, "http", &caps.plugin) {
+            Ok(g) => g,
+            Err(e) => return (0..count).map(|_| Err(e.clone())).collect(),
+        };
+        // Every request first: one refused request means nothing is sent at all, as with `send`.
+        let mut calls = Vec::with_capacity(count);
+        for (i, req) in requests.into_iter().enumerate() {
+            match checked_http_call(self, req) {
+                Ok(call) => calls.push(call),
                 Err(e) => {
                     let why = match &e {
                         CapabilityError::NotGranted(m) | CapabilityError::Failed(m) => m.clone(),
                     };
-                    return requests
-                        .iter()
-                        .enumerate()
-                        .map(|(j, _)| {
+                    return (0..count)
+                        .map(|j| {
                             Err(CapabilityError::NotGranted(if j == i {
                                 why.clone()
                             } else {
@@ -255,19 +624,19 @@ impl http::Host for PluginState {
                 }
             }
         }
-        let builders: Vec<_> = urls
-            .into_iter()
-            .zip(requests)
-            .map(|(url, req)| http_request(caps, url, req))
-            .collect();
         let in_flight = http_in_flight(max_in_flight);
+        // One budget for all the responses of the call: 256 in flight cannot each take it all.
+        let budget = BodyBudget::new(grant.max_response_bytes());
+        let client = &caps.services.http;
         // `buffered` keeps the results in request order while up to `in_flight` run at once.
-        caps.services.runtime.block_on(
-            stream::iter(builders)
-                .map(|b| async move { perform_http(b?).await })
+        let all = self.block_on(async {
+            Ok(stream::iter(calls)
+                .map(|call| perform_http(grant, call, client, &budget))
                 .buffered(in_flight)
-                .collect::<Vec<_>>(),
-        )
+                .collect::<Vec<_>>()
+                .await)
+        });
+        all.unwrap_or_else(|e| (0..count).map(|_| Err(e.clone())).collect())
     }
 }
 
@@ -300,17 +669,30 @@ impl clickhouse::Host for PluginState {
         // No default database: `CREATE DATABASE` must work before the database exists, and
         // the check above allows only `database.table` names.
         let client = client.clone();
-        caps.services.runtime.block_on(async move {
+        let max = grant.max_result_bytes();
+        let read = async move {
             let mut cursor = client
                 .query(&sql)
                 .fetch_bytes("TabSeparated")
                 .map_err(|e| CapabilityError::Failed(format!("clickhouse: {e}")))?;
-            let bytes = cursor
-                .collect()
+            // Read in chunks and stop past the cap (dropping the cursor ends the query).
+            let mut out = Vec::new();
+            while let Some(chunk) = cursor
+                .next()
                 .await
-                .map_err(|e| CapabilityError::Failed(format!("clickhouse: {e}")))?;
-            Ok(String::from_utf8_lossy(&bytes).into_owned())
-        })
+                .map_err(|e| CapabilityError::Failed(format!("clickhouse: {e}")))?
+            {
+                if (out.len() + chunk.len()) as u64 > max {
+                    return Err(CapabilityError::Failed(format!(
+                        "clickhouse: result larger than the grant's max_result_bytes ({max} bytes)"
+                    )));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        };
+        // At most until the call's deadline: then the query is dropped (cancelled).
+        self.block_on(read)
     }
 
     fn insert_json_rows(
@@ -335,7 +717,7 @@ impl clickhouse::Host for PluginState {
         }
         // Built here from the two checked identifiers: nothing else of the plugin's reaches SQL.
         let sql = format!("INSERT INTO `{database}`.`{table}` FORMAT JSONEachRow");
-        caps.services.runtime.block_on(async move {
+        let insert = async move {
             let mut insert = client.insert_formatted_with(sql);
             insert
                 .send(Bytes::from(body))
@@ -346,7 +728,8 @@ impl clickhouse::Host for PluginState {
                 .end()
                 .await
                 .map_err(|e| CapabilityError::Failed(format!("clickhouse insert: {e}")))
-        })
+        };
+        self.block_on(insert)
     }
 }
 
@@ -402,31 +785,36 @@ mod tests {
     }
 
     fn state(rt: &tokio::runtime::Runtime, prefix: &str) -> PluginState {
+        state_with(rt, prefix, 1 << 20)
+    }
+
+    fn state_with(rt: &tokio::runtime::Runtime, prefix: &str, max_body: u64) -> PluginState {
         let services = Arc::new(Services {
             runtime: rt.handle().clone(),
             redis: None,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
             clickhouse: None,
             metrics: Metrics::default(),
         });
-        PluginState {
-            wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
-            table: wasmtime::component::ResourceTable::new(),
-            limiter: super::super::MemoryLimiter {
-                max_bytes: 1 << 20,
-                denied: false,
+        let caps = Arc::new(Capabilities::new(
+            "t".into(),
+            Grants {
+                http: Some(HttpGrant {
+                    url_prefixes: vec![prefix.to_string()],
+                    max_response_bytes: Some(max_body),
+                }),
+                ..Grants::default()
             },
-            caps: Arc::new(Capabilities {
-                plugin: "t".into(),
-                grants: Grants {
-                    http: Some(HttpGrant {
-                        url_prefixes: vec![prefix.to_string()],
-                    }),
-                    ..Grants::default()
-                },
-                services,
-            }),
-        }
+            services,
+        ));
+        PluginState::new(
+            caps,
+            1 << 20,
+            std::time::Instant::now() + Duration::from_secs(10),
+        )
     }
 
     fn post(url: String) -> http::Request {
@@ -461,7 +849,7 @@ mod tests {
             "concurrent, at most 4 at once: {most}"
         );
         // A refused connection is that request's own `failed`.
-        let mut st = state(&rt, "http://127.0.0.1:");
+        let mut st = state(&rt, "http://127.0.0.1:9/");
         let out = st.send_all(vec![post("http://127.0.0.1:9/x".into())], 0);
         assert!(
             matches!(out[..], [Err(CapabilityError::Failed(_))]),
@@ -488,5 +876,121 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(seen.requests.load(Ordering::SeqCst), 0, "nothing was sent");
+    }
+
+    /// A granted server under `/api/` that redirects (to itself, to `outside`, in a loop),
+    /// streams a body of `huge` bytes and echoes the Host header it saw.
+    fn hostile_server(rt: &tokio::runtime::Runtime, outside: &str, huge: usize) -> String {
+        use axum::response::{IntoResponse, Redirect};
+        let outside = outside.to_string();
+        let app = axum::Router::new()
+            .route(
+                "/api/out",
+                axum::routing::get(move || {
+                    let to = format!("{outside}api/secret");
+                    async move { Redirect::to(&to) }
+                }),
+            )
+            .route(
+                "/api/in",
+                axum::routing::post(|| async { Redirect::to("/api/ok") }),
+            )
+            .route(
+                "/api/up",
+                axum::routing::get(|| async { Redirect::to("/api/../admin") }),
+            )
+            .route(
+                "/api/loop",
+                axum::routing::get(|| async { Redirect::to("/api/loop") }),
+            )
+            .route(
+                "/api/ok",
+                axum::routing::get(|headers: axum::http::HeaderMap| async move {
+                    format!("{:?}", headers.get("host"))
+                }),
+            )
+            .route(
+                "/api/huge",
+                axum::routing::get(move || async move {
+                    let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+                    let chunks = (0..huge / chunk.len())
+                        .map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+                    axum::body::Body::from_stream(futures::stream::iter(chunks)).into_response()
+                }),
+            );
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        rt.spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/")
+    }
+
+    fn get(url: String) -> http::Request {
+        http::Request {
+            method: "GET".into(),
+            ..post(url)
+        }
+    }
+
+    #[test]
+    fn redirects_headers_and_bodies_are_held_to_the_grant() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let (outside, seen_outside) = server(&rt);
+        let base = hostile_server(&rt, &outside, 4 << 20);
+        let mut st = state_with(&rt, &format!("{base}api/"), 1 << 20);
+        // A redirect out of the grant is refused before anything is sent there.
+        let r = st.send(get(format!("{base}api/out")));
+        assert!(
+            matches!(&r, Err(CapabilityError::NotGranted(m)) if m.contains("redirect")),
+            "{r:?}"
+        );
+        let r = st.send(get(format!("{base}api/up")));
+        assert!(matches!(r, Err(CapabilityError::NotGranted(_))), "{r:?}");
+        assert_eq!(seen_outside.requests.load(Ordering::SeqCst), 0);
+        // A redirect inside it is followed (a POST continues as a GET); loops end.
+        let r = st.send(post(format!("{base}api/in"))).expect("followed");
+        assert_eq!(r.status, 200);
+        let r = st.send(get(format!("{base}api/loop")));
+        assert!(
+            matches!(&r, Err(CapabilityError::Failed(m)) if m.contains("redirects")),
+            "{r:?}"
+        );
+        // Framing and routing headers are the host's.
+        for h in ["Host", "content-length", "Transfer-Encoding", "connection"] {
+            let mut req = get(format!("{base}api/ok"));
+            req.headers.push((h.into(), "evil.example".into()));
+            let r = st.send(req);
+            assert!(
+                matches!(r, Err(CapabilityError::NotGranted(_))),
+                "{h}: {r:?}"
+            );
+        }
+        // A body past max_response_bytes is refused while streaming (4 MiB, cap 1 MiB).
+        let r = st.send(get(format!("{base}api/huge")));
+        assert!(
+            matches!(&r, Err(CapabilityError::Failed(m)) if m.contains("max_response_bytes")),
+            "{r:?}"
+        );
+        // send-all: the cap holds for all responses of the call together.
+        let mut st = state_with(&rt, &format!("{base}api/"), 3 << 20);
+        let hugeish = hostile_server(&rt, &outside, 2 << 20);
+        let mut st2 = state_with(&rt, &format!("{hugeish}api/"), 3 << 20);
+        let out = st2.send_all(
+            (0..4).map(|_| get(format!("{hugeish}api/huge"))).collect(),
+            1,
+        );
+        let sizes: Vec<_> = out
+            .iter()
+            .map(|r| r.as_ref().map(|r| r.body.len()))
+            .collect();
+        assert!(
+            matches!(sizes[..], [Ok(n), Err(_), Err(_), Err(_)] if n == 2 << 20),
+            "one 2 MiB body fits a 3 MiB call budget: {sizes:?}"
+        );
+        // A plugin's timeout is capped by the time left in its call.
+        let mut req = get(format!("{base}api/ok"));
+        req.timeout_ms = u32::MAX;
+        assert!(st.send(req).is_ok());
     }
 }

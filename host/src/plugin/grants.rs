@@ -202,19 +202,29 @@ pub fn redis_acl_user(plugin: &str, rules: &[String]) -> String {
     format!("fanout-plugin-{plugin}-{h:016x}")
 }
 
-/// A URL is allowed when it starts with one of the granted prefixes, after parsing (so that
-/// `http://allowed@evil/` style tricks do not pass) and it carries no credentials.
+/// A URL is allowed when, parsed, it falls under one of the granted prefixes (parsed too):
+/// same scheme, host and port, and the prefix's path segments are the first segments of the
+/// URL's path, compared whole (`/api` covers `/api/x`, never `/apix`). Parsing resolves dot
+/// segments (`/api/../admin` is `/admin`, `%2e%2e` included); a segment that percent-decodes
+/// to something a server could read as a separator or a dot segment (`..%2f`, `%5c`) is
+/// refused, as are credentials and schemes other than http(s).
 pub fn check_http_url(grant: &HttpGrant, url: &str) -> Result<reqwest::Url, String> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("bad URL `{url}`: {e}"))?;
+    let mut parsed = reqwest::Url::parse(url).map_err(|e| format!("bad URL `{url}`: {e}"))?;
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(format!("URL `{url}` carries credentials"));
     }
-    let normalized = parsed.as_str();
-    if grant
-        .url_prefixes
-        .iter()
-        .any(|p| !p.is_empty() && normalized.starts_with(p.as_str()))
-    {
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("URL `{url}`: only http and https are available"));
+    }
+    // The fragment is never sent; drop it so that what is checked is what goes out.
+    parsed.set_fragment(None);
+    let segments = decoded_segments(&parsed).map_err(|why| format!("URL `{url}`: {why}"))?;
+    let covered = grant.url_prefixes.iter().any(|p| {
+        reqwest::Url::parse(p)
+            .ok()
+            .is_some_and(|prefix| prefix_covers(&prefix, &parsed, &segments))
+    });
+    if covered {
         Ok(parsed)
     } else {
         Err(format!(
@@ -222,6 +232,62 @@ pub fn check_http_url(grant: &HttpGrant, url: &str) -> Result<reqwest::Url, Stri
             grant.url_prefixes
         ))
     }
+}
+
+/// The path segments of `url`, percent-decoded; Err for a segment that decodes to a separator,
+/// a dot segment or a NUL (servers differ in whether they decode before routing).
+fn decoded_segments(url: &reqwest::Url) -> Result<Vec<String>, String> {
+    let Some(segments) = url.path_segments() else {
+        return Err("has no path".into());
+    };
+    let mut out = Vec::new();
+    for raw in segments {
+        let bytes: Vec<u8> = percent_decode(raw.as_bytes());
+        let seg = String::from_utf8_lossy(&bytes).into_owned();
+        if seg.contains(['/', '\\', '\0']) || seg == "." || seg == ".." {
+            return Err(format!("path segment `{raw}` decodes to `{seg}`"));
+        }
+        out.push(seg);
+    }
+    Ok(out)
+}
+
+fn percent_decode(raw: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' && i + 2 < raw.len() {
+            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(raw[i]);
+        i += 1;
+    }
+    out
+}
+
+fn prefix_covers(prefix: &reqwest::Url, url: &reqwest::Url, segments: &[String]) -> bool {
+    if prefix.scheme() != url.scheme()
+        || prefix.host() != url.host()
+        || prefix.port_or_known_default() != url.port_or_known_default()
+        || !prefix.username().is_empty()
+        || prefix.password().is_some()
+    {
+        return false;
+    }
+    let Ok(mut wanted) = decoded_segments(prefix) else {
+        return false;
+    };
+    // A trailing `/` in the prefix means "anything below": its empty last segment is no part
+    // of the match.
+    if wanted.last().is_some_and(String::is_empty) {
+        wanted.pop();
+    }
+    segments.len() >= wanted.len() && segments[..wanted.len()] == wanted[..]
 }
 
 // ClickHouse statements are checked on a parse tree: see `super::clickhouse_sql`.
@@ -321,14 +387,63 @@ mod tests {
         );
     }
 
+    fn http(prefixes: &[&str]) -> HttpGrant {
+        HttpGrant {
+            url_prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+            max_response_bytes: None,
+        }
+    }
+
     #[test]
     fn http_prefixes() {
-        let g = HttpGrant {
-            url_prefixes: vec!["http://127.0.0.1:58080/".into()],
-        };
+        let g = http(&["http://127.0.0.1:58080/"]);
         assert!(check_http_url(&g, "http://127.0.0.1:58080/events").is_ok());
         assert!(check_http_url(&g, "http://127.0.0.1:58081/events").is_err());
         assert!(check_http_url(&g, "http://127.0.0.1:58080@evil.example/").is_err());
         assert!(check_http_url(&g, "http://user:pw@127.0.0.1:58080/").is_err());
+    }
+
+    #[test]
+    fn http_prefixes_match_parsed_urls_on_segment_boundaries() {
+        let g = http(&["http://a/api"]);
+        let ok = |u: &str| check_http_url(&g, u).map(|u| u.to_string());
+        assert_eq!(ok("http://a/api").as_deref(), Ok("http://a/api"));
+        assert!(ok("http://a/api/x/y?q=1#frag").is_ok_and(|u| !u.contains('#')));
+        assert!(ok("http://A:80/api/x").is_ok(), "case and default port");
+        for refused in [
+            "http://a/apix",
+            "http://a/apiary/x",
+            "http://a/api/../admin",
+            "http://a/api/%2e%2e/admin",
+            "http://a/api/%2E%2E/admin",
+            "http://a/api/..%2fadmin",
+            "http://a/api%2f..%2fadmin",
+            "http://a/api/%5c..%5cadmin",
+            "http://a/api/x%00",
+            "http://a/",
+            "http://a.evil/api",
+            "http://a.a/api",
+            "http://a:81/api",
+            "https://a/api",
+            "ftp://a/api",
+            "http://u@a/api",
+            "not a url",
+        ] {
+            assert!(
+                ok(refused).is_err(),
+                "{refused} must be refused: {:?}",
+                ok(refused)
+            );
+        }
+        // A prefix ending in `/` covers everything below it, and the directory itself.
+        let g = http(&["http://127.0.0.1:58080/v1/"]);
+        assert!(check_http_url(&g, "http://127.0.0.1:58080/v1/events").is_ok());
+        assert!(check_http_url(&g, "http://127.0.0.1:58080/v1").is_ok());
+        assert!(check_http_url(&g, "http://127.0.0.1:58080/v1x/events").is_err());
+        assert!(check_http_url(&g, "http://127.0.0.1:58080/v1/../v2").is_err());
+        // Percent-encoded letters are the same segment once decoded.
+        assert!(check_http_url(&g, "http://127.0.0.1:58080/%76%31/e").is_ok());
+        // Numeric hosts are normalised before the comparison.
+        assert!(check_http_url(&g, "http://2130706433:58080/v1/e").is_ok());
     }
 }

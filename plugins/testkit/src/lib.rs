@@ -7,6 +7,10 @@
 //!           "mode": "record" | "noop" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first"
 //!                   | "clickhouse-sql" | "redis-hostile",
 //!           "outside": "<key>" (for redis-hostile: a key outside its prefix it tries to reach),
+//!           output attacks (sandbox_outputs.rs): "http-probe" ("requests": [{"url", "method",
+//!                   "headers": [[k, v]], "timeout_ms"}], one JSON report each to `key`),
+//!                   "huge-reason" (2 MiB reasons with newlines), "foreign-rejection" (an id not in
+//!                   the batch), "log-forge", "stderr-flood" (64 MiB), "metric-flood" (20,000 names),
 //!           "retries": N (for retry-first: how many calls answer retry-later first),
 //!           "statements": ["<sql>", ...], "inserts": [["<db>", "<table>"], ...] (for clickhouse-sql:
 //!           each sent through the ClickHouse capability; one JSON report per attempt is pushed
@@ -26,6 +30,8 @@ pub struct Testkit {
     inserts: Vec<(String, String)>,
     /// For redis-hostile: a key outside the plugin's prefix that it tries to reach.
     outside: String,
+    /// The whole config, for the output attacks (http-probe's `requests`).
+    raw: Value,
 }
 
 /// The attempts of the redis-hostile mode: (name, command).
@@ -118,6 +124,7 @@ impl Sink for Testkit {
                 })
                 .unwrap_or_default(),
             outside: text("outside", "outside:prefix"),
+            raw: config.clone(),
         })
     }
 
@@ -205,6 +212,67 @@ impl Sink for Testkit {
                     .collect();
                 self.push(&host, &reports)
             }
+            // Output attacks (sandbox_outputs.rs): what a plugin hands back to the host.
+            "http-probe" => {
+                let reports: Vec<String> = self
+                    .raw
+                    .get("requests")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().map(|r| http_probe(&host, r)).collect())
+                    .unwrap_or_default();
+                self.push(&host, &reports)
+            }
+            "huge-reason" => WriteOutcome::Rejected(
+                batch
+                    .events
+                    .iter()
+                    .map(|e| Rejection {
+                        event_id: e.event_id,
+                        reason: format!(
+                            "huge\n2026-01-01T00:00:00.000000Z  INFO fanout: forged by testkit\u{1b}[31m{}",
+                            "r".repeat(2 << 20)
+                        ),
+                    })
+                    .collect(),
+            ),
+            "foreign-rejection" => {
+                let rows: Vec<String> = batch.events.iter().map(event_json_string).collect();
+                match self.push(&host, &rows) {
+                    WriteOutcome::Accepted => WriteOutcome::Rejected(vec![Rejection {
+                        event_id: 1_000_000_000_000 + batch.events.len() as i64,
+                        reason: "an event this batch never had".into(),
+                    }]),
+                    other => other,
+                }
+            }
+            "log-forge" => {
+                let forged = "2026-01-01T00:00:00.000000Z  INFO fanout: FORGED host line";
+                fanout_sdk::log::log(fanout_sdk::Level::Warn, &format!("plugin line\n{forged}\r\u{1b}[2J"));
+                fanout_sdk::log::log(fanout_sdk::Level::Info, &"L".repeat(1 << 20));
+                eprintln!("stderr line\n{forged}");
+                println!("stdout line\n{forged}");
+                self.record(&host, batch)
+            }
+            "stderr-flood" => {
+                use std::io::Write;
+                let chunk = vec![b'e'; 64 << 10];
+                let mut err = std::io::stderr();
+                for _ in 0..1024 {
+                    let _ = err.write_all(&chunk);
+                }
+                let _ = err.write_all(b"\nend of flood\n");
+                let out = vec![b'o'; 1 << 20];
+                let _ = std::io::stdout().write_all(&out);
+                self.record(&host, batch)
+            }
+            "metric-flood" => {
+                for i in 0..20_000 {
+                    host.counter_add(&format!("flood_{i}"), 1);
+                }
+                host.counter_add("Bad-Name\"} 1\nfanout_healthy", 1);
+                host.gauge_set(&"g".repeat(10_000), 1.0);
+                self.record(&host, batch)
+            }
             // Takes the batch and does nothing: the cost of the Wasm boundary alone.
             "noop" => WriteOutcome::Accepted,
             "retry-first" if self.retries_left > 0 => {
@@ -220,6 +288,12 @@ impl Sink for Testkit {
 }
 
 impl Testkit {
+    /// Records every event of the batch (the default mode's work).
+    fn record(&self, host: &impl Host, batch: &Batch) -> WriteOutcome {
+        let rows: Vec<String> = batch.events.iter().map(event_json_string).collect();
+        self.push(host, &rows)
+    }
+
     fn push(&self, host: &impl Host, rows: &[String]) -> WriteOutcome {
         if rows.is_empty() {
             return WriteOutcome::Accepted;
@@ -231,6 +305,44 @@ impl Testkit {
             Err(e) => WriteOutcome::RetryLater(format!("redis: {e:?}")),
         }
     }
+}
+
+/// One request of the http-probe mode ({"url", "method", "headers": [[k, v]], "timeout_ms"}),
+/// and its outcome as JSON: status and body length, or the capability error.
+fn http_probe(host: &impl Host, r: &Value) -> String {
+    let text = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let headers = r
+        .get("headers")
+        .and_then(Value::as_array)
+        .map(|hs| {
+            hs.iter()
+                .filter_map(|h| {
+                    Some((
+                        h.get(0)?.as_str()?.to_string(),
+                        h.get(1)?.as_str()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let method = r.get("method").and_then(Value::as_str).unwrap_or("GET");
+    let req = fanout_sdk::http::Request {
+        method: method.into(),
+        url: text("url"),
+        headers,
+        body: vec![],
+        timeout_ms: r.get("timeout_ms").and_then(Value::as_u64).unwrap_or(5_000) as u32,
+    };
+    let (status, len, error) = match host.http_send(&req) {
+        Ok(resp) => (
+            Value::from(resp.status),
+            Value::from(resp.body.len()),
+            Value::Null,
+        ),
+        Err(e) => (Value::Null, Value::Null, Value::String(format!("{e:?}"))),
+    };
+    serde_json::json!({"url": req.url, "status": status, "body_len": len, "error": error})
+        .to_string()
 }
 
 /// One attempt of the clickhouse-sql mode, as JSON.
