@@ -515,6 +515,7 @@ mod tests {
     fn grant(dbs: &[&str]) -> ClickHouseGrant {
         ClickHouseGrant {
             databases: dbs.iter().map(|d| d.to_string()).collect(),
+            max_result_bytes: None,
         }
     }
 
