@@ -78,22 +78,24 @@ impl App {
         };
         let engine = plugin::engine().map_err(setup("<engine>"))?;
         let linker = plugin::linker(&engine).map_err(setup("<linker>"))?;
-        let mut plugins = Vec::new();
-        for pc in &config.plugins {
+        // Compiling a component takes a moment of CPU (none when cached): off the async
+        // threads, all plugins at once.
+        let loads = config.plugins.iter().map(|pc| {
             let name = pc.name.clone();
             let (engine, linker, services, pc) =
                 (engine.clone(), linker.clone(), services.clone(), pc.clone());
-            // Compiling a component takes a moment of CPU: off the async threads.
-            let loaded =
+            async move {
                 tokio::task::spawn_blocking(move || Plugin::load(pc, &engine, linker, services))
                     .await
                     .map_err(|e| StartError::Plugin {
                         name: name.clone(),
                         source: PluginError::Init(e.to_string()),
                     })?
-                    .map_err(setup(&name))?;
-            plugins.push(Arc::new(loaded));
-        }
+                    .map(Arc::new)
+                    .map_err(|source| StartError::Plugin { name, source })
+            }
+        });
+        let plugins = futures::future::try_join_all(loads).await?;
         let dead_letters = Arc::new(DeadLetterQueue::new(
             &config.kafka.brokers,
             &config.kafka.dead_letter_topic,

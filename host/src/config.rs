@@ -40,6 +40,8 @@ pub struct Config {
     pub http: HttpServerConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
     #[serde(default, rename = "plugins")]
     pub plugins: Vec<PluginConfig>,
 }
@@ -208,6 +210,32 @@ impl StartPosition {
     }
 }
 
+/// Compiled plugins on disk (see `plugin/cache.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Directory of compiled components; relative to the config file; `""` compiles at
+    /// every start. Default: `$XDG_CACHE_HOME/fanout` or `~/.cache/fanout`.
+    #[serde(default = "default_cache_dir")]
+    pub dir: String,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_cache_dir(),
+        }
+    }
+}
+
+fn default_cache_dir() -> String {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    var("XDG_CACHE_HOME")
+        .map(|d| format!("{d}/fanout"))
+        .or_else(|| var("HOME").map(|h| format!("{h}/.cache/fanout")))
+        .unwrap_or_default()
+}
+
 /// How lag is measured and when a standstill makes the host unhealthy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -268,6 +296,9 @@ pub struct PluginConfig {
     pub batch: Option<BatchConfig>,
     #[serde(default)]
     pub grants: Grants,
+    /// Where compiled components are cached: `[cache] dir`, filled in by [`Config::load`].
+    #[serde(skip)]
+    pub compile_cache: Option<PathBuf>,
     /// Passed to the plugin's `init` as JSON.
     #[serde(default = "empty_table")]
     pub config: toml::Value,
@@ -453,13 +484,14 @@ impl Config {
             source,
         })?;
         let mut config = Self::from_toml(&text, path, env)?;
-        // Plugin paths are relative to the config file, not to wherever the host was started.
-        if let Some(dir) = path.parent() {
-            for p in &mut config.plugins {
-                if p.path.is_relative() {
-                    p.path = dir.join(&p.path);
-                }
+        // Paths are relative to the config file, not to wherever the host was started.
+        let base = path.parent().unwrap_or(Path::new(""));
+        let cache = (!config.cache.dir.is_empty()).then(|| base.join(&config.cache.dir));
+        for p in &mut config.plugins {
+            if p.path.is_relative() {
+                p.path = base.join(&p.path);
             }
+            p.compile_cache = cache.clone();
         }
         Ok(config)
     }

@@ -4,6 +4,7 @@
 //! A plugin that traps, exhausts its fuel or its memory only loses its instance: the next call
 //! builds a fresh one (and calls `init` again). The host never shares a store between plugins.
 
+pub mod cache;
 pub mod capabilities;
 pub mod clickhouse_sql;
 pub mod grants;
@@ -236,11 +237,14 @@ impl Plugin {
         services: Arc<Services>,
     ) -> Result<Self, PluginError> {
         let path = config.path.display().to_string();
-        let component =
-            Component::from_file(engine, &config.path).map_err(|e| PluginError::Load {
-                path: path.clone(),
-                message: format!("{e:#}"),
+        let compiled =
+            cache::load(engine, &config.path, config.compile_cache.as_deref()).map_err(|e| {
+                PluginError::Load {
+                    path: path.clone(),
+                    message: format!("{e:#}"),
+                }
             })?;
+        let (component, sha256, cached) = (compiled.component, compiled.sha256, compiled.cached);
         let config_json = serde_json::to_string(&config.config).map_err(|e| PluginError::Load {
             path: path.clone(),
             message: format!("config is not representable as JSON: {e}"),
@@ -260,7 +264,7 @@ impl Plugin {
                 .unwrap_or(usize::MAX),
         });
         let live = prepared.instantiate()?;
-        info!(plugin = %config.name, path = %path, "plugin loaded");
+        info!(plugin = %config.name, path = %path, %sha256, cached, "plugin loaded");
         let worker = spawn_worker(config.name.clone(), prepared.clone(), Some(live));
         Ok(Plugin {
             config,
