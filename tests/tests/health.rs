@@ -48,7 +48,7 @@ async fn a_dead_static_member_strands_partitions_and_the_survivor_says_so() {
             let held = survivor
                 .metric("fanout_lane_assigned_partitions{plugin=\"rec\"}")
                 .await;
-            (held >= 1.0 && held < 4.0).then_some(())
+            (1.0..4.0).contains(&held).then_some(())
         },
     )
     .await;
