@@ -1,25 +1,31 @@
 //! Sink plugins: WebAssembly components run with wasmtime, each in its own store on a thread
-//! of its own, bounded in CPU (fuel), memory (a store limiter) and wall-clock time.
+//! of its own, bounded in CPU (fuel), memory (one budget for the whole store) and wall-clock
+//! time (a deadline per call, enforced by epoch interruption and by every capability call).
 //!
-//! A plugin that traps, exhausts its fuel or its memory only loses its instance: the next call
-//! builds a fresh one (and calls `init` again). The host never shares a store between plugins.
+//! A plugin that traps, exhausts its fuel, its memory or its time only loses its instance: the
+//! next call builds a fresh one (and calls `init` again). The host never shares a store between
+//! plugins, and a plugin never has more than one worker thread or one instance: a call that
+//! missed its deadline is stopped before the next call starts.
 
 pub mod cache;
 pub mod capabilities;
 pub mod clickhouse_sql;
 pub mod grants;
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use tracing::{info, warn};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use tracing::{error, info, warn};
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, StoreContextMut, Trap, UpdateDeadline};
+use wasmtime_wasi::p2::DynPollable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::config::PluginConfig;
-use capabilities::{Capabilities, Services};
+use bindings::fanout::sink::errors::CapabilityError;
+use capabilities::{Capabilities, PluginOutput, Services};
 
 /// Rust types generated from wit/sink.wit.
 pub mod bindings {
@@ -34,6 +40,26 @@ pub use bindings::fanout::sink::types::{
 };
 use bindings::SinkPlugin;
 
+/// How often the engine's epoch advances: Wasm code notices a passed deadline within a tick.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// How long past a call's deadline its caller waits for the worker to stop. Wasm code stops
+/// within a tick and every capability call ends at the deadline, so this is only reached
+/// when something the host does not bound blocks the worker; the next call then waits for it.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Linear memories one plugin may define (all its core modules together). A Rust or Python
+/// (componentize-py) component has one; two leave room for an adapter with its own.
+/// `fanout plugin check` prints what a component defines.
+pub const MAX_MEMORIES: usize = 2;
+/// Tables one plugin may define: a Rust component has two (the program's and the one of
+/// the shim linking its imports); four leave room for other toolchains.
+pub const MAX_TABLES: usize = 4;
+/// Core instances in one plugin's store (a componentize-py component has about 20).
+pub const MAX_INSTANCES: usize = 64;
+/// What one table element costs the host, charged to the plugin's memory budget.
+const TABLE_ELEMENT_BYTES: usize = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error("cannot load {path}: {message}")]
@@ -46,7 +72,7 @@ pub enum PluginError {
     OutOfFuel,
     #[error("exceeded its memory limit of {0} MiB")]
     OutOfMemory(u64),
-    #[error("did not answer within {0:?}")]
+    #[error("did not answer within {0:?} and was stopped")]
     Timeout(Duration),
     #[error("worker thread is gone")]
     WorkerGone,
@@ -72,12 +98,14 @@ impl PluginError {
     }
 }
 
-/// The store's data: WASI (no files, no sockets, no env), limits and capabilities.
+/// The store's data: WASI (no files, no sockets, no env), limits, capabilities and the
+/// deadline of the call in progress.
 pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,
     caps: Arc<Capabilities>,
+    deadline: Instant,
 }
 
 impl WasiView for PluginState {
@@ -89,35 +117,140 @@ impl WasiView for PluginState {
     }
 }
 
-/// Refuses memory growth past the limit and remembers that it did, so a trap that follows
-/// (Rust aborts when allocation fails) is reported as out-of-memory.
+impl PluginState {
+    /// A store's data: no files, no sockets, no environment; stdout and stderr go to the host
+    /// log as the plugin's lines.
+    pub(crate) fn new(
+        caps: Arc<Capabilities>,
+        memory_bytes: usize,
+        deadline: Instant,
+    ) -> PluginState {
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+            .stdout(PluginOutput::new(caps.clone(), "stdout"))
+            .stderr(PluginOutput::new(caps.clone(), "stderr"))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        PluginState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(memory_bytes),
+            caps,
+            deadline,
+        }
+    }
+
+    /// When the call in progress must be over.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Time left in the call in progress: every capability call uses it as its own timeout,
+    /// and is refused with `failed("deadline exceeded")` once none is left.
+    pub fn remaining(&self) -> Result<Duration, CapabilityError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(deadline_exceeded());
+        }
+        Ok(left)
+    }
+
+    /// Runs a capability's future on the host runtime, at most for the time left in the call:
+    /// nothing is started after the deadline and what runs at the deadline is dropped
+    /// (cancelled), so no request or command leaves for a call the host gave up on.
+    pub fn within<T>(&self, fut: impl Future<Output = T>) -> Result<T, CapabilityError> {
+        let left = self.remaining()?;
+        self.caps
+            .services
+            .runtime
+            .block_on(async { tokio::time::timeout(left, fut).await })
+            .map_err(|_| deadline_exceeded())
+    }
+
+    /// [`PluginState::within`] for a capability's fallible future.
+    pub fn block_on<T>(
+        &self,
+        fut: impl Future<Output = Result<T, CapabilityError>>,
+    ) -> Result<T, CapabilityError> {
+        self.within(fut).and_then(|r| r)
+    }
+}
+
+fn deadline_exceeded() -> CapabilityError {
+    CapabilityError::Failed("deadline exceeded".into())
+}
+
+/// One memory budget for the whole store: every linear memory and every table of every core
+/// instance counts against it (the store lives as long as one instance of the plugin, so
+/// nothing is ever given back). Remembers a refusal, so that the trap that follows (Rust
+/// aborts when allocation fails) is reported as out-of-memory.
 struct MemoryLimiter {
     max_bytes: usize,
+    used_bytes: usize,
     denied: bool,
+}
+
+impl MemoryLimiter {
+    fn new(max_bytes: usize) -> Self {
+        MemoryLimiter {
+            max_bytes,
+            used_bytes: 0,
+            denied: false,
+        }
+    }
+
+    fn charge(&mut self, more: usize) -> bool {
+        match self.used_bytes.checked_add(more) {
+            Some(total) if total <= self.max_bytes => {
+                self.used_bytes = total;
+                true
+            }
+            _ => {
+                self.denied = true;
+                false
+            }
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            self.denied = true;
-            return Ok(false);
-        }
-        Ok(true)
+        Ok(self.charge(desired.saturating_sub(current)))
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+        let elements = desired.saturating_sub(current);
+        Ok(self.charge(elements.saturating_mul(TABLE_ELEMENT_BYTES)))
     }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+}
+
+/// Epoch ticks until `deadline` (at least one: zero would trap at once).
+fn ticks_until(deadline: Instant) -> u64 {
+    let left = deadline.saturating_duration_since(Instant::now());
+    (left.as_millis() / EPOCH_TICK.as_millis()).saturating_add(1) as u64
 }
 
 /// Compiled plugin code plus everything needed to instantiate it again.
@@ -129,6 +262,7 @@ struct Prepared {
     config_json: String,
     fuel_per_call: u64,
     memory_bytes: usize,
+    timeout: Duration,
 }
 
 /// One live instance of a plugin.
@@ -138,64 +272,95 @@ struct Live {
 }
 
 impl Prepared {
-    fn instantiate(&self) -> Result<Live, PluginError> {
-        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
-            .inherit_stderr()
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let state = PluginState {
-            wasi,
-            table: ResourceTable::new(),
-            limiter: MemoryLimiter {
-                max_bytes: self.memory_bytes,
-                denied: false,
-            },
-            caps: self.caps.clone(),
-        };
+    /// A fresh instance, `init` called, all before `deadline`.
+    fn instantiate(&self, deadline: Instant) -> Result<Live, PluginError> {
+        let state = PluginState::new(self.caps.clone(), self.memory_bytes, deadline);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
+        // Past the deadline the next epoch check in Wasm code traps (Trap::Interrupt).
+        store.epoch_deadline_callback(|cx| {
+            let deadline = cx.data().deadline;
+            if Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Continue(ticks_until(deadline)))
+            }
+        });
+        store.set_epoch_deadline(ticks_until(deadline));
         store
             .set_fuel(self.fuel_per_call)
             .map_err(|e| PluginError::Init(e.to_string()))?;
         let plugin = SinkPlugin::instantiate(&mut store, &self.component, &self.linker)
-            .map_err(|e| classify(e, &store, self.memory_bytes))?;
+            .map_err(|e| self.classify(e, &store))
+            .map_err(as_init)?;
         let result = plugin
             .fanout_sink_sink()
             .call_init(&mut store, &self.config_json)
-            .map_err(|e| classify(e, &store, self.memory_bytes))?;
+            .map_err(|e| self.classify(e, &store))
+            .map_err(as_init)?;
         result.map_err(PluginError::Init)?;
+        // Woken by the deadline (a capped sleep) and returned before an epoch check ran.
+        if Instant::now() > deadline {
+            return Err(as_init(PluginError::Timeout(self.timeout)));
+        }
         Ok(Live { store, plugin })
     }
 
-    fn write(&self, live: &mut Live, batch: &WitBatch) -> Result<WriteOutcome, PluginError> {
+    fn write(
+        &self,
+        live: &mut Live,
+        batch: &WitBatch,
+        deadline: Instant,
+    ) -> Result<WriteOutcome, PluginError> {
+        live.store.data_mut().deadline = deadline;
+        live.store.set_epoch_deadline(ticks_until(deadline));
         live.store
             .set_fuel(self.fuel_per_call)
             .map_err(|e| PluginError::Trap(e.to_string()))?;
-        live.plugin
+        let outcome = live
+            .plugin
             .fanout_sink_sink()
             .call_write(&mut live.store, batch)
-            .map_err(|e| classify(e, &live.store, self.memory_bytes))
+            .map_err(|e| self.classify(e, &live.store))?;
+        // An answer after the deadline is a timeout too: the caller may have given up on it.
+        if Instant::now() > deadline {
+            return Err(PluginError::Timeout(self.timeout));
+        }
+        Ok(outcome)
+    }
+
+    fn classify(&self, e: wasmtime::Error, store: &Store<PluginState>) -> PluginError {
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => return PluginError::Timeout(self.timeout),
+            Some(Trap::OutOfFuel) => return PluginError::OutOfFuel,
+            _ => {}
+        }
+        if store.data().limiter.denied {
+            return PluginError::OutOfMemory((self.memory_bytes / (1024 * 1024)) as u64);
+        }
+        // A trap after the deadline (a plugin panicking on `deadline exceeded`) is a timeout.
+        if Instant::now() >= store.data().deadline {
+            return PluginError::Timeout(self.timeout);
+        }
+        PluginError::Trap(format!("{e:#}"))
     }
 }
 
-fn classify(e: wasmtime::Error, store: &Store<PluginState>, memory_bytes: usize) -> PluginError {
-    if let Some(Trap::OutOfFuel) = e.downcast_ref::<Trap>() {
-        return PluginError::OutOfFuel;
+/// Failures while starting an instance are `init` failures: not the batch's fault.
+fn as_init(e: PluginError) -> PluginError {
+    match e {
+        PluginError::Init(_) => e,
+        other => PluginError::Init(other.to_string()),
     }
-    if store.data().limiter.denied {
-        return PluginError::OutOfMemory((memory_bytes / (1024 * 1024)) as u64);
-    }
-    PluginError::Trap(format!("{e:#}"))
 }
 
 struct Job {
     batch: Arc<WitBatch>,
+    deadline: Instant,
     reply: oneshot::Sender<Result<WriteOutcome, PluginError>>,
 }
 
-/// A loaded plugin: a worker thread owning the store, fed batches through a channel.
+/// A loaded plugin: one worker thread owning the store, fed batches through a channel.
 pub struct Plugin {
     pub config: PluginConfig,
     prepared: Arc<Prepared>,
@@ -204,18 +369,44 @@ pub struct Plugin {
     first_batch: std::sync::atomic::AtomicBool,
 }
 
-/// The engine shared by all plugins: fuel metering on, component model on.
+/// The engine shared by all plugins: fuel metering, epoch interruption (advanced every
+/// [`EPOCH_TICK`] by a thread that ends with the engine), component model.
 pub fn engine() -> Result<Engine, PluginError> {
     let mut cfg = wasmtime::Config::new();
     cfg.consume_fuel(true);
-    Engine::new(&cfg).map_err(|e| PluginError::Load {
+    cfg.epoch_interruption(true);
+    let engine = Engine::new(&cfg).map_err(|e| PluginError::Load {
         path: "<engine>".into(),
         message: e.to_string(),
-    })
+    })?;
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("wasm-epoch".into())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        })
+        .map_err(|e| PluginError::Load {
+            path: "<engine>".into(),
+            message: format!("cannot start the epoch thread: {e}"),
+        })?;
+    Ok(engine)
 }
 
+/// The WASI clock interface whose sleeps are bounded by the call's deadline.
+const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
 /// The linker every plugin is instantiated with: WASI p2 plus all capability interfaces.
+/// WASI sleeps (`subscribe-duration`, `subscribe-instant`, what `std::thread::sleep` and
+/// `poll` use) are replaced by ones that wake up at the call's deadline at the latest: a
+/// sleeping guest is not running Wasm code, so epochs alone would not stop it.
 pub fn linker(engine: &Engine) -> Result<Arc<Linker<PluginState>>, PluginError> {
+    use wasmtime_wasi::clocks::WasiClocksView;
+    use wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host as Clock;
+
     let mut linker = Linker::new(engine);
     let load_err = |e: wasmtime::Error| PluginError::Load {
         path: "<linker>".into(),
@@ -224,12 +415,70 @@ pub fn linker(engine: &Engine) -> Result<Arc<Linker<PluginState>>, PluginError> 
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(load_err)?;
     SinkPlugin::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)
         .map_err(load_err)?;
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(MONOTONIC_CLOCK).map_err(load_err)?;
+    clock
+        .func_wrap(
+            "subscribe-duration",
+            |mut cx: StoreContextMut<'_, PluginState>,
+             (nanos,): (u64,)|
+             -> wasmtime::Result<(Resource<DynPollable>,)> {
+                let capped = capped_sleep(cx.data(), nanos);
+                Ok((cx.data_mut().clocks().subscribe_duration(capped)?,))
+            },
+        )
+        .map_err(load_err)?;
+    clock
+        .func_wrap(
+            "subscribe-instant",
+            |mut cx: StoreContextMut<'_, PluginState>,
+             (when,): (u64,)|
+             -> wasmtime::Result<(Resource<DynPollable>,)> {
+                let now = cx.data_mut().clocks().now()?;
+                let capped = capped_sleep(cx.data(), when.saturating_sub(now));
+                Ok((cx.data_mut().clocks().subscribe_duration(capped)?,))
+            },
+        )
+        .map_err(load_err)?;
+    linker.allow_shadowing(false);
     Ok(Arc::new(linker))
 }
 
+/// A sleep of `nanos`, cut to end one tick after the call's deadline (the guest then runs
+/// Wasm code again and the epoch check stops it).
+fn capped_sleep(state: &PluginState, nanos: u64) -> u64 {
+    let left = state.deadline.saturating_duration_since(Instant::now()) + EPOCH_TICK;
+    nanos.min(u64::try_from(left.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Refuses components that define more memories or tables than a plugin needs (each would
+/// be one more allocation the store could make), before anything is instantiated.
+fn check_shape(component: &Component) -> Result<(), String> {
+    let Some(needs) = component.resources_required() else {
+        return Err(
+            "the component imports core modules or instances: its memory cannot be \
+                    known before it runs"
+                .into(),
+        );
+    };
+    if needs.num_memories as usize > MAX_MEMORIES {
+        return Err(format!(
+            "the component defines {} linear memories; a plugin may have at most {MAX_MEMORIES}",
+            needs.num_memories
+        ));
+    }
+    if needs.num_tables as usize > MAX_TABLES {
+        return Err(format!(
+            "the component defines {} tables; a plugin may have at most {MAX_TABLES}",
+            needs.num_tables
+        ));
+    }
+    Ok(())
+}
+
 impl Plugin {
-    /// Compiles the component, instantiates it once and calls `init` (so a broken plugin or
-    /// config fails at start-up, not on the first batch).
+    /// Compiles the component, checks its shape, instantiates it once and calls `init` (so a
+    /// broken plugin or config fails at start-up, not on the first batch).
     pub fn load(
         config: PluginConfig,
         engine: &Engine,
@@ -237,33 +486,33 @@ impl Plugin {
         services: Arc<Services>,
     ) -> Result<Self, PluginError> {
         let path = config.path.display().to_string();
-        let compiled =
-            cache::load(engine, &config.path, config.compile_cache.as_deref()).map_err(|e| {
-                PluginError::Load {
-                    path: path.clone(),
-                    message: format!("{e:#}"),
-                }
-            })?;
-        let (component, sha256, cached) = (compiled.component, compiled.sha256, compiled.cached);
-        let config_json = serde_json::to_string(&config.config).map_err(|e| PluginError::Load {
+        let load_err = |message: String| PluginError::Load {
             path: path.clone(),
-            message: format!("config is not representable as JSON: {e}"),
-        })?;
+            message,
+        };
+        let compiled = cache::load(engine, &config.path, config.compile_cache.as_deref())
+            .map_err(|e| load_err(format!("{e:#}")))?;
+        let (component, sha256, cached) = (compiled.component, compiled.sha256, compiled.cached);
+        check_shape(&component).map_err(load_err)?;
+        let config_json = serde_json::to_string(&config.config)
+            .map_err(|e| load_err(format!("config is not representable as JSON: {e}")))?;
+        let timeout = Duration::from_millis(config.call_timeout_ms);
         let prepared = Arc::new(Prepared {
             engine: engine.clone(),
             component,
             linker,
-            caps: Arc::new(Capabilities {
-                plugin: config.name.clone(),
-                grants: config.grants.clone(),
+            caps: Arc::new(Capabilities::new(
+                config.name.clone(),
+                config.grants.clone(),
                 services,
-            }),
+            )),
             config_json,
             fuel_per_call: config.fuel_per_call,
             memory_bytes: usize::try_from(config.memory_mb.saturating_mul(1024 * 1024))
                 .unwrap_or(usize::MAX),
+            timeout,
         });
-        let live = prepared.instantiate()?;
+        let live = prepared.instantiate(Instant::now() + timeout)?;
         info!(plugin = %config.name, path = %path, %sha256, cached, "plugin loaded");
         let worker = spawn_worker(config.name.clone(), prepared.clone(), Some(live));
         Ok(Plugin {
@@ -284,30 +533,37 @@ impl Plugin {
             .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Hands one batch to the plugin and waits for its answer, at most `call_timeout_ms`.
+    /// Hands one batch to the plugin and waits for its answer. The call (and `init`, when it
+    /// needs a fresh instance) must end by `call_timeout_ms` from now; the worker stops it
+    /// there, so the answer comes at most a tick later.
     pub async fn write(&self, batch: Arc<WitBatch>) -> Result<WriteOutcome, PluginError> {
+        let timeout = self.prepared.timeout;
+        let deadline = Instant::now() + timeout;
         let (reply, answer) = oneshot::channel();
         let sent = self
             .worker
             .lock()
             .map_err(|_| PluginError::WorkerGone)?
-            .send(Job { batch, reply });
+            .send(Job {
+                batch,
+                deadline,
+                reply,
+            });
         if sent.is_err() {
             self.replace_worker();
             return Err(PluginError::WorkerGone);
         }
-        let timeout = Duration::from_millis(self.config.call_timeout_ms);
-        match tokio::time::timeout(timeout, answer).await {
+        match tokio::time::timeout(timeout + STOP_GRACE, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => {
+                // The worker thread ended (a panic): nothing of it is left to wait for.
                 self.replace_worker();
                 Err(PluginError::WorkerGone)
             }
             Err(_) => {
-                // The stuck worker finishes its call on its own and then exits; a new one
-                // with a fresh instance takes the next batch.
-                warn!(plugin = %self.config.name, "plugin call timed out; starting a fresh instance");
-                self.replace_worker();
+                // Still not stopped: no second worker starts beside it; the next call queues
+                // behind this one on the same thread.
+                error!(plugin = %self.config.name, "plugin call still running {STOP_GRACE:?} past its deadline");
                 Err(PluginError::Timeout(timeout))
             }
         }
@@ -330,19 +586,10 @@ fn spawn_worker(
     let spawned = std::thread::Builder::new().name(thread_name).spawn(move || {
         let mut live = live;
         for job in rx {
-            let result = match live.as_mut() {
-                Some(l) => prepared.write(l, &job.batch),
-                None => match prepared.instantiate() {
-                    Ok(mut l) => {
-                        let r = prepared.write(&mut l, &job.batch);
-                        live = Some(l);
-                        r
-                    }
-                    Err(e) => Err(e),
-                },
-            };
+            let result = run_job(&prepared, &mut live, &job);
             if let Err(e) = &result {
-                // A trapped instance may hold broken state: never reuse it.
+                // A trapped or stopped instance may hold broken state: never reuse it. It is
+                // dropped here, before this thread takes the next call.
                 warn!(plugin = %name, error = %e, "plugin call failed; its instance is discarded");
                 live = None;
             }
@@ -355,6 +602,22 @@ fn spawn_worker(
     tx
 }
 
+fn run_job(
+    prepared: &Prepared,
+    live: &mut Option<Live>,
+    job: &Job,
+) -> Result<WriteOutcome, PluginError> {
+    // Queued behind a call that overran: its caller has given up already.
+    if Instant::now() >= job.deadline {
+        return Err(PluginError::Timeout(prepared.timeout));
+    }
+    let l = match live {
+        Some(l) => l,
+        None => live.insert(prepared.instantiate(job.deadline)?),
+    };
+    prepared.write(l, &job.batch, job.deadline)
+}
+
 /// Compiles a .wasm file and checks that it is a component of the sink-plugin world whose
 /// imports this host provides. Does not run it.
 pub fn check(path: &std::path::Path) -> Result<String, PluginError> {
@@ -365,6 +628,10 @@ pub fn check(path: &std::path::Path) -> Result<String, PluginError> {
     let engine = engine()?;
     let linker = linker(&engine)?;
     let component = Component::from_file(&engine, path).map_err(load)?;
+    check_shape(&component).map_err(|message| PluginError::Load {
+        path: path.display().to_string(),
+        message,
+    })?;
     let pre = linker.instantiate_pre(&component).map_err(load)?;
     bindings::SinkPluginPre::new(pre).map_err(load)?;
     let imports: Vec<String> = component
@@ -372,9 +639,131 @@ pub fn check(path: &std::path::Path) -> Result<String, PluginError> {
         .imports(&engine)
         .map(|(name, _)| name.to_string())
         .collect();
+    let shape = component
+        .resources_required()
+        .map(|r| {
+            format!(
+                "{} linear memories (at most {MAX_MEMORIES}), {} tables (at most {MAX_TABLES})",
+                r.num_memories, r.num_tables
+            )
+        })
+        .unwrap_or_default();
     Ok(format!(
-        "ok: {} exports fanout:sink/sink, compatible with this host's fanout:sink@0.1.1\nimports: {}",
+        "ok: {} exports fanout:sink/sink, compatible with this host's fanout:sink@0.1.1\ndefines: {shape}\nimports: {}",
         path.display(),
         imports.join(", ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store of core Wasm under the plugin limiter with `mib` of budget.
+    fn limited_store(mib: usize) -> Store<MemoryLimiter> {
+        let engine = Engine::default();
+        let mut store = Store::new(&engine, MemoryLimiter::new(mib << 20));
+        store.limiter(|l| l);
+        store
+    }
+
+    #[test]
+    fn memories_share_one_budget() {
+        // Two memories of 24 MiB (384 pages) each: each fits 32 MiB, both do not.
+        let mut store = limited_store(32);
+        let wat = "(module (memory 384) (memory 384))";
+        let module = wasmtime::Module::new(store.engine(), wat).expect("module");
+        let err = wasmtime::Instance::new(&mut store, &module, &[]);
+        assert!(err.is_err(), "the second memory is over the budget");
+        assert!(store.data().denied);
+        // A third memory is refused whatever its size (MAX_MEMORIES).
+        let mut store = limited_store(32);
+        let wat = "(module (memory 1) (memory 1) (memory 1))";
+        let module = wasmtime::Module::new(store.engine(), wat).expect("module");
+        assert!(wasmtime::Instance::new(&mut store, &module, &[]).is_err());
+        // Two of them fit.
+        let mut store = limited_store(32);
+        let module = wasmtime::Module::new(store.engine(), "(module (memory 256) (memory 256))")
+            .expect("module");
+        wasmtime::Instance::new(&mut store, &module, &[]).expect("within the budget");
+        assert_eq!(store.data().used_bytes, 32 << 20);
+    }
+
+    #[test]
+    fn tables_count_against_the_memory_budget() {
+        let mut store = limited_store(4);
+        let wat = r#"(module (table $t 0 funcref)
+            (func (export "grow") (param i32) (result i32)
+                (table.grow $t (ref.null func) (local.get 0))))"#;
+        let module = wasmtime::Module::new(store.engine(), wat).expect("module");
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).expect("instance");
+        let grow = instance
+            .get_typed_func::<i32, i32>(&mut store, "grow")
+            .expect("grow");
+        // 1M elements at 8 bytes: 8 MiB, over the 4 MiB budget; 100k elements fit.
+        assert_eq!(grow.call(&mut store, 1_000_000).expect("call"), -1);
+        assert!(store.data().denied);
+        assert_eq!(grow.call(&mut store, 100_000).expect("call"), 0);
+    }
+
+    #[test]
+    fn too_many_memories_or_tables_are_refused_at_load() {
+        let engine = Engine::default();
+        let memories: String = (0..12).map(|_| "(memory 1)").collect();
+        let wat =
+            format!("(component (core module $m {memories}) (core instance (instantiate $m)))");
+        let component = Component::new(&engine, &wat).expect("component");
+        let why = check_shape(&component).expect_err("12 memories");
+        assert!(why.contains("12 linear memories"), "{why}");
+        let tables: String = (0..100).map(|_| "(table 1 funcref)").collect();
+        let wat = format!("(component (core module $m {tables}) (core instance (instantiate $m)))");
+        let component = Component::new(&engine, &wat).expect("component");
+        let why = check_shape(&component).expect_err("100 tables");
+        assert!(why.contains("100 tables"), "{why}");
+        let wat = "(component (core module $m (memory 1) (table 1 funcref)) (core instance (instantiate $m)))";
+        let component = Component::new(&engine, wat).expect("component");
+        check_shape(&component).expect("one memory, one table");
+    }
+
+    #[test]
+    fn plugin_check_says_why_a_component_is_refused() {
+        let dir = std::env::temp_dir().join(format!("fanout-shape-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("many_memories.wat");
+        let memories: String = (0..12).map(|_| "(memory 1)").collect();
+        std::fs::write(
+            &path,
+            format!("(component (core module $m {memories}) (core instance (instantiate $m)))"),
+        )
+        .expect("write");
+        let err = check(&path).expect_err("refused");
+        assert!(err.to_string().contains("12 linear memories"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sleeps_end_one_tick_after_the_deadline() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let services = Arc::new(Services {
+            runtime: rt.handle().clone(),
+            redis: None,
+            http: reqwest::Client::new(),
+            clickhouse: None,
+            metrics: crate::metrics::Metrics::default(),
+        });
+        let caps = Arc::new(Capabilities::new(
+            "t".into(),
+            crate::config::Grants::default(),
+            services,
+        ));
+        let state = PluginState::new(caps, 1 << 20, Instant::now() + Duration::from_millis(100));
+        let capped = capped_sleep(&state, 3_600_000_000_000);
+        assert!(capped <= (Duration::from_millis(100) + EPOCH_TICK).as_nanos() as u64);
+        assert_eq!(capped_sleep(&state, 5), 5, "short sleeps are left alone");
+        assert!(state.remaining().is_ok());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(
+            matches!(state.remaining(), Err(CapabilityError::Failed(m)) if m == "deadline exceeded")
+        );
+    }
 }

@@ -6,6 +6,8 @@
 //! Config: { "key": "<redis list receiving one JSON event per delivered event>",
 //!           "mode": "record" | "noop" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first"
 //!                   | "clickhouse-sql" | "redis-hostile",
+//!                   | "wasi-sleep" | "http-loop" | "log-flood" | "init-sleep" (time attacks),
+//!           "hold_mb": N (time attacks: MiB the instance holds), "url": "<http-loop target>",
 //!           "outside": "<key>" (for redis-hostile: a key outside its prefix it tries to reach),
 //!           output attacks (sandbox_outputs.rs): "http-probe" ("requests": [{"url", "method",
 //!                   "headers": [[k, v]], "timeout_ms"}], one JSON report each to `key`),
@@ -30,6 +32,10 @@ pub struct Testkit {
     inserts: Vec<(String, String)>,
     /// For redis-hostile: a key outside the plugin's prefix that it tries to reach.
     outside: String,
+    /// For the time attacks: the URL `http-loop` posts to.
+    url: String,
+    /// For the time attacks: MiB filled before misbehaving (an instance left alive shows in RSS).
+    hold: Vec<u8>,
     /// The whole config, for the output attacks (http-probe's `requests`).
     raw: Value,
 }
@@ -96,9 +102,18 @@ impl Sink for Testkit {
                 .unwrap_or(default)
                 .to_string()
         };
+        let mode = text("mode", "record");
+        let hold_mb = config.get("hold_mb").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let hold = vec![1u8; hold_mb << 20];
+        // A plugin whose `init` never returns (sleeping in WASI, so fuel does not stop it).
+        if mode == "init-sleep" {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
         Ok(Testkit {
             key: text("key", "testkit:received"),
-            mode: text("mode", "record"),
+            url: text("url", ""),
+            hold,
+            mode,
             retries_left: config.get("retries").and_then(Value::as_u64).unwrap_or(0),
             statements: config
                 .get("statements")
@@ -132,6 +147,24 @@ impl Sink for Testkit {
         let host = WasmHost;
         match self.mode.as_str() {
             "trap" => panic!("testkit: asked to trap"),
+            // Time attacks: each must be stopped at the call's deadline, its instance dropped.
+            "wasi-sleep" => {
+                std::hint::black_box(&self.hold);
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                WriteOutcome::Accepted
+            }
+            "http-loop" => loop {
+                // Keeps calling the capability whatever it answers: after the deadline no
+                // request may leave any more.
+                std::hint::black_box(&self.hold);
+                let _ = fanout_sdk::http::post_json_on(&host, &self.url, "{}", &[], 60_000);
+            },
+            "log-flood" => {
+                let line = "x".repeat(8 << 20);
+                loop {
+                    fanout_sdk::log::log(fanout_sdk::Level::Info, &line);
+                }
+            }
             "loop" => {
                 let mut x: u64 = 0;
                 loop {
