@@ -203,6 +203,25 @@ outside = "{sentinel}"
         (commits(&host).await >= 1.0).then_some(())
     })
     .await;
+    // A restarted Redis has lost the users (they live in memory): deleting redis-topn's user
+    // (which also drops its connection) must not stop it; the host sets the user up again.
+    let acl: Vec<String> = redis::cmd("ACL")
+        .arg("LIST")
+        .query_async(&mut c)
+        .await
+        .expect("ACL LIST");
+    let topn_user = acl
+        .iter()
+        .find(|l| l.starts_with("user fanout-plugin-redis-topn-") && l.contains(&topn))
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or_else(|| panic!("redis-topn's ACL user: {acl:?}"))
+        .to_string();
+    let _: i64 = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&topn_user)
+        .query_async(&mut c)
+        .await
+        .expect("ACL DELUSER");
     let before = commits(&host).await;
     for id in 2..=4 {
         produce(

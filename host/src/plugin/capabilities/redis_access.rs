@@ -103,6 +103,21 @@ impl RedisAccess {
         Ok(conn)
     }
 
+    /// Drops the plugin's connection after a connection or authentication error: a restarted
+    /// Redis has lost the ACL users (they live in memory), so the next call sets the user up
+    /// again rather than reconnecting with a password Redis no longer knows.
+    async fn forget(&self, plugin: &str, e: &::redis::RedisError) {
+        let text = e.to_string();
+        if e.kind() == ::redis::ErrorKind::AuthenticationFailed
+            || e.is_io_error()
+            || e.is_connection_dropped()
+            || text.contains("WRONGPASS")
+            || text.contains("NOAUTH")
+        {
+            self.plugins.lock().await.remove(plugin);
+        }
+    }
+
     /// After a script call outlived its time: `SCRIPT KILL` on the admin connection. Redis
     /// reads it once the script has run `busy-reply-threshold` (5 s by default); it kills any
     /// script running that long (one that wrote nothing). Returns what happened, for the plugin.
@@ -188,11 +203,16 @@ pub(super) fn pipeline(
         }
         pipe.add_command(cmd);
     }
-    let timeout = grant.timeout();
+    // The grant's bound, and never past the plugin's call.
+    let timeout = state.capability_timeout(grant.timeout().as_millis() as u64)?;
     let replies: Vec<::redis::Value> = caps.services.runtime.block_on(async {
         let mut conn = access.plugin_conn(&caps.plugin, grant).await?;
         match tokio::time::timeout(timeout, pipe.query_async(&mut conn)).await {
-            Ok(replies) => replies.map_err(|e| CapabilityError::Failed(format!("redis: {e}"))),
+            Ok(Ok(replies)) => Ok(replies),
+            Ok(Err(e)) => {
+                access.forget(&caps.plugin, &e).await;
+                Err(CapabilityError::Failed(format!("redis: {e}")))
+            }
             Err(_) => {
                 let what = if scripts {
                     access.kill_script(caps).await
