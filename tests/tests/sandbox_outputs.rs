@@ -17,19 +17,51 @@ fn envelope(id: i64) -> Vec<u8> {
     event_envelope(id, 1, "2026-01-08T14:21:52Z")
 }
 
-/// Resident and peak resident memory of a process, in MiB (/proc/<pid>/status).
-fn rss_mib(pid: u32) -> (f64, f64) {
+/// Resident memory of a process, in MiB (/proc/<pid>/status VmRSS).
+fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Samples a process's RSS every 10 ms until dropped: the peak of a window (VmHWM would
+/// include start-up, when plugins are compiled).
+struct RssPeak {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    peak: Arc<std::sync::Mutex<f64>>,
+}
+
+impl RssPeak {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let peak = Arc::new(std::sync::Mutex::new(rss_mib(pid)));
+        let (s, p) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let now = rss_mib(pid);
+                if let Ok(mut max) = p.lock() {
+                    *max = max.max(now);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        RssPeak { stop, peak }
+    }
+
+    fn peak(&self) -> f64 {
+        self.peak.lock().map(|p| *p).unwrap_or(0.0)
+    }
+}
+
+impl Drop for RssPeak {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 /// A minimal HTTP/1.1 server on loopback: `answer(path)` gives the response head and how many
@@ -186,7 +218,8 @@ requests = {requests}
     })
     .await;
     let pid = host.proc.child.id();
-    let (baseline, _) = rss_mib(pid);
+    let baseline = rss_mib(pid);
+    let sampler = RssPeak::start(pid);
     produce(&stack, &events, None, Some(&envelope(1))).await;
     let r = redis(&stack).await;
     let got = eventually(WAIT, "the prober's reports", || async {
@@ -221,11 +254,15 @@ requests = {requests}
         got[10]
     );
     assert_eq!(outside.requests(), 0, "nothing reached the outside server");
-    let (after, peak) = rss_mib(pid);
+    let (after, peak) = (rss_mib(pid), sampler.peak());
     eprintln!("host RSS: baseline {baseline:.0} MiB, peak {peak:.0} MiB, after {after:.0} MiB");
     assert!(
         peak < baseline + 120.0,
         "a 400 MiB body must not be buffered: baseline {baseline:.0} MiB, peak {peak:.0} MiB"
+    );
+    assert!(
+        after < baseline + 100.0,
+        "RSS back near the baseline: {after:.0} MiB"
     );
     // The good plugin keeps delivering beside it, commits moving.
     let before = host.metric("fanout_commits_total{plugin=\"good\"}").await;
@@ -364,7 +401,8 @@ async fn forged_logs_stdio_floods_and_metric_floods_are_contained() {
     })
     .await;
     let pid = host.proc.child.id();
-    let (baseline, _) = rss_mib(pid);
+    let baseline = rss_mib(pid);
+    let sampler = RssPeak::start(pid);
     produce(&stack, &events, None, Some(&envelope(1))).await;
     let r = redis(&stack).await;
     // Each misbehaves and then records the event: all four deliver and commit.
@@ -434,7 +472,7 @@ async fn forged_logs_stdio_floods_and_metric_floods_are_contained() {
             "fanout_plugin_metrics_refused_total{plugin=\"counter\",reason=\"invalid_name\"}"
         ) >= 2.0
     );
-    let (after, peak) = rss_mib(pid);
+    let (after, peak) = (rss_mib(pid), sampler.peak());
     eprintln!("host RSS: baseline {baseline:.0} MiB, peak {peak:.0} MiB, after {after:.0} MiB");
     assert!(
         peak < baseline + 150.0,
