@@ -130,13 +130,24 @@ async fn time_attacks_are_stopped_at_the_deadline() {
         .plugin_raw(&hostile("spinner", "loop", &unique("l"), 1, "", ""));
     let mut host = HostProc::start("time-attacks", &cfg.render(), &cfg.metrics_addr);
     let pid = host.proc.child.id();
-    eventually(WAIT, "the host serves metrics", || async {
-        host.metrics().await.contains("fanout_").then_some(())
+    eventually(WAIT, "every lane started", || async {
+        let log = host.proc.log_text();
+        (log.contains("live path started") && log.matches("lane started").count() == 5)
+            .then_some(())
     })
     .await;
-    // Baseline: every plugin loaded (one instance, one worker thread each), nothing delivered.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (threads0, rss0) = threads_and_rss(pid);
+    // Baseline: every plugin loaded (one instance, one worker thread each), every lane's
+    // consumer connected (its threads stable for 2 s), nothing delivered.
+    let mut last = threads_and_rss(pid);
+    let settle = Instant::now();
+    let (threads0, rss0) = loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = threads_and_rss(pid);
+        if now.0 == last.0 || settle.elapsed() > Duration::from_secs(30) {
+            break now;
+        }
+        last = now;
+    };
     let workers0 = thread_names(pid)
         .iter()
         .filter(|n| n.starts_with("plugin-"))

@@ -298,7 +298,13 @@ impl Prepared {
             .call_init(&mut store, &self.config_json)
             .map_err(|e| self.classify(e, &store))
             .map_err(as_init)?;
-        result.map_err(PluginError::Init)?;
+        // The plugin's own words: cut and escaped before they reach logs and /healthz.
+        result.map_err(|m| {
+            PluginError::Init(crate::deadletter::escape_truncate(
+                &m,
+                crate::deadletter::MAX_REASON_BYTES,
+            ))
+        })?;
         // Woken by the deadline (a capped sleep) and returned before an epoch check ran.
         if Instant::now() > deadline {
             return Err(as_init(PluginError::Timeout(self.timeout)));
@@ -382,11 +388,19 @@ pub fn engine() -> Result<Engine, PluginError> {
     let weak = engine.weak();
     std::thread::Builder::new()
         .name("wasm-epoch".into())
-        .spawn(move || loop {
-            std::thread::sleep(EPOCH_TICK);
-            match weak.upgrade() {
-                Some(engine) => engine.increment_epoch(),
-                None => return,
+        .spawn(move || {
+            // Ticks follow the clock, not the number of wake-ups: on a loaded machine a late
+            // wake-up catches up, so deadlines (counted in ticks) stay in real time.
+            let start = Instant::now();
+            let mut ticks: u128 = 0;
+            loop {
+                std::thread::sleep(EPOCH_TICK);
+                let Some(engine) = weak.upgrade() else { return };
+                let due = start.elapsed().as_millis() / EPOCH_TICK.as_millis();
+                while ticks < due {
+                    engine.increment_epoch();
+                    ticks += 1;
+                }
             }
         })
         .map_err(|e| PluginError::Load {
@@ -739,6 +753,47 @@ mod tests {
         let err = check(&path).expect_err("refused");
         assert!(err.to_string().contains("12 linear memories"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What fuel and epoch checks cost Wasm code: a call-heavy loop (the worst case: a check at
+    /// every call and loop iteration) under each (`cargo test -p fanout --lib epoch_cost -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn epoch_cost() {
+        let wat = r#"(module
+            (func $f (param i32) (result i32) (i32.add (local.get 0) (i32.const 1)))
+            (func (export "run") (param i32) (result i32) (local $acc i32)
+                (loop $l
+                    (local.set $acc (call $f (local.get $acc)))
+                    (br_if $l (i32.lt_u (local.get $acc) (local.get 0))))
+                (local.get $acc)))"#;
+        let variants = [(false, false), (true, false), (false, true), (true, true)];
+        let mut best = [Duration::MAX; 4];
+        for _ in 0..5 {
+            for (i, (fuel, epochs)) in variants.into_iter().enumerate() {
+                let mut cfg = wasmtime::Config::new();
+                cfg.consume_fuel(fuel);
+                cfg.epoch_interruption(epochs);
+                let engine = Engine::new(&cfg).expect("engine");
+                let module = wasmtime::Module::new(&engine, wat).expect("module");
+                let mut store = Store::new(&engine, ());
+                if fuel {
+                    store.set_fuel(u64::MAX).expect("fuel");
+                }
+                store.set_epoch_deadline(u64::MAX / 2);
+                let instance = wasmtime::Instance::new(&mut store, &module, &[]).expect("instance");
+                let run = instance
+                    .get_typed_func::<i32, i32>(&mut store, "run")
+                    .expect("run");
+                let t = Instant::now();
+                run.call(&mut store, 100_000_000).expect("call");
+                best[i] = best[i].min(t.elapsed());
+            }
+        }
+        eprintln!(
+            "100M calls in a loop: neither {:?}, fuel {:?}, epochs {:?}, fuel + epochs {:?}",
+            best[0], best[1], best[2], best[3]
+        );
     }
 
     #[test]
