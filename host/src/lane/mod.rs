@@ -159,6 +159,8 @@ impl Lane {
         loop {
             let wait = match pending.started() {
                 Some(t) => max_wait.saturating_sub(t.elapsed()),
+                // Idle with a commit still to make (the last one failed): try again then.
+                None if self.uncommitted() => self.commit_interval,
                 None => Duration::from_secs(3600),
             };
             // Set in the select, slept after it: the select's output holds the consumer's
@@ -182,7 +184,12 @@ impl Lane {
                         self.commit(true);
                     }
                 }
-                _ = tokio::time::sleep(wait) => return Ok(pending),
+                _ = tokio::time::sleep(wait) => {
+                    if !pending.is_empty() {
+                        return Ok(pending);
+                    }
+                    self.commit(true);
+                }
                 msg = self.consumer.recv() => match msg {
                     Ok(m) => {
                         self.accept(&mut pending, &m);
@@ -254,28 +261,51 @@ impl Lane {
         if !now && last.elapsed() < self.commit_interval {
             return;
         }
-        let offsets = match self.delivered.lock() {
-            Ok(mut d) if !d.is_empty() => std::mem::take(&mut *d),
-            _ => return,
+        let Ok(mut delivered) = self.delivered.lock() else {
+            return;
         };
+        // Partitions this lane no longer holds (a rebalance moved them) are the new owner's
+        // to commit: it replays them, which the sinks absorb.
+        let held: Option<std::collections::BTreeSet<(String, i32)>> =
+            self.consumer.assignment().ok().map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect()
+            });
+        if let Some(held) = &held {
+            delivered.retain(|k, _| held.contains(k));
+        }
+        if delivered.is_empty() {
+            return;
+        }
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), last) in &offsets {
+        for ((topic, partition), last) in delivered.iter() {
             if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(last + 1)) {
                 warn!(lane = %self.name, error = %e, "cannot build the commit");
                 return;
             }
         }
         *last = Instant::now();
-        // A failed commit (e.g. after a rebalance) is not fatal: the batches are replayed
-        // later and every sink is idempotent by event_id.
+        // A failed commit (a broker hiccup, a rebalance under way) keeps the offsets for the
+        // next try; a crash meanwhile replays, which the sinks absorb.
         match tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync)) {
             Ok(()) => {
                 self.counters.commits.inc();
-                debug!(lane = %self.name, ?offsets, "committed");
+                debug!(lane = %self.name, offsets = ?*delivered, "committed");
+                delivered.clear();
             }
             Err(e) => {
-                warn!(lane = %self.name, error = %e, "commit failed; delivered batches will be replayed")
+                warn!(lane = %self.name, error = %e, "commit failed; retrying with the next commit")
             }
         }
+    }
+
+    /// True when delivered offsets wait for a commit.
+    fn uncommitted(&self) -> bool {
+        self.delivered
+            .lock()
+            .map(|d| !d.is_empty())
+            .unwrap_or(false)
     }
 }
