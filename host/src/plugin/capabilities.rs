@@ -417,10 +417,22 @@ struct HttpCall {
 
 /// Checks the request against the grant (URL, method, headers): nothing is sent for a
 /// refused request.
+/// What one request hands the host: URL, headers and body.
+fn http_request_bytes(req: &http::Request) -> usize {
+    req.url.len()
+        + req.body.len()
+        + req
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
 fn checked_http_call(state: &PluginState, req: http::Request) -> Result<HttpCall, CapabilityError> {
     use reqwest::header::{HeaderName, HeaderValue};
     let caps = &state.caps;
     let grant = granted(&caps.grants.http, "http", &caps.plugin)?;
+    crate::plugin::check_args_size("http", http_request_bytes(&req))?;
     let url = grants::check_http_url(grant, &req.url).map_err(CapabilityError::NotGranted)?;
     let method = reqwest::Method::from_bytes(req.method.as_bytes())
         .map_err(|_| CapabilityError::Failed(format!("bad HTTP method `{}`", req.method)))?;
@@ -603,6 +615,10 @@ impl http::Host for PluginState {
             Ok(g) => g,
             Err(e) => return (0..count).map(|_| Err(e.clone())).collect(),
         };
+        let total = requests.iter().map(http_request_bytes).sum();
+        if let Err(e) = crate::plugin::check_args_size("http send-all", total) {
+            return (0..count).map(|_| Err(e.clone())).collect();
+        }
         // Every request first: one refused request means nothing is sent at all, as with `send`.
         let mut calls = Vec::with_capacity(count);
         for (i, req) in requests.into_iter().enumerate() {
@@ -705,6 +721,10 @@ impl clickhouse::Host for PluginState {
         let grant = granted(&caps.grants.clickhouse, "clickhouse", &caps.plugin)?;
         clickhouse_sql::check_insert_target(grant, &database, &table)
             .map_err(CapabilityError::NotGranted)?;
+        crate::plugin::check_args_size(
+            "clickhouse insert",
+            rows.iter().map(|r| r.len() + 1).sum(),
+        )?;
         let client = caps
             .services
             .clickhouse

@@ -177,6 +177,23 @@ impl PluginState {
     }
 }
 
+/// The most a plugin hands the host in one capability call: request bodies and headers, Redis
+/// commands, rows to insert. wasmtime copies the arguments out of the guest before the host
+/// sees them (that copy is bounded by the plugin's memory budget); this bounds what the host
+/// builds and keeps from them (request clones, encodings, buffers) and says so to the plugin.
+pub const MAX_CAPABILITY_ARGS_BYTES: usize = 16 << 20;
+
+/// Refuses a capability call whose arguments are larger than [`MAX_CAPABILITY_ARGS_BYTES`].
+pub fn check_args_size(what: &str, bytes: usize) -> Result<(), CapabilityError> {
+    if bytes > MAX_CAPABILITY_ARGS_BYTES {
+        return Err(CapabilityError::Failed(format!(
+            "{what}: {bytes} bytes of arguments in one call, more than the \
+             {MAX_CAPABILITY_ARGS_BYTES} a capability call takes"
+        )));
+    }
+    Ok(())
+}
+
 fn deadline_exceeded() -> CapabilityError {
     CapabilityError::Failed("deadline exceeded".into())
 }
@@ -793,6 +810,16 @@ mod tests {
         eprintln!(
             "100M calls in a loop: neither {:?}, fuel {:?}, epochs {:?}, fuel + epochs {:?}",
             best[0], best[1], best[2], best[3]
+        );
+    }
+
+    #[test]
+    fn capability_arguments_are_capped() {
+        assert!(check_args_size("redis", MAX_CAPABILITY_ARGS_BYTES).is_ok());
+        let e = check_args_size("redis", MAX_CAPABILITY_ARGS_BYTES + 1).expect_err("too big");
+        assert!(
+            matches!(&e, CapabilityError::Failed(m) if m.starts_with("redis: 16777217 bytes")),
+            "{e:?}"
         );
     }
 

@@ -183,6 +183,7 @@ pub(super) fn pipeline(
 ) -> Result<Vec<wit_redis::Reply>, CapabilityError> {
     let caps = &state.caps;
     let grant = granted(&caps.grants.redis, "redis", &caps.plugin)?;
+    crate::plugin::check_args_size("redis", commands.iter().flatten().map(Vec::len).sum())?;
     for c in &commands {
         grants::check_redis_command(grant, c).map_err(CapabilityError::NotGranted)?;
     }
