@@ -83,7 +83,7 @@ outside = "{sentinel}"
     let started = Instant::now();
     let reports: Vec<Value> = eventually(WAIT, "the hostile plugin's reports", || async {
         let got = recorded(&r, &key).await;
-        (got.len() >= 10).then_some(got)
+        (got.len() >= 11).then_some(got)
     })
     .await;
     let by_name = |name: &str| -> Value {
@@ -128,6 +128,14 @@ outside = "{sentinel}"
             "{attempt}: {rep}"
         );
     }
+    // A reply past max_reply_bytes never reaches the plugin.
+    let big = by_name("big-reply");
+    assert!(
+        big["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("max_reply_bytes")),
+        "{big}"
+    );
     // The busy script: the call ends at the grant's timeout, the script is killed (Redis
     // takes SCRIPT KILL once the script has run busy-reply-threshold, 5 s by default).
     let busy = by_name("busy-script");

@@ -88,6 +88,11 @@ fn redis_hostile_attempts(outside: &str) -> Vec<(&'static str, Vec<&str>)> {
         ),
         ("flushall", vec!["FLUSHALL"]),
         ("config-set", vec!["CONFIG", "SET", "maxmemory", "1"]),
+        // A 9 MB reply: past the grant's max_reply_bytes (8 MiB by default).
+        (
+            "big-reply",
+            vec!["EVAL", "return string.rep('x', 9000000)", "0"],
+        ),
         // Blocks Redis for everyone until killed.
         ("busy-script", vec!["EVAL", "while true do end", "0"]),
     ]
