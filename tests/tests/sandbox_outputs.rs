@@ -484,3 +484,58 @@ async fn forged_logs_stdio_floods_and_metric_floods_are_contained() {
     commits_move(&host, "good", before).await;
     assert!(host.proc.is_running());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_results_are_capped_per_grant() {
+    let Some(stack) = Stack::get() else { return };
+    const DB: &str = "fanout_sandbox";
+    clickhouse_query(&stack, &format!("CREATE DATABASE IF NOT EXISTS {DB}")).await;
+    let table = format!("{DB}.{}", unique("big"));
+    clickhouse_query(
+        &stack,
+        &format!("CREATE TABLE {table} (event_id Int64) ENGINE = Memory"),
+    )
+    .await;
+    // 100,000 rows: about 590 KB of TabSeparated, against a 4 KiB cap.
+    clickhouse_query(
+        &stack,
+        &format!("INSERT INTO {table} SELECT number FROM system.numbers LIMIT 100000"),
+    )
+    .await;
+    let key = unique("chcap");
+    let toml = format!(
+        r#"
+[[plugins]]
+name = "reader"
+path = "{path}"
+[plugins.grants]
+redis = {{ key_prefix = "{key}" }}
+clickhouse = {{ databases = ["{DB}"], max_result_bytes = 4096 }}
+[plugins.config]
+key = "{key}"
+mode = "clickhouse-sql"
+statements = ["SELECT event_id FROM {table}", "SELECT count() FROM {table}"]
+"#,
+        path = plugin_wasm("testkit").display(),
+    );
+    let plugin = LoadedPlugin::load_as(&stack, &toml, &stack.clickhouse_host).await;
+    let out = plugin
+        .write("t/0:0-0", &[wit_event(1, Some(1), now_micros())])
+        .await;
+    assert!(
+        matches!(out, fanout::plugin::WriteOutcome::Accepted),
+        "{out:?}"
+    );
+    let r = redis(&stack).await;
+    let reports = recorded(&r, &key).await;
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert!(
+        reports[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("max_result_bytes")),
+        "{}",
+        reports[0]
+    );
+    assert_eq!(reports[1]["ok"], "100000\n", "a small result passes");
+    clickhouse_query(&stack, &format!("DROP TABLE {table}")).await;
+}

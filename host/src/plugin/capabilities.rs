@@ -920,6 +920,13 @@ mod tests {
                 axum::routing::get(|| async { Redirect::to("/api/../admin") }),
             )
             .route(
+                "/api/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            )
+            .route(
                 "/api/loop",
                 axum::routing::get(|| async { Redirect::to("/api/loop") }),
             )
@@ -951,6 +958,25 @@ mod tests {
             method: "GET".into(),
             ..post(url)
         }
+    }
+
+    #[test]
+    fn a_plugin_timeout_is_capped_by_the_time_left_in_its_call() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let (outside, _) = server(&rt);
+        let base = hostile_server(&rt, &outside, 0);
+        let mut st = state(&rt, &format!("{base}api/"));
+        st.deadline = std::time::Instant::now() + Duration::from_millis(500);
+        let mut req = get(format!("{base}api/slow"));
+        req.timeout_ms = 300_000;
+        let started = std::time::Instant::now();
+        let r = st.send(req);
+        assert!(matches!(r, Err(CapabilityError::Failed(_))), "{r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "asked for 300 s, ended after {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
