@@ -15,6 +15,10 @@ use fanout_tests::*;
 use redis::AsyncCommands;
 
 const SPEC_BOUND: Duration = Duration::from_secs(5);
+
+/// One load at a time: each test runs its own Debezium, host and 300 inserts/s on the same two
+/// cores, and the freshness they measure is the pipeline's, not the neighbour test's.
+static ONE_LOAD_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const WAIT: Duration = Duration::from_secs(120);
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -307,6 +311,7 @@ async fn assert_exactly_once(rig: &Rig, total: u64) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_api_lags_alone() {
     let Some(stack) = Stack::get() else { return };
+    let _turn = ONE_LOAD_AT_A_TIME.lock().await;
     let rate = env_u64("FANOUT_LANES_RATE", 300);
     let seconds = env_u64("FANOUT_LANES_SECONDS", 15);
     let rig = Rig::new(stack.clone()).await;
@@ -343,27 +348,22 @@ async fn a_slow_api_lags_alone() {
     assert_exactly_once(&rig, total).await;
 }
 
-/// The API refuses connections for the whole load; the host is killed (-9) in the middle.
-/// Redis and ClickHouse stay fresh; the API's lane waits (fail-fast) and catches up when the
-/// API is back, with nothing dead-lettered.
-#[tokio::test(flavor = "multi_thread")]
-async fn api_outage_under_fail_fast_waits_then_catches_up_after_kill9() {
-    let Some(stack) = Stack::get() else { return };
-    let rate = env_u64("FANOUT_LANES_RATE", 300);
-    let seconds = env_u64("FANOUT_LANES_SECONDS", 15);
-    let rig = Rig::new(stack.clone()).await;
+/// The external-api plugin (`policy`: fail-fast or best-effort, for the host and the plugin)
+/// pointed at the mock through a proxy the test takes down and brings back. Short retries: the
+/// outage is the test's, not the schedule's.
+async fn api_behind_proxy(stack: &Stack, ns: &str, policy: &str) -> (ToggleProxy, String) {
     let mock = stack
         .external_api_url
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_string();
-    let mut api = ToggleProxy::start(&mock).await;
-    let api_plugin = format!(
+    let api = ToggleProxy::start(&mock).await;
+    let plugin = format!(
         r#"
 [[plugins]]
 name = "external-api"
-path = "{}"
-failure_policy = "fail-fast"
+path = "{path}"
+failure_policy = "{policy}"
 max_retries = 1
 retry_backoff_ms = 100
 max_backoff_ms = 1000
@@ -372,15 +372,28 @@ http = {{ url_prefixes = ["{url}"] }}
 [plugins.config]
 url = "{url}ns/{ns}/events"
 mode = "per-event"
-policy = "fail-fast"
+policy = "{policy}"
 max_retries = 1
 base_backoff_ms = 50
 max_backoff_ms = 100
 "#,
-        plugin_wasm("external_api").display(),
+        path = plugin_wasm("external_api").display(),
         url = api.url(),
-        ns = rig.ns
     );
+    (api, plugin)
+}
+
+/// The API refuses connections for the whole load; the host is killed (-9) in the middle.
+/// Redis and ClickHouse stay fresh; the API's lane waits (fail-fast) and catches up when the
+/// API is back, with nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_outage_under_fail_fast_waits_then_catches_up_after_kill9() {
+    let Some(stack) = Stack::get() else { return };
+    let _turn = ONE_LOAD_AT_A_TIME.lock().await;
+    let rate = env_u64("FANOUT_LANES_RATE", 300);
+    let seconds = env_u64("FANOUT_LANES_SECONDS", 15);
+    let rig = Rig::new(stack.clone()).await;
+    let (mut api, api_plugin) = api_behind_proxy(&stack, &rig.ns, "fail-fast").await;
     let cfg = rig.config(&api_plugin);
     let mut host = HostProc::start("lanes-outage-ff", &cfg.render(), &cfg.metrics_addr);
     let warm = rig.warm_up().await;
@@ -491,38 +504,11 @@ max_backoff_ms = 100
 #[tokio::test(flavor = "multi_thread")]
 async fn api_outage_under_best_effort_dead_letters_and_goes_on() {
     let Some(stack) = Stack::get() else { return };
+    let _turn = ONE_LOAD_AT_A_TIME.lock().await;
     let rate = env_u64("FANOUT_LANES_RATE", 300);
     let seconds = env_u64("FANOUT_LANES_SECONDS", 15);
     let rig = Rig::new(stack.clone()).await;
-    let mock = stack
-        .external_api_url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let mut api = ToggleProxy::start(&mock).await;
-    let api_plugin = format!(
-        r#"
-[[plugins]]
-name = "external-api"
-path = "{}"
-failure_policy = "best-effort"
-max_retries = 1
-retry_backoff_ms = 50
-max_backoff_ms = 200
-[plugins.grants]
-http = {{ url_prefixes = ["{url}"] }}
-[plugins.config]
-url = "{url}ns/{ns}/events"
-mode = "per-event"
-policy = "best-effort"
-max_retries = 1
-base_backoff_ms = 50
-max_backoff_ms = 100
-"#,
-        plugin_wasm("external_api").display(),
-        url = api.url(),
-        ns = rig.ns
-    );
+    let (mut api, api_plugin) = api_behind_proxy(&stack, &rig.ns, "best-effort").await;
     let cfg = rig.config(&api_plugin);
     let _host = HostProc::start("lanes-outage-be", &cfg.render(), &cfg.metrics_addr);
     let warm = rig.warm_up().await;

@@ -113,18 +113,7 @@ impl Delivery {
                     error!(plugin = plugin.name(), reason = %reason, "plugin cannot start; its lane waits");
                     self.metrics
                         .set_unhealthy(&self.health_key(), Some(reason.clone()));
-                    pauses += 1;
-                    if !self
-                        .pause(
-                            cfg.retry_backoff_ms,
-                            cfg.max_backoff_ms,
-                            pauses,
-                            &mut shutdown,
-                        )
-                        .await
-                    {
-                        return Err(DeliveryError::Interrupted(plugin.name().to_string()));
-                    }
+                    self.pause(&mut pauses, &mut shutdown).await?;
                     continue;
                 }
                 Err(e) => {
@@ -166,32 +155,24 @@ impl Delivery {
                 &label("plugin", plugin.name()),
                 1.0,
             );
-            pauses += 1;
-            if !self
-                .pause(
-                    cfg.retry_backoff_ms,
-                    cfg.max_backoff_ms,
-                    pauses,
-                    &mut shutdown,
-                )
-                .await
-            {
-                return Err(DeliveryError::Interrupted(plugin.name().to_string()));
-            }
+            self.pause(&mut pauses, &mut shutdown).await?;
         }
     }
 
-    /// Sleeps the backoff of retry number `n`; false when shutdown came first.
+    /// Sleeps the backoff of the next pause (counted in `pauses`); Err when shutdown came
+    /// first.
     async fn pause(
         &self,
-        base_ms: u64,
-        max_ms: u64,
-        n: u32,
+        pauses: &mut u32,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
+    ) -> Result<(), DeliveryError> {
+        *pauses += 1;
+        let cfg = &self.plugin.config;
         tokio::select! {
-            _ = tokio::time::sleep(backoff(base_ms, max_ms, n)) => true,
-            _ = shutdown.wait_for(|stop| *stop) => false,
+            _ = tokio::time::sleep(backoff(cfg.retry_backoff_ms, cfg.max_backoff_ms, *pauses)) => Ok(()),
+            _ = shutdown.wait_for(|stop| *stop) => {
+                Err(DeliveryError::Interrupted(self.plugin.name().to_string()))
+            }
         }
     }
 
