@@ -737,8 +737,18 @@ impl LoadedPlugin {
 
     /// [`LoadedPlugin::load`] with the host connecting to ClickHouse as `user`.
     pub async fn load_as(stack: &Stack, plugin_toml: &str, user: &ClickHouseUser) -> LoadedPlugin {
+        Self::load_with(stack, plugin_toml, user, "").await
+    }
+
+    /// [`LoadedPlugin::load_as`] with more `[services]` lines (`redis_users = "provided"`).
+    pub async fn load_with(
+        stack: &Stack,
+        plugin_toml: &str,
+        user: &ClickHouseUser,
+        services: &str,
+    ) -> LoadedPlugin {
         let text = format!(
-            "[kafka]\nbrokers = \"{}\"\n[services]\nredis_url = \"{}\"\nclickhouse_url = \"{}\"\n{}{plugin_toml}",
+            "[kafka]\nbrokers = \"{}\"\n[services]\nredis_url = \"{}\"\nclickhouse_url = \"{}\"\n{}{services}\n{plugin_toml}",
             stack.kafka_brokers,
             stack.redis_url,
             stack.clickhouse_url,

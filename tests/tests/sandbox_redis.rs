@@ -265,3 +265,81 @@ outside = "{sentinel}"
         .await
         .unwrap_or(());
 }
+
+/// `services.redis_users = "provided"`: the host connects as the operator's user and makes
+/// none of its own; a wrong password is a failed call, not a fallback to the admin connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_provided_users_are_used_as_given() {
+    let Some(stack) = Stack::get() else { return };
+    let key = unique("provided");
+    let user = unique("fanout-test-provided");
+    let password = unique("pw");
+    let r = redis(&stack).await;
+    let mut c = r.clone();
+    // The operator's user: RPUSH on the plugin's list, nothing else.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg(format!("~{key}*"))
+        .arg("-@all")
+        .arg("+rpush")
+        .query_async(&mut c)
+        .await
+        .expect("ACL SETUSER");
+    let toml = |pw: &str| {
+        format!(
+            r#"
+[[plugins]]
+name = "provided"
+path = "{path}"
+[plugins.grants]
+redis = {{ key_prefix = "{key}", user = "{user}", password = "{pw}" }}
+[plugins.config]
+key = "{key}"
+mode = "record"
+"#,
+            path = plugin_wasm("testkit").display()
+        )
+    };
+    let provided = "redis_users = \"provided\"";
+    let plugin =
+        LoadedPlugin::load_with(&stack, &toml(&password), &stack.clickhouse_admin, provided).await;
+    let out = plugin
+        .write("b1", &[wit_event(1, Some(7), now_micros())])
+        .await;
+    assert!(
+        matches!(out, fanout::plugin::WriteOutcome::Accepted),
+        "{out:?}"
+    );
+    assert_eq!(recorded(&r, &key).await.len(), 1);
+    let users: Vec<String> = redis::cmd("ACL")
+        .arg("USERS")
+        .query_async(&mut c)
+        .await
+        .expect("ACL USERS");
+    assert!(
+        !users
+            .iter()
+            .any(|u| u.starts_with("fanout-plugin-provided-")),
+        "the host made no user: {users:?}"
+    );
+    let wrong =
+        LoadedPlugin::load_with(&stack, &toml("wrong"), &stack.clickhouse_admin, provided).await;
+    let out = wrong
+        .write("b2", &[wit_event(2, Some(7), now_micros())])
+        .await;
+    assert!(
+        matches!(out, fanout::plugin::WriteOutcome::RetryLater(_)),
+        "{out:?}"
+    );
+    assert_eq!(recorded(&r, &key).await.len(), 1, "nothing written");
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut c)
+        .await
+        .map(|_: i64| ())
+        .unwrap_or(());
+}
