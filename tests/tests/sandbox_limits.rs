@@ -5,9 +5,11 @@
 //! RSS come back to the baseline), no request leaves after the deadline, and a good plugin
 //! beside them keeps delivering and committing.
 //!
-//! The memory attacks (many memories, many tables, growth past the budget) need components a
-//! Rust plugin cannot be: they are unit tests of host/src/plugin/mod.rs on WAT modules and
-//! components (limiter and load-time check), and `oom` in plugin_containment.rs.
+//! Memory: components with 12 memories or 100 tables (written in WAT: a Rust plugin cannot
+//! have them) are refused by `fanout plugin check` and by a host at start, saying why. That
+//! memories and tables share one budget at run time is a unit test of host/src/plugin/mod.rs
+//! (core WAT modules under the plugin limiter); growth past the budget is `oom` in
+//! plugin_containment.rs.
 
 use std::time::{Duration, Instant};
 
@@ -321,4 +323,65 @@ async fn an_init_that_never_returns_is_stopped() {
     let _ = std::fs::remove_dir_all(
         std::env::temp_dir().join(format!("fanout-limits-{}", std::process::id())),
     );
+}
+
+/// A component instantiating one core module with `items`.
+fn component_wat(items: &str) -> String {
+    format!("(component (core module $m {items}) (core instance (instantiate $m)))")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn components_with_many_memories_or_tables_are_refused_at_load() {
+    let Some(stack) = Stack::get() else { return };
+    let dir = repo_root().join("target/test-logs");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let memories = dir.join(format!("{}.wat", unique("memories")));
+    std::fs::write(&memories, component_wat(&"(memory 1)".repeat(12))).expect("write");
+    let tables = dir.join(format!("{}.wat", unique("tables")));
+    std::fs::write(
+        &tables,
+        component_wat(&"(table 1000000 funcref)".repeat(100)),
+    )
+    .expect("write");
+    // `fanout plugin check` says why.
+    for (file, why) in [
+        (
+            &memories,
+            "defines 12 linear memories; a plugin may have at most 2",
+        ),
+        (&tables, "defines 100 tables; a plugin may have at most 4"),
+    ] {
+        let out = std::process::Command::new(host_binary())
+            .args(["plugin", "check"])
+            .arg(file)
+            .output()
+            .expect("run fanout plugin check");
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains(why), "{text}");
+    }
+    // A host configured with it refuses to start, naming the plugin and the reason.
+    let events = unique("events");
+    let cfg = ConfigBuilder::new(&stack, &events, "", "").plugin_raw(&format!(
+        "[[plugins]]\nname = \"hoarder\"\npath = \"{}\"\n",
+        memories.display()
+    ));
+    let mut host = HostProc::start("many-memories", &cfg.render(), &cfg.metrics_addr);
+    let started = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = host.proc.child.try_wait() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the host refuses the plugin and exits"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!status.success());
+    let log = host.proc.log_text();
+    assert!(log.contains("12 linear memories"), "{log}");
+    let _ = std::fs::remove_file(&memories);
+    let _ = std::fs::remove_file(&tables);
 }
