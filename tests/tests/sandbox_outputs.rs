@@ -451,6 +451,18 @@ async fn forged_logs_stdio_floods_and_metric_floods_are_contained() {
         "stderr is captured into the log"
     );
     let m = host.metrics().await;
+    let dropped = metric_value(
+        &m,
+        "fanout_plugin_log_dropped_bytes_total{plugin=\"flooder\"}",
+    );
+    eprintln!(
+        "stderr flood: host log {} bytes, {dropped} plugin bytes dropped",
+        log.len()
+    );
+    assert!(
+        dropped > 32.0 * 1024.0 * 1024.0,
+        "the budget dropped the flood: {dropped}"
+    );
     let series = m
         .lines()
         .filter(|l| {

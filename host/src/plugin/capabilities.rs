@@ -109,8 +109,11 @@ impl Capabilities {
             &String::from_utf8_lossy(message),
             MAX_LOG_LINE_BYTES,
         );
+        // Charged with what a host log line costs around the text, so that many short lines
+        // cannot outrun the budget.
+        let cost = (line.len() + LOG_LINE_OVERHEAD_BYTES) as u64;
         let allowed = match self.output.lock() {
-            Ok(mut b) => b.take(line.len() as u64),
+            Ok(mut b) => b.take(cost),
             Err(_) => Err(false),
         };
         if let Err(first) = allowed {
@@ -120,7 +123,7 @@ impl Capabilities {
                 line.len() as f64,
             );
             if first {
-                warn!(plugin = %self.plugin, "plugin writes more than its log budget; dropping its lines for now");
+                warn!(plugin = %self.plugin, "plugin writes more than its log budget; dropping its lines for now (counted in fanout_plugin_log_dropped_bytes_total)");
             }
             return;
         }
@@ -141,12 +144,16 @@ pub const MAX_LOG_LINE_BYTES: usize = 4096;
 const LOG_BURST_BYTES: f64 = 1024.0 * 1024.0;
 /// ... refilled at this rate.
 const LOG_BYTES_PER_SEC: f64 = 256.0 * 1024.0;
+/// What a plugin's line costs in the host log besides its text (time, level, target, fields).
+const LOG_LINE_OVERHEAD_BYTES: usize = 128;
+/// The "over budget" warning is repeated at most this often per plugin.
+const LOG_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A token bucket of log bytes per plugin: a flood costs the host a bounded log volume.
 struct OutputBudget {
     tokens: f64,
     at: std::time::Instant,
-    dropping: bool,
+    warned_at: Option<std::time::Instant>,
 }
 
 impl OutputBudget {
@@ -154,11 +161,12 @@ impl OutputBudget {
         OutputBudget {
             tokens: LOG_BURST_BYTES,
             at: std::time::Instant::now(),
-            dropping: false,
+            warned_at: None,
         }
     }
 
-    /// Ok when `n` bytes may be logged; Err(true) for the first refusal of an episode.
+    /// Ok when `n` bytes may be logged; Err(true) when the refusal should be warned about
+    /// (the first, then at most every `LOG_WARN_EVERY`).
     fn take(&mut self, n: u64) -> Result<(), bool> {
         let now = std::time::Instant::now();
         let refill = now.duration_since(self.at).as_secs_f64() * LOG_BYTES_PER_SEC;
@@ -166,12 +174,15 @@ impl OutputBudget {
         self.at = now;
         if self.tokens >= n as f64 {
             self.tokens -= n as f64;
-            self.dropping = false;
             Ok(())
         } else {
-            let first = !self.dropping;
-            self.dropping = true;
-            Err(first)
+            let warn = self
+                .warned_at
+                .is_none_or(|at| now.duration_since(at) >= LOG_WARN_EVERY);
+            if warn {
+                self.warned_at = Some(now);
+            }
+            Err(warn)
         }
     }
 }

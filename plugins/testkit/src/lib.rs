@@ -293,7 +293,11 @@ impl Sink for Testkit {
             }
             "stderr-flood" => {
                 use std::io::Write;
-                let chunk = vec![b'e'; 64 << 10];
+                // 64 MiB of 64-byte lines: a million lines against the plugin's log budget.
+                let mut chunk = vec![b'e'; 64 << 10];
+                for line_end in chunk.iter_mut().skip(63).step_by(64) {
+                    *line_end = b'\n';
+                }
                 let mut err = std::io::stderr();
                 for _ in 0..1024 {
                     let _ = err.write_all(&chunk);
