@@ -663,14 +663,14 @@ async fn max_requests_per_second_paces_the_requests() {
 }
 
 /// A plugin built against an older WIT (e.g. `fanout:sink@0.1.0`, before `http.send-all`)
-/// still runs in this host: set FANOUT_COMPAT_EXTERNAL_API_WASM to such an external_api.wasm.
+/// still runs in this host: set FANOUT_COMPAT_EXTERNAL_API_WASM to such an external_api.wasm
+/// and run it with `--ignored` (CI has no such build yet, so it is reported ignored, not passed).
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs FANOUT_COMPAT_EXTERNAL_API_WASM: an external_api.wasm built against fanout:sink@0.1.0"]
 async fn a_plugin_built_against_an_older_wit_still_runs() {
     let Some(stack) = Stack::get() else { return };
-    let Ok(old) = std::env::var("FANOUT_COMPAT_EXTERNAL_API_WASM") else {
-        eprintln!("FANOUT_COMPAT_EXTERNAL_API_WASM not set: skipped");
-        return;
-    };
+    let old = std::env::var("FANOUT_COMPAT_EXTERNAL_API_WASM")
+        .expect("FANOUT_COMPAT_EXTERNAL_API_WASM: an external_api.wasm built against 0.1.0");
     let ns = unique("apiold");
     let (grant, url) = ns_urls(&stack, &ns);
     let toml = plugin_toml("old", &grant, &url, "best-effort", "")
