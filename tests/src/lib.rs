@@ -844,6 +844,19 @@ pub fn event_envelope(id: i64, content_id: i64, event_ts: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Produces one insert envelope per id (content 1, a fixed event time), unkeyed, in order.
+pub async fn produce_events(stack: &Stack, topic: &str, ids: impl IntoIterator<Item = i64>) {
+    for id in ids {
+        produce(
+            stack,
+            topic,
+            None,
+            Some(&event_envelope(id, 1, "2026-01-08T14:21:52Z")),
+        )
+        .await;
+    }
+}
+
 /// Runs a statement on ClickHouse over HTTP as the admin user and returns the body; panics on
 /// an error status.
 pub async fn clickhouse_query(stack: &Stack, sql: &str) -> String {

@@ -20,18 +20,6 @@ fn ids(events: &[serde_json::Value]) -> Vec<i64> {
     v
 }
 
-async fn produce_events(stack: &Stack, topic: &str, range: std::ops::RangeInclusive<i64>) {
-    for id in range {
-        produce(
-            stack,
-            topic,
-            Some(format!("{{\"id\":{id}}}").as_bytes()),
-            Some(&event_envelope(id, 1, "2026-01-08T14:21:52Z")),
-        )
-        .await;
-    }
-}
-
 /// What a host before lanes did: consume in `group` as a member and commit after `n`
 /// messages.
 async fn old_host_commits(stack: &Stack, group: &str, topic: &str, n: usize) {

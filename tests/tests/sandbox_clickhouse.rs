@@ -359,15 +359,7 @@ table = "{sink_table}"
     // The host process connects as the stack's host user, as config/local.toml does.
     cfg.clickhouse_user = stack.clickhouse_host.clone();
     let mut host = HostProc::start("sandbox-ch", &cfg.render(), &cfg.metrics_addr);
-    for id in 1..=5 {
-        produce(
-            &stack,
-            &events,
-            None,
-            Some(&event_envelope(id, 1, "2026-01-08T14:21:52Z")),
-        )
-        .await;
-    }
+    produce_events(&stack, &events, 1..=5).await;
     let r = redis(&stack).await;
     eventually(
         WAIT,

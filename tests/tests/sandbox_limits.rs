@@ -239,15 +239,7 @@ async fn time_attacks_are_stopped_at_the_deadline() {
     .await;
     let commits = host.metric("fanout_commits_total{plugin=\"good\"}").await;
     assert!(commits >= 1.0, "the good lane commits");
-    for id in 2..=4 {
-        produce(
-            &stack,
-            &events,
-            None,
-            Some(&event_envelope(id, 1, "2026-01-08T14:21:52Z")),
-        )
-        .await;
-    }
+    produce_events(&stack, &events, 2..=4).await;
     eventually(WAIT, "the good plugin keeps delivering", || async {
         (recorded(&r, &good).await.len() >= 4).then_some(())
     })
