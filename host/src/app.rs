@@ -76,7 +76,7 @@ impl App {
             let name = name.to_string();
             move |source| StartError::Plugin { name, source }
         };
-        let engine = plugin::engine().map_err(setup("<engine>"))?;
+        let engine = plugin::engine_for(&config.plugins).map_err(setup("<engine>"))?;
         let linker = plugin::linker(&engine).map_err(setup("<linker>"))?;
         // Compiling a component takes a moment of CPU (none when cached): off the async
         // threads, all plugins at once.

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::deadletter::DeadLetter;
 use crate::decode::RawEvent;
-use crate::plugin::{SourceRange, WitBatch};
+use crate::plugin::{PluginBatch, SourceRange};
 
 /// Where a record came from, kept so that it can be dead-lettered with its original bytes.
 #[derive(Debug, Clone)]
@@ -103,7 +103,7 @@ pub fn batch_id(sources: &[SourceRange]) -> String {
 
 /// An enriched batch, ready for a plugin.
 pub struct ReadyBatch {
-    pub wit: Arc<WitBatch>,
+    pub plugin_batch: Arc<PluginBatch>,
     /// event_id -> where it came from, to dead-letter rejected events with their bytes.
     pub origins: HashMap<i64, Origin>,
     /// Records that cannot reach the plugin (undecodable, unknown content under dead-letter).

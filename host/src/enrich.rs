@@ -11,7 +11,7 @@ use crate::content::ContentTable;
 use crate::deadletter::{DeadLetter, Stage};
 use crate::decode::{ContentRow, RawEvent};
 use crate::metrics::LaneMetrics;
-use crate::plugin::{SourceRange, WitBatch};
+use crate::plugin::{EventPosition, PluginBatch, SourceRange, WitBatch};
 
 /// The one enriched event type: the WIT record every plugin receives.
 pub use crate::plugin::WitEvent as EnrichedEvent;
@@ -65,7 +65,19 @@ pub async fn enrich_batch(
             .resolve_missing(&ids, Duration::from_millis(cfg.missing_content_wait_ms))
             .await
     };
+    let sources: Vec<SourceRange> = offsets
+        .iter()
+        .map(|((topic, partition), (first, last))| SourceRange {
+            topic: topic.clone(),
+            partition: *partition,
+            first_offset: *first,
+            last_offset: *last,
+        })
+        .collect();
+    // A backfill's origins name PostgreSQL pages, not Kafka positions.
+    let positioned = lane.is_some();
     let mut enriched = Vec::with_capacity(events.len());
+    let mut positions = Vec::with_capacity(if positioned { events.len() } else { 0 });
     let mut origins = HashMap::with_capacity(events.len());
     for (raw, origin) in events {
         let row = raw.content_id.and_then(|id| content.get(id));
@@ -87,23 +99,26 @@ pub async fn enrich_batch(
         }
         let event = enrich(&raw, row.as_ref());
         counters.events_enriched.inc();
+        if positioned {
+            let source = sources
+                .iter()
+                .position(|s| s.partition == origin.partition && s.topic == origin.topic);
+            positions.push(source.map(|i| EventPosition {
+                source: i as u32,
+                offset: origin.offset,
+            }));
+        }
         origins.insert(event.event_id, origin);
         enriched.push(event);
     }
-    let sources: Vec<SourceRange> = offsets
-        .iter()
-        .map(|((topic, partition), (first, last))| SourceRange {
-            topic: topic.clone(),
-            partition: *partition,
-            first_offset: *first,
-            last_offset: *last,
-        })
-        .collect();
     ReadyBatch {
-        wit: Arc::new(WitBatch {
-            id: batch_id(&sources),
-            events: enriched,
-            sources,
+        plugin_batch: Arc::new(PluginBatch {
+            wit: WitBatch {
+                id: batch_id(&sources),
+                events: enriched,
+                sources,
+            },
+            positions,
         }),
         origins,
         dead_letters,

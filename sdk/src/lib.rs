@@ -1,8 +1,9 @@
 //! # fanout-sdk: write a sink plugin for the fanout host
 //!
-//! A sink plugin is a WebAssembly component of the world `fanout:sink/sink-plugin@0.1.1`
+//! A sink plugin is a WebAssembly component of the world `fanout:sink/packed-sink-plugin@0.1.2`
 //! (`wit/sink.wit`). The host calls `init` once with the plugin's JSON config, then `write`
-//! for every enriched batch. This crate turns that into a small Rust trait:
+//! for every enriched batch, its events packed in one buffer that [`Batch::events`] reads in
+//! place ([`packed`]). This crate turns that into a small Rust trait:
 //!
 //! ```ignore
 //! use fanout_sdk::{export_sink, Batch, Sink, WriteOutcome};
@@ -12,7 +13,9 @@
 //! impl Sink for Counter {
 //!     fn init(_config: serde_json::Value) -> Result<Self, String> { Ok(Counter { seen: 0 }) }
 //!     fn write(&mut self, batch: &Batch) -> WriteOutcome {
-//!         self.seen += batch.events.len() as u64;
+//!         for e in batch.events.iter() {
+//!             if e.content_id().is_some() { self.seen += 1; }
+//!         }
 //!         fanout_sdk::info!("{} events so far", self.seen);
 //!         WriteOutcome::Accepted
 //!     }
@@ -38,7 +41,7 @@ pub use serde_json;
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "sink-plugin",
+        world: "packed-sink-plugin",
         path: "../wit",
         // `export!` must be usable from the plugin crates, which know this crate only.
         pub_export_macro: true,
@@ -55,6 +58,7 @@ pub mod host;
 pub mod http;
 pub mod log;
 pub mod metrics;
+pub mod packed;
 pub mod redis;
 pub mod testing;
 pub mod time;
@@ -64,10 +68,40 @@ pub mod runtime;
 
 pub use bindings::fanout::sink::errors::CapabilityError;
 pub use bindings::fanout::sink::log::Level;
-pub use bindings::fanout::sink::types::{
-    Batch, EnrichedEvent, Rejection, SourceRange, WriteOutcome,
-};
+pub use bindings::fanout::sink::types::{EnrichedEvent, Rejection, SourceRange, WriteOutcome};
 pub use event::{event_json, event_json_string, format_event_ts, EventRecord};
+pub use packed::{Event, EventFields, PackedEvents, Position};
+
+/// One batch as a plugin sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Stable for a replay of the same offsets: `topic/partition:first-last,...`.
+    pub id: String,
+    /// The events, read in place: `batch.events.iter()`, `batch.events.len()`.
+    pub events: PackedEvents,
+    /// The offset ranges (or, for a backfill, the source table pages) the batch covers.
+    pub sources: Vec<SourceRange>,
+}
+
+impl EnrichedEvent {
+    /// The event's fields, borrowed, as [`packed::PackedWriter::push`] takes them.
+    pub fn fields(&self) -> EventFields<'_> {
+        EventFields {
+            event_id: self.event_id,
+            content_id: self.content_id,
+            user_id: self.user_id,
+            event_type: self.event_type.as_deref(),
+            event_ts_micros: self.event_ts_micros,
+            duration_ms: self.duration_ms,
+            device: self.device.as_deref(),
+            content_type: self.content_type.as_deref(),
+            length_seconds: self.length_seconds,
+            engagement_seconds: self.engagement_seconds,
+            engagement_pct: self.engagement_pct,
+            position: None,
+        }
+    }
+}
 pub use host::{describe, Host, WasmHost};
 
 /// A sink plugin. One value lives inside the component instance from `init` to the end of the
@@ -91,7 +125,7 @@ pub trait Sink: Sized + 'static {
     fn write(&mut self, batch: &Batch) -> WriteOutcome;
 }
 
-/// Exports a [`Sink`] implementation as the component's `fanout:sink/sink` interface.
+/// Exports a [`Sink`] implementation as the component's `fanout:sink/packed-sink` interface.
 ///
 /// Use once per plugin crate, at the top level: `fanout_sdk::export_sink!(MySink);`
 #[macro_export]
@@ -105,15 +139,17 @@ macro_rules! export_sink {
 
             struct __FanoutSinkExport;
 
-            impl $crate::bindings::exports::fanout::sink::sink::Guest for __FanoutSinkExport {
+            impl $crate::bindings::exports::fanout::sink::packed_sink::Guest for __FanoutSinkExport {
                 fn init(
                     config: ::std::string::String,
                 ) -> ::core::result::Result<(), ::std::string::String> {
                     $crate::runtime::init::<$ty>(&__FANOUT_SINK_STATE, &config)
                 }
 
-                fn write(batch: $crate::Batch) -> $crate::WriteOutcome {
-                    $crate::runtime::write::<$ty>(&__FANOUT_SINK_STATE, &batch)
+                fn write(
+                    batch: $crate::bindings::fanout::sink::types::PackedBatch,
+                ) -> $crate::WriteOutcome {
+                    $crate::runtime::write::<$ty>(&__FANOUT_SINK_STATE, batch)
                 }
             }
 

@@ -4,7 +4,8 @@
 use std::cell::RefCell;
 use std::thread::LocalKey;
 
-use crate::{Batch, Sink, WriteOutcome};
+use crate::bindings::fanout::sink::types::PackedBatch;
+use crate::{Batch, PackedEvents, Sink, WriteOutcome};
 
 /// Parses the config and stores a fresh plugin value, replacing any previous one.
 pub fn init<S: Sink>(
@@ -17,10 +18,23 @@ pub fn init<S: Sink>(
     Ok(())
 }
 
-/// Hands the batch to the stored plugin value.
-pub fn write<S: Sink>(state: &'static LocalKey<RefCell<Option<S>>>, batch: &Batch) -> WriteOutcome {
+/// Checks the packed events once and hands the batch to the stored plugin value.
+pub fn write<S: Sink>(
+    state: &'static LocalKey<RefCell<Option<S>>>,
+    batch: PackedBatch,
+) -> WriteOutcome {
+    let events = match PackedEvents::new(batch.events) {
+        Ok(events) => events,
+        // A host bug, never the data's fault: nothing is written, the host retries.
+        Err(e) => return WriteOutcome::RetryLater(e.to_string()),
+    };
+    let batch = Batch {
+        id: batch.id,
+        events,
+        sources: batch.sources,
+    };
     state.with(|cell| match cell.borrow_mut().as_mut() {
-        Some(sink) => sink.write(batch),
+        Some(sink) => sink.write(&batch),
         None => WriteOutcome::RetryLater(
             "plugin was not initialised: init was not called or failed".into(),
         ),

@@ -11,14 +11,19 @@
 //! assert_eq!(host.calls(), vec![Call::ClickhouseExecute("SELECT 1".into())]);
 //! let b = batch(vec![event(1, Some(7), 0)]);
 //! assert_eq!(b.events.len(), 1);
+//! assert_eq!(b.events.get(0).unwrap().content_id(), Some(7));
 //! ```
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 
 use crate::http::{Request, Response};
+use crate::packed::PackedWriter;
 use crate::redis::{Command, Reply};
-use crate::{Batch, CapabilityError, EnrichedEvent, Host, Level, SourceRange};
+use crate::{
+    Batch, CapabilityError, EnrichedEvent, EventFields, Host, Level, PackedEvents, Position,
+    SourceRange,
+};
 
 /// One recorded capability call.
 #[derive(Debug, Clone, PartialEq)]
@@ -296,18 +301,75 @@ pub fn event(event_id: i64, content_id: Option<i64>, event_ts_micros: i64) -> En
     }
 }
 
-/// A batch of `events` from one made-up source range.
+/// A batch of `events` from one made-up source range: partition 0 of topic `test`, each
+/// event at the offset equal to its event_id.
 pub fn batch(events: Vec<EnrichedEvent>) -> Batch {
     let first = events.first().map_or(0, |e| e.event_id);
     let last = events.last().map_or(0, |e| e.event_id);
+    let positioned = events.iter().map(|e| {
+        (
+            e,
+            Some(Position {
+                topic: "test",
+                partition: 0,
+                offset: e.event_id,
+            }),
+        )
+    });
+    let mut b = batch_at(positioned);
+    b.id = format!("test/0:{first}-{last}");
+    b.sources = vec![SourceRange {
+        topic: "test".into(),
+        partition: 0,
+        first_offset: first,
+        last_offset: last,
+    }];
+    b
+}
+
+/// A batch of events at the given Kafka positions (`None`: a backfilled event), with
+/// `id` and `sources` derived from them.
+pub fn batch_at<'a>(
+    events: impl IntoIterator<Item = (&'a EnrichedEvent, Option<Position<'a>>)>,
+) -> Batch {
+    let mut w = PackedWriter::default();
+    let mut sources: Vec<SourceRange> = Vec::new();
+    for (e, position) in events {
+        w.push(&EventFields {
+            position,
+            ..e.fields()
+        });
+        let Some(p) = position else { continue };
+        match sources
+            .iter_mut()
+            .find(|s| s.topic == p.topic && s.partition == p.partition)
+        {
+            Some(s) => {
+                s.first_offset = s.first_offset.min(p.offset);
+                s.last_offset = s.last_offset.max(p.offset);
+            }
+            None => sources.push(SourceRange {
+                topic: p.topic.to_owned(),
+                partition: p.partition,
+                first_offset: p.offset,
+                last_offset: p.offset,
+            }),
+        }
+    }
+    let id = sources
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/{}:{}-{}",
+                s.topic, s.partition, s.first_offset, s.last_offset
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
     Batch {
-        id: format!("test/0:{first}-{last}"),
-        events,
-        sources: vec![SourceRange {
-            topic: "test".into(),
-            partition: 0,
-            first_offset: first,
-            last_offset: last,
-        }],
+        id,
+        // The writer's output is valid by construction.
+        events: PackedEvents::new(w.finish()).expect("packed writer output"),
+        sources,
     }
 }

@@ -768,7 +768,8 @@ impl LoadedPlugin {
                 .await
                 .expect("services");
         let plugin = tokio::task::spawn_blocking(move || {
-            let engine = fanout::plugin::engine().expect("engine");
+            let engine =
+                fanout::plugin::engine_for(std::slice::from_ref(&plugin_cfg)).expect("engine");
             let linker = fanout::plugin::linker(&engine).expect("linker");
             fanout::plugin::Plugin::load(plugin_cfg, &engine, linker, services)
         })
@@ -793,7 +794,9 @@ impl LoadedPlugin {
             sources: vec![],
         };
         self.plugin
-            .write(std::sync::Arc::new(batch))
+            .write(std::sync::Arc::new(
+                fanout::plugin::PluginBatch::unpositioned(batch),
+            ))
             .await
             .unwrap_or_else(|e| panic!("plugin call failed: {e}"))
     }

@@ -140,3 +140,63 @@ label = "{label}"
         .expect("host binary");
     assert_eq!(host_built, after, "the host binary must not change");
 }
+
+/// A plugin of the records world (`fanout:sink/sink`, what every plugin was before 0.1.2, built
+/// here without the SDK) runs on this host next to a packed one: each gets every event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_records_world_plugin_still_runs_beside_a_packed_one() {
+    let Some(stack) = Stack::get() else { return };
+    let events_topic = unique("events");
+    let content_topic = unique("content");
+    create_topic(&stack, &events_topic, 2).await;
+    create_topic(&stack, &content_topic, 1).await;
+    let key = unique("compat");
+    let cfg = ConfigBuilder::new(&stack, &events_topic, &content_topic, "")
+        .plugin_raw(&format!(
+            r#"
+[[plugins]]
+name = "records"
+path = "{}"
+[plugins.grants]
+redis = {{ key_prefix = "{key}" }}
+[plugins.config]
+mode = "record"
+key = "{key}:records"
+"#,
+            plugin_wasm("compat_records").display()
+        ))
+        .testkit("packed", "record", &format!("{key}:packed"), "fail-fast", 5);
+    let host = HostProc::start("compat", &cfg.render(), &cfg.metrics_addr);
+    produce_events(&stack, &events_topic, 1..=6).await;
+    let conn = redis(&stack).await;
+    let members = eventually(WAIT, "the records plugin takes all 6 events", || {
+        let mut conn = conn.clone();
+        let key = format!("{key}:records");
+        async move {
+            let m: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (m.len() == 6).then_some(m)
+        }
+    })
+    .await;
+    let mut ids: Vec<i64> = members
+        .iter()
+        .map(|m| m.split(':').next().unwrap().parse().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=6).collect::<Vec<_>>());
+    let packed = eventually(WAIT, "the packed plugin takes all 6 events", || async {
+        let r = recorded(&conn, &format!("{key}:packed")).await;
+        (r.len() == 6).then_some(r)
+    })
+    .await;
+    assert!(packed
+        .iter()
+        .all(|e| e["device"] == "web" && e["duration_ms"] == 7000));
+    let log = host.proc.log_text();
+    assert!(log.contains("fanout:sink/sink"), "{log}");
+    assert!(log.contains("fanout:sink/packed-sink"), "{log}");
+}

@@ -283,7 +283,7 @@ async fn load(
     .expect("services");
     let started = Instant::now();
     let loaded = tokio::task::spawn_blocking(move || {
-        let engine = fanout::plugin::engine().expect("engine");
+        let engine = fanout::plugin::engine_for(std::slice::from_ref(&pc)).expect("engine");
         let linker = fanout::plugin::linker(&engine).expect("linker");
         fanout::plugin::Plugin::load(pc, &engine, linker, services)
     })

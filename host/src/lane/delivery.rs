@@ -46,7 +46,7 @@ impl Delivery {
             self.send_dead_letters(&batch.dead_letters, shutdown)
                 .await?;
         }
-        if batch.wit.events.is_empty() {
+        if batch.plugin_batch.wit.events.is_empty() {
             return Ok(());
         }
         self.deliver_events(batch, shutdown.clone()).await
@@ -80,16 +80,23 @@ impl Delivery {
         // Every pause so far, failed starts included: the backoff grows with it.
         let mut pauses: u32 = 0;
         loop {
-            let failure = match plugin.write(batch.wit.clone()).await {
+            let failure = match plugin.write(batch.plugin_batch.clone()).await {
                 Ok(WriteOutcome::Accepted) => {
-                    self.delivered(batch.wit.events.len());
+                    self.delivered(batch.plugin_batch.wit.events.len());
                     return Ok(());
                 }
                 Ok(WriteOutcome::Rejected(rejections)) => {
                     match self.rejection_letters(batch, rejections) {
                         Ok(letters) => {
                             self.send_dead_letters(&letters, &shutdown).await?;
-                            self.delivered(batch.wit.events.len().saturating_sub(letters.len()));
+                            self.delivered(
+                                batch
+                                    .plugin_batch
+                                    .wit
+                                    .events
+                                    .len()
+                                    .saturating_sub(letters.len()),
+                            );
                             return Ok(());
                         }
                         // Not an answer about this batch: a failed write (retried, then the
@@ -123,9 +130,10 @@ impl Delivery {
                 }
             };
             if attempt > cfg.max_retries && cfg.failure_policy == FailurePolicy::BestEffort {
-                warn!(plugin = plugin.name(), batch = %batch.wit.id, reason = %failure,
+                warn!(plugin = plugin.name(), batch = %batch.plugin_batch.wit.id, reason = %failure,
                       "best-effort: giving up on the batch, dead-lettering its events");
                 let letters: Vec<DeadLetter> = batch
+                    .plugin_batch
                     .wit
                     .events
                     .iter()
@@ -143,12 +151,12 @@ impl Delivery {
             }
             if attempt > cfg.max_retries {
                 // Fail-fast: this lane waits for its plugin; keep trying at the capped backoff.
-                error!(plugin = plugin.name(), batch = %batch.wit.id, attempt, reason = %failure,
+                error!(plugin = plugin.name(), batch = %batch.plugin_batch.wit.id, attempt, reason = %failure,
                        "fail-fast: plugin keeps failing; its lane waits and commits nothing");
                 self.metrics
                     .set_unhealthy(&self.health_key(), Some(failure.clone()));
             } else {
-                warn!(plugin = plugin.name(), batch = %batch.wit.id, attempt, reason = %failure, "plugin failed; retrying");
+                warn!(plugin = plugin.name(), batch = %batch.plugin_batch.wit.id, attempt, reason = %failure, "plugin failed; retrying");
             }
             self.metrics.add_labelled(
                 "fanout_plugin_retries_total",
@@ -196,15 +204,20 @@ impl Delivery {
         batch: &ReadyBatch,
         rejections: Vec<crate::plugin::Rejection>,
     ) -> Result<Vec<DeadLetter>, String> {
-        let in_batch: std::collections::HashSet<i64> =
-            batch.wit.events.iter().map(|e| e.event_id).collect();
+        let in_batch: std::collections::HashSet<i64> = batch
+            .plugin_batch
+            .wit
+            .events
+            .iter()
+            .map(|e| e.event_id)
+            .collect();
         let mut seen = std::collections::HashSet::new();
         let mut letters = Vec::new();
         for r in rejections {
             if !in_batch.contains(&r.event_id) {
                 return Err(format!(
                     "the plugin rejected event {} which is not in batch {}",
-                    r.event_id, batch.wit.id
+                    r.event_id, batch.plugin_batch.wit.id
                 ));
             }
             if seen.insert(r.event_id) {

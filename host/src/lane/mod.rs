@@ -121,7 +121,7 @@ impl Lane {
     ) -> bool {
         match done {
             Ok((ready, Ok(()))) => {
-                if !ready.wit.events.is_empty() {
+                if !ready.plugin_batch.wit.events.is_empty() {
                     self.counters.batches_delivered.inc();
                 }
                 if let Ok(mut delivered) = self.delivered.lock() {
@@ -130,7 +130,7 @@ impl Lane {
                 true
             }
             Ok((ready, Err(e))) => {
-                warn!(lane = %self.name, error = %e, batch = %ready.wit.id, "batch not delivered; not committed");
+                warn!(lane = %self.name, error = %e, batch = %ready.plugin_batch.wit.id, "batch not delivered; not committed");
                 false
             }
             Err(e) if e.is_panic() => {

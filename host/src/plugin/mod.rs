@@ -11,6 +11,7 @@ pub mod cache;
 pub mod capabilities;
 pub mod clickhouse_sql;
 pub mod grants;
+pub mod packing;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use crate::config::PluginConfig;
 use bindings::fanout::sink::errors::CapabilityError;
 use capabilities::{Capabilities, PluginOutput, Services};
 
-/// Rust types generated from wit/sink.wit.
+/// Rust types generated from wit/sink.wit: the `sink-plugin` world (events as records).
 pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -35,10 +36,64 @@ pub mod bindings {
     });
 }
 
+/// The `packed-sink-plugin` world (events in one buffer, since 0.1.2). Its imports are the
+/// same interfaces as `sink-plugin`'s, so both worlds share one linker and one host
+/// implementation of every capability.
+pub mod packed_bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "packed-sink-plugin",
+        with: {
+            "fanout:sink/types": super::bindings::fanout::sink::types,
+            "fanout:sink/errors": super::bindings::fanout::sink::errors,
+            "fanout:sink/log": super::bindings::fanout::sink::log,
+            "fanout:sink/metrics": super::bindings::fanout::sink::metrics,
+            "fanout:sink/redis": super::bindings::fanout::sink::redis,
+            "fanout:sink/http": super::bindings::fanout::sink::http,
+            "fanout:sink/clickhouse": super::bindings::fanout::sink::clickhouse,
+        },
+    });
+}
+
 pub use bindings::fanout::sink::types::{
-    Batch as WitBatch, EnrichedEvent as WitEvent, Rejection, SourceRange, WriteOutcome,
+    Batch as WitBatch, EnrichedEvent as WitEvent, PackedBatch, Rejection, SourceRange, WriteOutcome,
 };
 use bindings::SinkPlugin;
+use packed_bindings::PackedSinkPlugin;
+pub use packing::{EventPosition, PluginBatch};
+
+/// Interface name prefix of the packed export; any 0.1.x from 0.1.2 on.
+const PACKED_EXPORT_PREFIX: &str = "fanout:sink/packed-sink@";
+
+/// Which of the two sink interfaces a component exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    /// `fanout:sink/sink`: a list of event records (plugins built against 0.1.0 or 0.1.1).
+    Records,
+    /// `fanout:sink/packed-sink`: one buffer per batch (the SDK's choice since 0.1.2).
+    Packed,
+}
+
+impl SinkKind {
+    pub fn of(component: &Component, engine: &Engine) -> SinkKind {
+        let packed = component
+            .component_type()
+            .exports(engine)
+            .any(|(name, _)| name.starts_with(PACKED_EXPORT_PREFIX));
+        if packed {
+            SinkKind::Packed
+        } else {
+            SinkKind::Records
+        }
+    }
+
+    pub fn export_name(self) -> &'static str {
+        match self {
+            SinkKind::Records => "fanout:sink/sink",
+            SinkKind::Packed => "fanout:sink/packed-sink",
+        }
+    }
+}
 
 /// How often the engine's epoch advances: Wasm code notices a passed deadline within a tick.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -275,6 +330,7 @@ struct Prepared {
     engine: Engine,
     component: Component,
     linker: Arc<Linker<PluginState>>,
+    kind: SinkKind,
     caps: Arc<Capabilities>,
     config_json: String,
     fuel_per_call: u64,
@@ -285,7 +341,12 @@ struct Prepared {
 /// One live instance of a plugin.
 struct Live {
     store: Store<PluginState>,
-    plugin: SinkPlugin,
+    exports: Exports,
+}
+
+enum Exports {
+    Records(SinkPlugin),
+    Packed(PackedSinkPlugin),
 }
 
 impl Prepared {
@@ -304,15 +365,34 @@ impl Prepared {
             }
         });
         store.set_epoch_deadline(ticks_until(deadline));
-        store
-            .set_fuel(self.fuel_per_call)
-            .map_err(|e| PluginError::Init(e.to_string()))?;
-        let plugin = SinkPlugin::instantiate(&mut store, &self.component, &self.linker)
-            .map_err(|e| self.classify(e, &store))
-            .map_err(as_init)?;
-        let result = plugin
-            .fanout_sink_sink()
-            .call_init(&mut store, &self.config_json)
+        // An engine without fuel metering has no fuel to set (see `engine_with`).
+        if store.get_fuel().is_ok() {
+            store
+                .set_fuel(self.fuel_per_call)
+                .map_err(|e| PluginError::Init(e.to_string()))?;
+        }
+        let (exports, result) = match self.kind {
+            SinkKind::Records => {
+                let plugin = SinkPlugin::instantiate(&mut store, &self.component, &self.linker)
+                    .map_err(|e| self.classify(e, &store))
+                    .map_err(as_init)?;
+                let result = plugin
+                    .fanout_sink_sink()
+                    .call_init(&mut store, &self.config_json);
+                (Exports::Records(plugin), result)
+            }
+            SinkKind::Packed => {
+                let plugin =
+                    PackedSinkPlugin::instantiate(&mut store, &self.component, &self.linker)
+                        .map_err(|e| self.classify(e, &store))
+                        .map_err(as_init)?;
+                let result = plugin
+                    .fanout_sink_packed_sink()
+                    .call_init(&mut store, &self.config_json);
+                (Exports::Packed(plugin), result)
+            }
+        };
+        let result = result
             .map_err(|e| self.classify(e, &store))
             .map_err(as_init)?;
         // The plugin's own words: cut and escaped before they reach logs and /healthz.
@@ -326,25 +406,31 @@ impl Prepared {
         if Instant::now() > deadline {
             return Err(as_init(PluginError::Timeout(self.timeout)));
         }
-        Ok(Live { store, plugin })
+        Ok(Live { store, exports })
     }
 
     fn write(
         &self,
         live: &mut Live,
-        batch: &WitBatch,
+        batch: &PluginBatch,
         deadline: Instant,
     ) -> Result<WriteOutcome, PluginError> {
         live.store.data_mut().deadline = deadline;
         live.store.set_epoch_deadline(ticks_until(deadline));
-        live.store
-            .set_fuel(self.fuel_per_call)
-            .map_err(|e| PluginError::Trap(e.to_string()))?;
-        let outcome = live
-            .plugin
-            .fanout_sink_sink()
-            .call_write(&mut live.store, batch)
-            .map_err(|e| self.classify(e, &live.store))?;
+        if live.store.get_fuel().is_ok() {
+            live.store
+                .set_fuel(self.fuel_per_call)
+                .map_err(|e| PluginError::Trap(e.to_string()))?;
+        }
+        let outcome = match &live.exports {
+            Exports::Records(plugin) => plugin
+                .fanout_sink_sink()
+                .call_write(&mut live.store, &batch.wit),
+            Exports::Packed(plugin) => plugin
+                .fanout_sink_packed_sink()
+                .call_write(&mut live.store, &packing::packed(batch)),
+        }
+        .map_err(|e| self.classify(e, &live.store))?;
         // An answer after the deadline is a timeout too: the caller may have given up on it.
         if Instant::now() > deadline {
             return Err(PluginError::Timeout(self.timeout));
@@ -378,7 +464,7 @@ fn as_init(e: PluginError) -> PluginError {
 }
 
 struct Job {
-    batch: Arc<WitBatch>,
+    batch: Arc<PluginBatch>,
     deadline: Instant,
     reply: oneshot::Sender<Result<WriteOutcome, PluginError>>,
 }
@@ -392,11 +478,23 @@ pub struct Plugin {
     first_batch: std::sync::atomic::AtomicBool,
 }
 
-/// The engine shared by all plugins: fuel metering, epoch interruption (advanced every
-/// [`EPOCH_TICK`] by a thread that ends with the engine), component model.
+/// The default engine: epoch interruption, no fuel metering.
 pub fn engine() -> Result<Engine, PluginError> {
+    engine_with(false)
+}
+
+/// The engine shared by the given plugins: epoch interruption (advanced every [`EPOCH_TICK`]
+/// by a thread that ends with the engine), component model, and fuel metering when one of
+/// them sets `fuel_per_call`.
+pub fn engine_for(plugins: &[PluginConfig]) -> Result<Engine, PluginError> {
+    engine_with(plugins.iter().any(|p| p.fuel_per_call.is_some()))
+}
+
+/// An engine with or without fuel metering (epoch interruption is always on: it is what
+/// enforces call deadlines). Without fuel, `fuel_per_call` is not enforced.
+pub fn engine_with(fuel: bool) -> Result<Engine, PluginError> {
     let mut cfg = wasmtime::Config::new();
-    cfg.consume_fuel(true);
+    cfg.consume_fuel(fuel);
     cfg.epoch_interruption(true);
     let engine = Engine::new(&cfg).map_err(|e| PluginError::Load {
         path: "<engine>".into(),
@@ -525,6 +623,14 @@ impl Plugin {
             .map_err(|e| load_err(format!("{e:#}")))?;
         let (component, sha256, cached) = (compiled.component, compiled.sha256, compiled.cached);
         check_shape(&component).map_err(load_err)?;
+        let kind = SinkKind::of(&component, engine);
+        if config.fuel_per_call.is_some() && Store::new(engine, ()).get_fuel().is_err() {
+            return Err(load_err(
+                "fuel_per_call is set but the engine does not meter fuel (build it with \
+                 engine_for over the configured plugins)"
+                    .into(),
+            ));
+        }
         let config_json = serde_json::to_string(&config.config)
             .map_err(|e| load_err(format!("config is not representable as JSON: {e}")))?;
         let timeout = Duration::from_millis(config.call_timeout_ms);
@@ -532,19 +638,20 @@ impl Plugin {
             engine: engine.clone(),
             component,
             linker,
+            kind,
             caps: Arc::new(Capabilities::new(
                 config.name.clone(),
                 config.grants.clone(),
                 services,
             )),
             config_json,
-            fuel_per_call: config.fuel_per_call,
+            fuel_per_call: config.fuel_per_call.unwrap_or(u64::MAX),
             memory_bytes: usize::try_from(config.memory_mb.saturating_mul(1024 * 1024))
                 .unwrap_or(usize::MAX),
             timeout,
         });
         let live = prepared.instantiate(Instant::now() + timeout)?;
-        info!(plugin = %config.name, path = %path, %sha256, cached, "plugin loaded");
+        info!(plugin = %config.name, path = %path, %sha256, cached, exports = kind.export_name(), "plugin loaded");
         let worker = spawn_worker(config.name.clone(), prepared.clone(), Some(live));
         Ok(Plugin {
             config,
@@ -567,7 +674,7 @@ impl Plugin {
     /// Hands one batch to the plugin and waits for its answer. The call (and `init`, when it
     /// needs a fresh instance) must end by `call_timeout_ms` from now; the worker stops it
     /// there, so the answer comes at most a tick later.
-    pub async fn write(&self, batch: Arc<WitBatch>) -> Result<WriteOutcome, PluginError> {
+    pub async fn write(&self, batch: Arc<PluginBatch>) -> Result<WriteOutcome, PluginError> {
         let timeout = self.prepared.timeout;
         let deadline = Instant::now() + timeout;
         let (reply, answer) = oneshot::channel();
@@ -656,7 +763,7 @@ pub fn check(path: &std::path::Path) -> Result<String, PluginError> {
         path: path.display().to_string(),
         message: format!("{e:#}"),
     };
-    let engine = engine()?;
+    let engine = engine_with(false)?;
     let linker = linker(&engine)?;
     let component = Component::from_file(&engine, path).map_err(load)?;
     check_shape(&component).map_err(|message| PluginError::Load {
@@ -664,7 +771,11 @@ pub fn check(path: &std::path::Path) -> Result<String, PluginError> {
         message,
     })?;
     let pre = linker.instantiate_pre(&component).map_err(load)?;
-    bindings::SinkPluginPre::new(pre).map_err(load)?;
+    let kind = SinkKind::of(&component, &engine);
+    match kind {
+        SinkKind::Records => drop(bindings::SinkPluginPre::new(pre).map_err(load)?),
+        SinkKind::Packed => drop(packed_bindings::PackedSinkPluginPre::new(pre).map_err(load)?),
+    }
     let imports: Vec<String> = component
         .component_type()
         .imports(&engine)
@@ -680,8 +791,9 @@ pub fn check(path: &std::path::Path) -> Result<String, PluginError> {
         })
         .unwrap_or_default();
     Ok(format!(
-        "ok: {} exports fanout:sink/sink, compatible with this host's fanout:sink@0.1.1\ndefines: {shape}\nimports: {}",
+        "ok: {} exports {}, compatible with this host's fanout:sink@0.1.2\ndefines: {shape}\nimports: {}",
         path.display(),
+        kind.export_name(),
         imports.join(", ")
     ))
 }

@@ -16,8 +16,8 @@ use std::collections::{HashMap, HashSet};
 
 use fanout_sdk::clickhouse::quote_ident;
 use fanout_sdk::{
-    describe, event_json_string, export_sink, Batch, CapabilityError, EnrichedEvent, Host, Level,
-    Sink, WasmHost, WriteOutcome,
+    describe, event_json_string, export_sink, Batch, CapabilityError, Event, Host, Level,
+    PackedEvents, Sink, WasmHost, WriteOutcome,
 };
 use serde::Deserialize;
 
@@ -117,14 +117,14 @@ impl Config {
 }
 
 /// The events of a batch with one copy per event_id (the last one), in first-seen order.
-pub fn dedup_by_event_id(events: &[EnrichedEvent]) -> Vec<&EnrichedEvent> {
+pub fn dedup_by_event_id(events: &PackedEvents) -> Vec<Event<'_>> {
     let mut index: HashMap<i64, usize> = HashMap::new();
-    let mut out: Vec<&EnrichedEvent> = Vec::with_capacity(events.len());
-    for e in events {
-        match index.get(&e.event_id) {
+    let mut out: Vec<Event<'_>> = Vec::with_capacity(events.len());
+    for e in events.iter() {
+        match index.get(&e.event_id()) {
             Some(&i) => out[i] = e,
             None => {
-                index.insert(e.event_id, out.len());
+                index.insert(e.event_id(), out.len());
                 out.push(e);
             }
         }
@@ -195,7 +195,7 @@ impl ClickHouseSink {
         let events = dedup_by_event_id(&batch.events);
         let mut existing = HashSet::new();
         if self.cfg.skip_existing && !events.is_empty() {
-            let ids: Vec<i64> = events.iter().map(|e| e.event_id).collect();
+            let ids: Vec<i64> = events.iter().map(|e| e.event_id()).collect();
             for chunk in ids.chunks(self.cfg.lookup_chunk) {
                 let found = host
                     .clickhouse_execute(&self.cfg.lookup_sql(chunk))
@@ -214,8 +214,8 @@ impl ClickHouseSink {
         }
         let rows: Vec<String> = events
             .iter()
-            .filter(|e| !existing.contains(&e.event_id))
-            .map(|e| event_json_string(e))
+            .filter(|e| !existing.contains(&e.event_id()))
+            .map(|e| event_json_string(*e))
             .collect();
         let skipped = (batch.events.len() - rows.len()) as u64;
         if !rows.is_empty() {

@@ -29,7 +29,7 @@ use std::cell::Cell;
 
 use fanout_sdk::http::{header, json_post_request, Request, Response, MAX_IN_FLIGHT};
 use fanout_sdk::{
-    describe, event_json_string, export_sink, Batch, CapabilityError, EnrichedEvent, Host, Level,
+    describe, event_json_string, export_sink, Batch, CapabilityError, Event, Host, Level,
     Rejection, Sink, WasmHost, WriteOutcome,
 };
 use serde::Deserialize;
@@ -213,8 +213,8 @@ fn body_snippet(r: &Response) -> String {
 }
 
 /// FNV-1a 64 of the sorted, distinct ids: the idempotency key of a batch request.
-pub fn batch_key(events: &[&EnrichedEvent]) -> String {
-    let mut ids: Vec<i64> = events.iter().map(|e| e.event_id).collect();
+pub fn batch_key(events: &[Event<'_>]) -> String {
+    let mut ids: Vec<i64> = events.iter().map(|e| e.event_id()).collect();
     ids.sort_unstable();
     ids.dedup();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -356,12 +356,12 @@ impl ExternalApi {
         match self.cfg.mode {
             Mode::PerEvent => return self.write_per_event(host, batch, deadline),
             Mode::Batch => {
-                let events: Vec<&EnrichedEvent> = {
+                let events: Vec<Event<'_>> = {
                     let mut seen = std::collections::HashSet::new();
                     batch
                         .events
                         .iter()
-                        .filter(|e| seen.insert(e.event_id))
+                        .filter(|e| seen.insert(e.event_id()))
                         .collect()
                 };
                 if events.is_empty() {
@@ -371,12 +371,12 @@ impl ExternalApi {
                     "[{}]",
                     events
                         .iter()
-                        .map(|e| event_json_string(e))
+                        .map(|e| event_json_string(*e))
                         .collect::<Vec<_>>()
                         .join(",")
                 );
                 let key = batch_key(&events);
-                let seed = events[0].event_id as u64;
+                let seed = events[0].event_id() as u64;
                 match self.deliver(host, &body, &key, seed, deadline) {
                     Delivery::Delivered => delivered += events.len() as u64,
                     Delivery::Failed {
@@ -390,9 +390,9 @@ impl ExternalApi {
                         ..
                     } => {
                         if !final_answer && self.cfg.policy == Policy::FailFast {
-                            return self.fail_fast(host, batch, events[0].event_id, &reason);
+                            return self.fail_fast(host, batch, events[0].event_id(), &reason);
                         }
-                        failed.push((events.iter().map(|e| e.event_id).collect(), reason));
+                        failed.push((events.iter().map(|e| e.event_id()).collect(), reason));
                     }
                 }
             }
@@ -408,13 +408,13 @@ impl ExternalApi {
         let mut pending: Vec<Pending> = batch
             .events
             .iter()
-            .filter(|e| seen.insert(e.event_id))
+            .filter(|e| seen.insert(e.event_id()))
             .enumerate()
             .map(|(index, e)| Pending {
                 index,
-                event_id: e.event_id,
-                request: self.request(&event_json_string(e), &format!("event-{}", e.event_id)),
-                jitter: Jitter::new(e.event_id as u64),
+                event_id: e.event_id(),
+                request: self.request(&event_json_string(e), &format!("event-{}", e.event_id())),
+                jitter: Jitter::new(e.event_id() as u64),
                 reason: String::new(),
             })
             .collect();

@@ -17,8 +17,8 @@
 use fanout_sdk::redis::{Cmd, Command, Reply};
 use fanout_sdk::time::{minute_key, minute_start_secs, MICROS_PER_MINUTE, MICROS_PER_SECOND};
 use fanout_sdk::{
-    describe, event_json_string, export_sink, format_event_ts, Batch, EnrichedEvent, Host, Level,
-    Sink, WasmHost, WriteOutcome,
+    describe, event_json_string, export_sink, format_event_ts, Batch, Event, Host, Level, Sink,
+    WasmHost, WriteOutcome,
 };
 use serde::Deserialize;
 
@@ -176,24 +176,24 @@ impl Config {
 }
 
 /// One EVAL of [`SCRIPT`] for `events` (all with a content_id).
-pub fn eval_command(cfg: &Config, events: &[(&EnrichedEvent, i64)], now_micros: i64) -> Command {
+pub fn eval_command(cfg: &Config, events: &[(Event<'_>, i64)], now_micros: i64) -> Command {
     let mut keys = Vec::with_capacity(events.len() * 4);
     let mut argv = Vec::with_capacity(2 + events.len() * 5);
     argv.push(cfg.seen_ttl_seconds.to_string());
     argv.push(cfg.last_ttl_seconds.to_string());
     for (e, content_id) in events {
-        keys.push(cfg.seen_key(e.event_id));
+        keys.push(cfg.seen_key(e.event_id()));
         keys.push(cfg.count_key(*content_id));
-        keys.push(cfg.bucket_key(e.event_ts_micros));
+        keys.push(cfg.bucket_key(e.event_ts_micros()));
         keys.push(cfg.last_key(*content_id));
         argv.push(content_id.to_string());
-        argv.push(e.event_id.to_string());
-        argv.push(format_event_ts(e));
+        argv.push(e.event_id().to_string());
+        argv.push(format_event_ts(*e));
         argv.push(
-            cfg.bucket_expire_at(e.event_ts_micros, now_micros)
+            cfg.bucket_expire_at(e.event_ts_micros(), now_micros)
                 .to_string(),
         );
-        argv.push(event_json_string(e));
+        argv.push(event_json_string(*e));
     }
     let mut cmd = Cmd::new("EVAL").arg(SCRIPT).arg(keys.len());
     for k in keys {
@@ -208,10 +208,10 @@ pub fn eval_command(cfg: &Config, events: &[(&EnrichedEvent, i64)], now_micros: 
 /// The whole pipeline of a batch: EVALs, then the rebuild of the window key.
 /// Returns the commands and the number of EVALs at their head.
 pub fn batch_commands(cfg: &Config, batch: &Batch, now_micros: i64) -> (Vec<Command>, usize) {
-    let with_content: Vec<(&EnrichedEvent, i64)> = batch
+    let with_content: Vec<(Event<'_>, i64)> = batch
         .events
         .iter()
-        .filter_map(|e| e.content_id.map(|c| (e, c)))
+        .filter_map(|e| e.content_id().map(|c| (e, c)))
         .collect();
     let mut commands: Vec<Command> = with_content
         .chunks(cfg.events_per_script)
@@ -284,7 +284,7 @@ impl RedisTopN {
         let skipped = batch
             .events
             .iter()
-            .filter(|e| e.content_id.is_none())
+            .filter(|e| e.content_id().is_none())
             .count() as u64;
         host.counter_add("events_new", fresh);
         host.counter_add("events_replayed", replayed);

@@ -66,7 +66,8 @@ fn eval_keys_and_argv() {
     let c = cfg();
     let mut e = event(16, Some(1), T);
     e.event_type = Some("play".into());
-    let cmd = eval_command(&c, &[(&e, 1)], T);
+    let b = batch(vec![e]);
+    let cmd = eval_command(&c, &[(b.events.get(0).unwrap(), 1)], T);
     let text: Vec<String> = cmd
         .iter()
         .map(|a| String::from_utf8_lossy(a).into_owned())

@@ -4,7 +4,7 @@
 //! granted, rejects events, or asks for retries. Not a sink to deploy.
 //!
 //! Config: { "key": "<redis list receiving one JSON event per delivered event>",
-//!           "mode": "record" | "noop" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first"
+//!           "mode": "record" | "noop" | "read-all" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first"
 //!                   | "clickhouse-sql" | "redis-hostile",
 //!                   | "wasi-sleep" | "http-loop" | "log-flood" | "init-sleep" (time attacks),
 //!           "hold_mb": N (time attacks: MiB the instance holds), "url": "<http-loop target>",
@@ -201,13 +201,13 @@ impl Sink for Testkit {
             }
             "reject-odd" => {
                 let (odd, even): (Vec<_>, Vec<_>) =
-                    batch.events.iter().partition(|e| e.event_id % 2 != 0);
-                let rows: Vec<String> = even.iter().map(|e| event_json_string(e)).collect();
+                    batch.events.iter().partition(|e| e.event_id() % 2 != 0);
+                let rows: Vec<String> = even.iter().map(|e| event_json_string(*e)).collect();
                 match self.push(&host, &rows) {
                     WriteOutcome::Accepted => WriteOutcome::Rejected(
                         odd.iter()
                             .map(|e| Rejection {
-                                event_id: e.event_id,
+                                event_id: e.event_id(),
                                 reason: "odd event ids are rejected".into(),
                             })
                             .collect(),
@@ -265,7 +265,7 @@ impl Sink for Testkit {
                     .events
                     .iter()
                     .map(|e| Rejection {
-                        event_id: e.event_id,
+                        event_id: e.event_id(),
                         reason: format!(
                             "huge\n2026-01-01T00:00:00.000000Z  INFO fanout: forged by testkit\u{1b}[31m{}",
                             "r".repeat(2 << 20)
@@ -317,6 +317,26 @@ impl Sink for Testkit {
             }
             // Takes the batch and does nothing: the cost of the Wasm boundary alone.
             "noop" => WriteOutcome::Accepted,
+            // Reads every field of every event once: the boundary plus the cheapest real use.
+            "read-all" => {
+                let mut sum = 0i64;
+                for e in batch.events.iter() {
+                    sum = sum
+                        .wrapping_add(e.event_id())
+                        .wrapping_add(e.content_id().unwrap_or(0))
+                        .wrapping_add(e.user_id().unwrap_or(0))
+                        .wrapping_add(e.event_ts_micros())
+                        .wrapping_add(e.duration_ms().unwrap_or(0).into())
+                        .wrapping_add(e.length_seconds().unwrap_or(0).into())
+                        .wrapping_add(e.event_type().map_or(0, |s| s.len() as i64))
+                        .wrapping_add(e.device().map_or(0, |s| s.len() as i64))
+                        .wrapping_add(e.content_type().map_or(0, |s| s.len() as i64))
+                        .wrapping_add(e.engagement_seconds().unwrap_or(0.0) as i64)
+                        .wrapping_add(e.engagement_pct().unwrap_or(0.0) as i64);
+                }
+                std::hint::black_box(sum);
+                WriteOutcome::Accepted
+            }
             "retry-first" if self.retries_left > 0 => {
                 self.retries_left -= 1;
                 WriteOutcome::RetryLater("testkit: asked to retry".into())

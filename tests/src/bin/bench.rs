@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fanout::plugin::{WitBatch, WitEvent};
+use fanout::plugin::{PluginBatch, WitBatch, WitEvent};
 use fanout_tests::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -85,11 +85,11 @@ mode = "noop"
     .await
     .expect("join")
     .expect("load");
-    let batch = Arc::new(WitBatch {
+    let batch = Arc::new(PluginBatch::unpositioned(WitBatch {
         id: "bench".into(),
         events: (0..500).map(event).collect(),
         sources: vec![],
-    });
+    }));
     let rounds = 400;
     for _ in 0..20 {
         plugin.write(batch.clone()).await.expect("warm-up");
@@ -111,11 +111,11 @@ mode = "noop"
     let t = Instant::now();
     let mut sink = 0usize;
     for _ in 0..rounds {
-        sink = sink.wrapping_add(native_noop(std::hint::black_box(&batch)));
+        sink = sink.wrapping_add(native_noop(std::hint::black_box(&batch.wit)));
     }
     std::hint::black_box(sink);
     let native = t.elapsed();
-    let events = (rounds * batch.events.len()) as f64;
+    let events = (rounds * batch.wit.events.len()) as f64;
     let wasm_ns = wasm.as_nanos() as f64 / events;
     let native_ns = native.as_nanos() as f64 / events;
     let _ = writeln!(
