@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -156,6 +157,12 @@ impl Lane {
         let mut pending = PendingBatch::default();
         let max_events = self.batch.max_events;
         let max_wait = self.batch.max_wait();
+        // One stream and one timer for the whole batch: a fresh `recv()` registers a waker
+        // slot under a lock, and a fresh `sleep` a timer entry, on every message.
+        let mut stream = self.consumer.stream();
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
+        let mut timer_at = None;
         loop {
             let wait = match pending.started() {
                 Some(t) => max_wait.saturating_sub(t.elapsed()),
@@ -163,6 +170,15 @@ impl Lane {
                 None if self.uncommitted() => self.commit_interval,
                 None => Duration::from_secs(3600),
             };
+            // Only a new deadline moves the timer: the batch's does not change per message.
+            let due = match (pending.started(), timer_at) {
+                (Some(_), Some(at)) => at,
+                _ => tokio::time::Instant::now() + wait,
+            };
+            if timer_at != Some(due) {
+                timer.as_mut().reset(due);
+                timer_at = pending.started().map(|_| due);
+            }
             // Set in the select, slept after it: the select's output holds the consumer's
             // borrowed message, which must not live across an await of a spawned task.
             let mut consumer_error = false;
@@ -184,23 +200,38 @@ impl Lane {
                         self.commit(true);
                     }
                 }
-                _ = tokio::time::sleep(wait) => {
+                _ = &mut timer => {
+                    timer_at = None;
                     if !pending.is_empty() {
                         return Ok(pending);
                     }
                     self.commit(true);
                 }
-                msg = self.consumer.recv() => match msg {
-                    Ok(m) => {
+                msg = stream.next() => match msg {
+                    Some(Ok(m)) => {
                         self.accept(&mut pending, &m);
+                        drop(m);
+                        // Take what librdkafka already holds without another turn of the
+                        // select: most messages of a busy lane are already queued.
+                        while pending.event_count() < max_events {
+                            match stream.next().now_or_never() {
+                                Some(Some(Ok(m))) => self.accept(&mut pending, &m),
+                                Some(Some(Err(e))) => {
+                                    warn!(lane = %self.name, error = %e, "kafka consumer error");
+                                    break;
+                                }
+                                _ => break,
+                            }
+                        }
                         if pending.event_count() >= max_events {
                             return Ok(pending);
                         }
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         warn!(lane = %self.name, error = %e, "kafka consumer error");
                         consumer_error = true;
                     }
+                    None => consumer_error = true,
                 },
             }
             if consumer_error {
