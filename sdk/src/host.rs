@@ -3,6 +3,7 @@
 
 #[cfg(target_arch = "wasm32")]
 use crate::bindings::fanout::sink as wit;
+use crate::exactly_once::{Applied, RedisOnce};
 use crate::http::{Request, Response};
 use crate::redis::{Command, Reply};
 use crate::{CapabilityError, Level};
@@ -16,6 +17,18 @@ pub trait Host {
         commands: &[Command],
         atomic: bool,
     ) -> Result<Vec<Reply>, CapabilityError>;
+
+    /// Applies the events of `once` exactly once, then `then`, in one round trip: see
+    /// [`crate::exactly_once`]. The default sends the `EVAL` of
+    /// [`RedisOnce::eval_command`] and `then` through [`Host::redis_pipeline`] (the real
+    /// host); [`crate::testing::MockHost`] runs the same rules in memory.
+    fn redis_once(
+        &self,
+        once: &RedisOnce,
+        then: &[Command],
+    ) -> Result<(Applied, Vec<Reply>), CapabilityError> {
+        crate::exactly_once::apply_by_script(self, once, then)
+    }
 
     /// Sends one HTTP request. Any status is `Ok`; `Err(Failed)` means no response.
     fn http_send(&self, request: &Request) -> Result<Response, CapabilityError>;
@@ -52,12 +65,12 @@ pub trait Host {
         crate::log::log(level, message)
     }
 
-    /// Adds to the counter `fanout_plugin_<name>`.
+    /// Adds to the plugin's counter `name`: `fanout_plugin_counter_total{plugin,name}` on /metrics.
     fn counter_add(&self, name: &str, value: u64) {
         crate::metrics::counter_add(name, value)
     }
 
-    /// Sets the gauge `fanout_plugin_<name>`.
+    /// Sets the plugin's gauge `name`: `fanout_plugin_gauge{plugin,name}` on /metrics.
     fn gauge_set(&self, name: &str, value: f64) {
         crate::metrics::gauge_set(name, value)
     }

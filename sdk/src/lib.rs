@@ -54,6 +54,7 @@ pub mod bindings {
 
 pub mod clickhouse;
 pub mod event;
+pub mod exactly_once;
 pub mod host;
 pub mod http;
 pub mod log;
@@ -70,6 +71,7 @@ pub use bindings::fanout::sink::errors::CapabilityError;
 pub use bindings::fanout::sink::log::Level;
 pub use bindings::fanout::sink::types::{EnrichedEvent, Rejection, SourceRange, WriteOutcome};
 pub use event::{event_json, event_json_string, format_event_ts, EventRecord};
+pub use exactly_once::{Applied, Outcome, RedisOnce};
 pub use packed::{Event, EventFields, PackedEvents, Position};
 
 /// One batch as a plugin sees it.

@@ -15,8 +15,9 @@
 //! ```
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 
+use crate::exactly_once::{key_mask, Applied, Outcome, RedisOnce};
 use crate::http::{Request, Response};
 use crate::packed::PackedWriter;
 use crate::redis::{Command, Reply};
@@ -32,6 +33,14 @@ pub enum Call {
     Redis {
         commands: Vec<Vec<String>>,
         atomic: bool,
+    },
+    /// A [`Host::redis_once`] call: the outcome per event and the commands of the events it
+    /// applied (what the real script would run), in order. Its `then` commands follow as a
+    /// [`Call::Redis`].
+    RedisOnce {
+        scope: String,
+        outcomes: Vec<(i64, Outcome)>,
+        commands: Vec<Vec<String>>,
     },
     Http {
         method: String,
@@ -62,6 +71,11 @@ pub enum Call {
 /// empty ClickHouse body, `Ok(())` for inserts). [`Host::http_send_all`] answers its requests
 /// from the same HTTP queue, in request order, as if each were sent with `http_send`. The
 /// clock starts at `now_micros` and advances by each sleep.
+///
+/// [`Host::redis_once`] runs the rules of [`crate::exactly_once`] in memory (marks,
+/// `min_live_event_id`, backfill bits, and the keys [`MockHost::insert_key`] made exist for
+/// old markers; no TTLs): it takes one entry of the Redis queue, as one round trip would: an
+/// `Err` fails the call before anything is applied, `Ok` replies answer its `then` commands.
 #[derive(Default)]
 pub struct MockHost {
     calls: RefCell<Vec<Call>>,
@@ -70,6 +84,20 @@ pub struct MockHost {
     execute: RefCell<VecDeque<Result<String, CapabilityError>>>,
     insert: RefCell<VecDeque<Result<(), CapabilityError>>>,
     now: Cell<i64>,
+    once: RefCell<OnceState>,
+}
+
+/// What the exactly-once bookkeeping would hold in Redis.
+#[derive(Default)]
+struct OnceState {
+    /// marks key -> field -> offset.
+    marks: HashMap<String, HashMap<String, i64>>,
+    /// marks key -> min_live_event_id.
+    min_live: HashMap<String, i64>,
+    /// (bitmap key, event id) set by backfilled events.
+    bits: HashSet<(String, i64)>,
+    /// Keys that exist (for `EXISTS` on old markers).
+    keys: HashSet<String>,
 }
 
 impl MockHost {
@@ -183,6 +211,110 @@ impl MockHost {
     fn record(&self, call: Call) {
         self.calls.borrow_mut().push(call)
     }
+
+    /// Every command [`Host::redis_once`] applied so far (the events it skipped add none), in
+    /// order, as text.
+    pub fn redis_once_commands(&self) -> Vec<Vec<String>> {
+        self.calls
+            .borrow()
+            .iter()
+            .filter_map(|c| match c {
+                Call::RedisOnce { commands, .. } => Some(commands.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// The mark of `topic`/`partition` in the exactly-once scope `scope`: the highest offset
+    /// applied.
+    pub fn once_mark(&self, scope: &str, topic: &str, partition: i32) -> Option<i64> {
+        let once = self.once.borrow();
+        once.marks
+            .get(&format!("{scope}marks"))?
+            .get(&format!("{topic}/{partition}"))
+            .copied()
+    }
+
+    /// `min_live_event_id` of the exactly-once scope `scope`.
+    pub fn once_min_live(&self, scope: &str) -> Option<i64> {
+        self.once
+            .borrow()
+            .min_live
+            .get(&format!("{scope}marks"))
+            .copied()
+    }
+
+    /// Makes `key` exist, for [`RedisOnce::legacy_markers`] checks (an old marker).
+    pub fn insert_key(&self, key: &str) {
+        self.once.borrow_mut().keys.insert(key.to_string());
+    }
+
+    /// The rules of the exactly-once script, in memory. Returns the outcomes.
+    fn run_once(&self, once: &RedisOnce) -> Applied {
+        let mut state = self.once.borrow_mut();
+        let state = &mut *state;
+        let marks_key = once.marks_key();
+        let start: HashMap<String, i64> = state.marks.get(&marks_key).cloned().unwrap_or_default();
+        let mut min_live = state.min_live.get(&marks_key).copied();
+        let mut top: HashMap<String, i64> = HashMap::new();
+        let mut done: HashSet<(String, i64)> = HashSet::new();
+        let mut out = Vec::with_capacity(once.len());
+        for e in once.events() {
+            let bit = (once.bitmap_key(e.event_id), e.event_id);
+            let legacy = once
+                .legacy_marker_key(e.event_id)
+                .is_some_and(|k| state.keys.contains(&k));
+            let outcome = match &e.position {
+                Some(p) => {
+                    let field = p.field();
+                    let mark = start.get(&field).copied().unwrap_or(-1);
+                    if p.offset <= mark || !done.insert((field.clone(), p.offset)) {
+                        Outcome::Replayed
+                    } else {
+                        let o = if state.bits.contains(&bit) {
+                            Outcome::AppliedByBackfill
+                        } else if legacy {
+                            Outcome::LegacyMarker
+                        } else {
+                            Outcome::Applied
+                        };
+                        let t = top.entry(field).or_insert(mark);
+                        *t = (*t).max(p.offset);
+                        min_live = Some(min_live.map_or(e.event_id, |m| m.min(e.event_id)));
+                        o
+                    }
+                }
+                None => {
+                    if min_live.is_some_and(|m| e.event_id >= m) {
+                        Outcome::CoveredByLive
+                    } else if state.bits.contains(&bit) {
+                        Outcome::Replayed
+                    } else {
+                        state.bits.insert(bit);
+                        if legacy {
+                            Outcome::LegacyMarker
+                        } else {
+                            Outcome::Applied
+                        }
+                    }
+                }
+            };
+            out.push((e.event_id, outcome));
+        }
+        let marks = state.marks.entry(marks_key.clone()).or_default();
+        marks.extend(top);
+        if let Some(m) = min_live {
+            state.min_live.insert(marks_key, m);
+        }
+        Applied { events: out }
+    }
+}
+
+fn text_command(c: &Command) -> Vec<String> {
+    c.iter()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
 }
 
 impl Host for MockHost {
@@ -207,6 +339,51 @@ impl Host for MockHost {
             .borrow_mut()
             .pop_front()
             .unwrap_or_else(|| Ok(commands.iter().map(|_| Reply::Nil).collect()))
+    }
+
+    fn redis_once(
+        &self,
+        once: &RedisOnce,
+        then: &[Command],
+    ) -> Result<(Applied, Vec<Reply>), CapabilityError> {
+        for e in once.events() {
+            for c in &e.commands {
+                key_mask(c)?;
+            }
+        }
+        let queued = self.redis.borrow_mut().pop_front();
+        let then_replies = match queued {
+            Some(Err(e)) => {
+                self.record(Call::RedisOnce {
+                    scope: once.scope().to_string(),
+                    outcomes: Vec::new(),
+                    commands: Vec::new(),
+                });
+                return Err(e);
+            }
+            Some(Ok(replies)) => replies,
+            None => then.iter().map(|_| Reply::Nil).collect(),
+        };
+        let applied = self.run_once(once);
+        let commands = once
+            .events()
+            .iter()
+            .zip(&applied.events)
+            .filter(|(_, (_, o))| *o == Outcome::Applied)
+            .flat_map(|(e, _)| e.commands.iter().map(text_command))
+            .collect();
+        self.record(Call::RedisOnce {
+            scope: once.scope().to_string(),
+            outcomes: applied.events.clone(),
+            commands,
+        });
+        if !then.is_empty() {
+            self.record(Call::Redis {
+                commands: then.iter().map(text_command).collect(),
+                atomic: false,
+            });
+        }
+        Ok((applied, then_replies))
     }
 
     fn http_send(&self, request: &Request) -> Result<Response, CapabilityError> {
@@ -371,5 +548,177 @@ pub fn batch_at<'a>(
         // The writer's output is valid by construction.
         events: PackedEvents::new(w.finish()).expect("packed writer output"),
         sources,
+    }
+}
+
+/// A [`Host`] whose Redis is a real server (RESP2 over TCP, no auth), for tests of scripts
+/// against Redis itself: `FANOUT_TEST_REDIS=127.0.0.1:56379 cargo test`. The other
+/// capabilities answer `not-granted`; the clock is fixed at `now_micros`.
+pub struct RedisServerHost {
+    conn: RefCell<std::io::BufReader<std::net::TcpStream>>,
+    now: i64,
+}
+
+impl RedisServerHost {
+    /// Connects to `addr` (`host:port`).
+    pub fn connect(addr: &str, now_micros: i64) -> std::io::Result<Self> {
+        let stream = std::net::TcpStream::connect(addr)?;
+        Ok(RedisServerHost {
+            conn: RefCell::new(std::io::BufReader::new(stream)),
+            now: now_micros,
+        })
+    }
+
+    /// From `FANOUT_TEST_REDIS`, or None (the test should skip) when it is unset.
+    pub fn from_env(now_micros: i64) -> Option<Self> {
+        let addr = std::env::var("FANOUT_TEST_REDIS").ok()?;
+        Some(Self::connect(&addr, now_micros).unwrap_or_else(|e| panic!("redis {addr}: {e}")))
+    }
+
+    /// One text command, its reply (panics on an error).
+    pub fn cmd(&self, args: &[&str]) -> Reply {
+        crate::redis::pipeline_on(self, &[args], false)
+            .unwrap_or_else(|e| panic!("redis {args:?}: {e:?}"))
+            .remove(0)
+    }
+
+    /// Deletes every key starting with `prefix` (KEYS: for tests only).
+    pub fn delete_prefix(&self, prefix: &str) {
+        if let Reply::Array(keys) = self.cmd(&["KEYS", &format!("{prefix}*")]) {
+            for k in keys {
+                if let crate::redis::Scalar::Data(d) = k {
+                    self.cmd(&["DEL", &String::from_utf8_lossy(&d)]);
+                }
+            }
+        }
+    }
+}
+
+mod resp {
+    use std::io::{BufRead, BufReader, Read};
+    use std::net::TcpStream;
+
+    use crate::redis::{Reply, Scalar};
+
+    fn line(r: &mut BufReader<TcpStream>) -> String {
+        let mut line = String::new();
+        r.read_line(&mut line).expect("read");
+        line.trim_end().to_string()
+    }
+
+    fn bulk(r: &mut BufReader<TcpStream>, len: i64) -> Option<Vec<u8>> {
+        if len < 0 {
+            return None;
+        }
+        let mut buf = vec![0u8; len as usize + 2];
+        r.read_exact(&mut buf).expect("read bulk");
+        buf.truncate(len as usize);
+        Some(buf)
+    }
+
+    fn scalar(r: &mut BufReader<TcpStream>) -> Result<Scalar, String> {
+        let l = line(r);
+        let (t, rest) = l.split_at(1);
+        Ok(match t {
+            "+" => Scalar::Status(rest.into()),
+            "-" => return Err(rest.into()),
+            ":" => Scalar::Integer(rest.parse().expect("int")),
+            "$" => bulk(r, rest.parse().expect("len")).map_or(Scalar::Nil, Scalar::Data),
+            other => panic!("nested reply {other}"),
+        })
+    }
+
+    pub fn reply(r: &mut BufReader<TcpStream>) -> Result<Reply, String> {
+        let l = line(r);
+        let (t, rest) = l.split_at(1);
+        Ok(match t {
+            "+" => Reply::Status(rest.into()),
+            "-" => return Err(rest.into()),
+            ":" => Reply::Integer(rest.parse().expect("int")),
+            "$" => bulk(r, rest.parse().expect("len")).map_or(Reply::Nil, Reply::Data),
+            "*" => {
+                let n: i64 = rest.parse().expect("len");
+                let mut items = Vec::new();
+                let mut err = None;
+                for _ in 0..n.max(0) {
+                    match scalar(r) {
+                        Ok(s) => items.push(s),
+                        Err(e) => err = Some(e),
+                    }
+                }
+                if let Some(e) = err {
+                    return Err(e);
+                }
+                Reply::Array(items)
+            }
+            other => panic!("unknown reply type {other}"),
+        })
+    }
+}
+
+impl Host for RedisServerHost {
+    fn redis_pipeline(
+        &self,
+        commands: &[Command],
+        _atomic: bool,
+    ) -> Result<Vec<Reply>, CapabilityError> {
+        use std::io::Write;
+        let mut conn = self.conn.borrow_mut();
+        let mut out = Vec::new();
+        for c in commands {
+            out.extend_from_slice(format!("*{}\r\n", c.len()).as_bytes());
+            for a in c {
+                out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+                out.extend_from_slice(a);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        conn.get_mut().write_all(&out).expect("write");
+        let mut replies = Vec::new();
+        let mut error = None;
+        for _ in commands {
+            match resp::reply(&mut conn) {
+                Ok(r) => replies.push(r),
+                Err(e) => error = Some(e),
+            }
+        }
+        match error {
+            // As the host: an error reply anywhere fails the whole call.
+            Some(e) => Err(CapabilityError::Failed(format!("redis: {e}"))),
+            None => Ok(replies),
+        }
+    }
+
+    fn http_send(&self, _: &Request) -> Result<Response, CapabilityError> {
+        Err(CapabilityError::NotGranted(
+            "RedisServerHost: redis only".into(),
+        ))
+    }
+
+    fn clickhouse_execute(&self, _: &str) -> Result<String, CapabilityError> {
+        Err(CapabilityError::NotGranted(
+            "RedisServerHost: redis only".into(),
+        ))
+    }
+
+    fn clickhouse_insert_json_rows(
+        &self,
+        _: &str,
+        _: &str,
+        _: &[String],
+    ) -> Result<(), CapabilityError> {
+        Err(CapabilityError::NotGranted(
+            "RedisServerHost: redis only".into(),
+        ))
+    }
+
+    fn log(&self, _: Level, _: &str) {}
+
+    fn counter_add(&self, _: &str, _: u64) {}
+
+    fn gauge_set(&self, _: &str, _: f64) {}
+
+    fn now_micros(&self) -> i64 {
+        self.now
     }
 }

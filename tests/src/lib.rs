@@ -801,6 +801,43 @@ impl LoadedPlugin {
             .unwrap_or_else(|e| panic!("plugin call failed: {e}"))
     }
 
+    /// Hands `events` to the plugin as one batch whose events sit at `offsets` of partition
+    /// `partition` of `topic` (a `None` offset: a backfilled event), as a lane would.
+    pub async fn write_at(
+        &self,
+        topic: &str,
+        partition: i32,
+        events: &[fanout::plugin::WitEvent],
+        offsets: &[Option<i64>],
+    ) -> fanout::plugin::WriteOutcome {
+        let live: Vec<i64> = offsets.iter().flatten().copied().collect();
+        let (first, last) = (
+            live.iter().min().copied().unwrap_or(0),
+            live.iter().max().copied().unwrap_or(0),
+        );
+        let batch = fanout::plugin::WitBatch {
+            id: format!("{topic}/{partition}:{first}-{last}"),
+            events: events.to_vec(),
+            sources: vec![fanout::plugin::SourceRange {
+                topic: topic.to_string(),
+                partition,
+                first_offset: first,
+                last_offset: last,
+            }],
+        };
+        let positions = offsets
+            .iter()
+            .map(|o| o.map(|offset| fanout::plugin::EventPosition { source: 0, offset }))
+            .collect();
+        self.plugin
+            .write(std::sync::Arc::new(fanout::plugin::PluginBatch {
+                wit: batch,
+                positions,
+            }))
+            .await
+            .unwrap_or_else(|e| panic!("plugin call failed: {e}"))
+    }
+
     /// The plugin's own counter `name` (fanout_plugin_counter_total{plugin=..,name=..}).
     pub fn counter(&self, name: &str) -> f64 {
         let labels = format!(
@@ -961,8 +998,8 @@ database = "{db}"
         )
     }
 
-    /// redis_topn.wasm with every key (idempotency markers included) under `prefix`, granted
-    /// exactly the key prefixes it uses (as config/local.toml does).
+    /// redis_topn.wasm with every key (exactly-once bookkeeping and old markers included)
+    /// under `prefix`, granted exactly the key prefixes it uses (as config/local.toml does).
     pub fn redis_topn(name: &str, prefix: &str) -> String {
         format!(
             r#"
@@ -970,11 +1007,29 @@ database = "{db}"
 name = "{name}"
 path = "{}"
 [plugins.grants]
-redis = {{ key_prefixes = ["{prefix}content:", "{prefix}top:content:", "{prefix}fanout:seen:"], allow_scripts = true }}
+redis = {{ key_prefixes = ["{prefix}content:", "{prefix}top:content:", "{prefix}fanout:once:", "{prefix}fanout:seen:"], allow_scripts = true }}
 [plugins.config]
 key_prefix = "{prefix}"
 "#,
             plugin_wasm("redis_topn").display()
+        )
+    }
+
+    /// device_counter.wasm (the exactly-once example) with its counts and bookkeeping under
+    /// `prefix`.
+    pub fn device_counter(name: &str, prefix: &str) -> String {
+        format!(
+            r#"
+[[plugins]]
+name = "{name}"
+path = "{}"
+[plugins.grants]
+redis = {{ key_prefixes = ["{prefix}devcount:", "{prefix}devcount-once:"], allow_scripts = true }}
+[plugins.config]
+key_prefix = "{prefix}devcount:"
+once_key_prefix = "{prefix}devcount-once:"
+"#,
+            plugin_wasm("device_counter").display()
         )
     }
 

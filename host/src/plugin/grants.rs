@@ -17,10 +17,13 @@ enum KeyPositions {
 
 /// The data commands a sink may be granted (`grants.redis.commands`; all of them by default).
 /// Nothing administrative, no pub/sub, no command that lists or scans the keyspace.
+/// `GETBIT`/`SETBIT` are the backfill bitmaps of the SDK's exactly-once primitive
+/// (`fanout_sdk::exactly_once::SCRIPT_COMMANDS`).
 #[rustfmt::skip]
 pub const REDIS_DATA_COMMANDS: &[&str] = &[
     "PING", "TIME", "ECHO", "GET", "SET", "SETNX", "SETEX", "PSETEX", "GETSET", "GETDEL", "GETEX",
-    "INCR", "INCRBY", "INCRBYFLOAT", "DECR", "DECRBY", "APPEND", "STRLEN", "EXPIRE", "PEXPIRE",
+    "INCR", "INCRBY", "INCRBYFLOAT", "DECR", "DECRBY", "APPEND", "STRLEN", "GETBIT", "SETBIT",
+    "EXPIRE", "PEXPIRE",
     "EXPIREAT", "PEXPIREAT", "TTL", "PTTL", "PERSIST", "TYPE", "HSET", "HSETNX", "HGET", "HMSET",
     "HMGET", "HGETALL", "HDEL", "HINCRBY", "HEXISTS", "HLEN", "HKEYS", "HVALS", "LPUSH", "RPUSH",
     "LPOP", "RPOP", "LRANGE", "LLEN", "LTRIM", "SADD", "SREM", "SMEMBERS", "SISMEMBER", "SCARD",
@@ -61,6 +64,16 @@ pub fn redis_allowed_commands(grant: &RedisGrant) -> Vec<String> {
     out
 }
 
+/// Whether the grant allows the command `name` (upper case): what [`redis_allowed_commands`]
+/// lists, without building the list (this runs for every command a plugin sends).
+fn command_granted(grant: &RedisGrant, name: &str) -> bool {
+    let listed = match &grant.commands {
+        Some(list) => list.iter().any(|c| c.eq_ignore_ascii_case(name)),
+        None => REDIS_DATA_COMMANDS.contains(&name),
+    };
+    listed || (grant.allow_scripts && REDIS_SCRIPT_COMMANDS.contains(&name))
+}
+
 /// Checks one command against the grant. Err carries the reason given to the plugin.
 /// Redis checks it again as the plugin's ACL user (scripts included); this is the first fence.
 pub fn check_redis_command(grant: &RedisGrant, args: &[Vec<u8>]) -> Result<(), String> {
@@ -75,7 +88,7 @@ pub fn check_redis_command(grant: &RedisGrant, args: &[Vec<u8>]) -> Result<(), S
             "{name} needs `allow_scripts = true` in the redis grant"
         ));
     }
-    if !redis_allowed_commands(grant).contains(&name) {
+    if !command_granted(grant, &name) {
         return Err(format!("command {name} is not in the grant's `commands`"));
     }
     let keys: Vec<&Vec<u8>> = match positions {
@@ -95,12 +108,13 @@ pub fn check_redis_command(grant: &RedisGrant, args: &[Vec<u8>]) -> Result<(), S
             args.iter().skip(3).take(n).collect()
         }
     };
-    let prefixes = grant.prefixes();
     for key in keys {
-        if !prefixes.iter().any(|p| key.starts_with(p.as_bytes())) {
+        let mut prefixes = grant.key_prefix.iter().chain(&grant.key_prefixes);
+        if !prefixes.any(|p| key.starts_with(p.as_bytes())) {
             return Err(format!(
-                "{name} on key `{}` is outside the granted prefixes {prefixes:?}",
+                "{name} on key `{}` is outside the granted prefixes {:?}",
                 String::from_utf8_lossy(key),
+                grant.prefixes()
             ));
         }
     }
@@ -334,6 +348,44 @@ mod tests {
         };
         assert!(check_redis_command(&narrow, &cmd(&["RPUSH", "t1:l", "x"])).is_ok());
         assert!(check_redis_command(&narrow, &cmd(&["DEL", "t1:l"])).is_err());
+    }
+
+    #[test]
+    fn the_sdk_exactly_once_script_runs_under_a_scripts_grant() {
+        // Redis checks the plugin's ACL user inside the script: every command the SDK's
+        // script runs must be one the grant (and so the ACL user) allows.
+        let g = RedisGrant {
+            key_prefixes: vec!["dc:".into()],
+            allow_scripts: true,
+            ..RedisGrant::default()
+        };
+        let allowed = redis_allowed_commands(&g);
+        let rules = redis_acl_rules(&g);
+        for c in fanout_sdk::exactly_once::SCRIPT_COMMANDS
+            .iter()
+            .chain(&["EVAL"])
+        {
+            assert!(allowed.contains(&c.to_string()), "{c}");
+            assert!(
+                rules.contains(&format!("+{}", c.to_ascii_lowercase())),
+                "{c}"
+            );
+        }
+        assert!(
+            check_redis_command(&g, &cmd(&["SETBIT", "dc:once:backfilled:0", "7", "1"])).is_ok()
+        );
+        assert!(check_redis_command(&g, &cmd(&["GETBIT", "x:b", "7"])).is_err());
+        // The EVAL the SDK builds passes the host's check: every key it declares is granted.
+        let mut once = fanout_sdk::exactly_once::RedisOnce::new("dc:once:");
+        once.event_at(1, None, vec![cmd(&["HINCRBY", "dc:device", "play", "1"])]);
+        assert!(check_redis_command(&g, &once.eval_command().expect("eval")).is_ok());
+        let mut outside = fanout_sdk::exactly_once::RedisOnce::new("dc:once:");
+        outside.event_at(
+            1,
+            None,
+            vec![cmd(&["HINCRBY", "other:device", "play", "1"])],
+        );
+        assert!(check_redis_command(&g, &outside.eval_command().expect("eval")).is_err());
     }
 
     #[test]

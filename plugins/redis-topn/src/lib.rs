@@ -7,14 +7,25 @@
 //!   expiring 15 min after the end of its minute (EXPIREAT, so an old bucket does not live 15 min)
 //! - `top:content:10m` ZSET, ZUNIONSTORE of the last 10 minute buckets up to the current
 //!   wall-clock minute, rebuilt after every batch, TTL 120 s
-//! - `fanout:seen:{event_id}` the idempotency marker (SET NX, TTL `seen_ttl_seconds`)
+//! - `fanout:once:marks`, `fanout:once:backfilled:{n}`: the bookkeeping of the SDK's
+//!   exactly-once primitive ([`fanout_sdk::exactly_once`]): a hash with one field per Kafka
+//!   partition and bitmaps of backfilled ids; its size does not grow with the events
 //!
-//! One batch = one pipeline: an EVAL of [`SCRIPT`] per chunk of events, then ZUNIONSTORE and
-//! EXPIRE of the 10-minute key. The script marks each event as seen and applies its effects only
-//! if it was new, atomically, so a replayed event changes no count, score or last event.
-//! Events without content_id touch no key (there is nothing to count them under).
+//! One batch = one pipeline: the `EVAL` of the exactly-once primitive applying `INCR` of the
+//! count and `ZINCRBY` + `EXPIREAT` of the bucket for each event not applied before, the
+//! `EVAL` of [`LAST_SCRIPT`] (compare-and-set of `content:last`, idempotent by itself), then
+//! ZUNIONSTORE and EXPIRE of the 10-minute key. A replayed event changes no count, score or
+//! last event. Events without content_id touch no key (there is nothing to count them under).
+//!
+//! Migration from the per-event markers of the previous version (`fanout:seen:{event_id}`,
+//! TTL 24 h): while `honour_seen_markers` is on (the default), an event whose old marker
+//! still exists counts as applied, so an upgrade replays nothing twice. Turn it off (and drop
+//! `fanout:seen:` from the grant) 24 h after the upgrade; a later version drops the check.
 
-use fanout_sdk::redis::{Cmd, Command, Reply};
+use std::collections::BTreeMap;
+
+use fanout_sdk::exactly_once::RedisOnce;
+use fanout_sdk::redis::{Cmd, Command};
 use fanout_sdk::time::{minute_key, minute_start_secs, MICROS_PER_MINUTE, MICROS_PER_SECOND};
 use fanout_sdk::{
     describe, event_json_string, export_sink, format_event_ts, Batch, Event, Host, Level, Sink,
@@ -22,51 +33,35 @@ use fanout_sdk::{
 };
 use serde::Deserialize;
 
-/// Applies a chunk of events. KEYS has 4 keys per event: seen, count, bucket, last.
-/// ARGV[1] = seen TTL s, ARGV[2] = last TTL s, then 5 values per event:
-/// content_id, event_id, event_ts ("YYYY-MM-DD HH:MM:SS"), bucket EXPIREAT (0 = bucket
-/// already expired: skip it), SPEC-4 JSON. Returns {new events, replayed events}.
+/// Replaces `content:last:{id}` when the event is newer. KEYS: one `content:last` key per
+/// content. ARGV[1] = TTL s, then 3 values per key: event_ts (`YYYY-MM-DD HH:MM:SS`),
+/// event_id, SPEC-4 JSON. Returns how many keys it replaced.
 ///
-/// `content:last` is replaced only by an event that is newer by (event_ts, event_id) than
-/// the stored one, read back from the stored JSON, so late or out-of-order events never
-/// overwrite a newer one. Runs atomically: the seen marker and the effects land together.
-pub const SCRIPT: &str = r#"
-local seen_ttl = tonumber(ARGV[1])
-local last_ttl = tonumber(ARGV[2])
-local n = #KEYS / 4
-local fresh, replayed = 0, 0
-for i = 0, n - 1 do
-  local k = i * 4
-  local a = 3 + i * 5
-  if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', seen_ttl) then
-    fresh = fresh + 1
-    local content_id = ARGV[a]
-    local event_id = tonumber(ARGV[a + 1])
-    local event_ts = ARGV[a + 2]
-    local expire_at = tonumber(ARGV[a + 3])
-    redis.call('INCR', KEYS[k + 2])
-    if expire_at > 0 then
-      redis.call('ZINCRBY', KEYS[k + 3], 1, content_id)
-      redis.call('EXPIREAT', KEYS[k + 3], expire_at)
+/// Newer = (event_ts, event_id) above the stored event's, read back from the stored JSON, so
+/// late or out-of-order events (and replays) never overwrite a newer one: idempotent without
+/// bookkeeping. The TTL is refreshed when the key is replaced.
+pub const LAST_SCRIPT: &str = r#"
+local ttl = tonumber(ARGV[1])
+local replaced = 0
+for i = 1, #KEYS do
+  local a = 2 + (i - 1) * 3
+  local event_ts, event_id = ARGV[a], tonumber(ARGV[a + 1])
+  local newer = true
+  local old = redis.call('GET', KEYS[i])
+  if old then
+    local ok, prev = pcall(cjson.decode, old)
+    if ok and type(prev) == 'table' and type(prev['event_ts']) == 'string' then
+      local pts = prev['event_ts']
+      local pid = tonumber(prev['event_id']) or -1
+      newer = (pts < event_ts) or (pts == event_ts and pid < event_id)
     end
-    local newer = true
-    local old = redis.call('GET', KEYS[k + 4])
-    if old then
-      local ok, prev = pcall(cjson.decode, old)
-      if ok and type(prev) == 'table' and type(prev['event_ts']) == 'string' then
-        local pts = prev['event_ts']
-        local pid = tonumber(prev['event_id']) or -1
-        newer = (pts < event_ts) or (pts == event_ts and pid < event_id)
-      end
-    end
-    if newer then
-      redis.call('SET', KEYS[k + 4], ARGV[a + 4], 'EX', last_ttl)
-    end
-  else
-    replayed = replayed + 1
+  end
+  if newer then
+    redis.call('SET', KEYS[i], ARGV[a + 2], 'EX', ttl)
+    replaced = replaced + 1
   end
 end
-return {fresh, replayed}
+return replaced
 "#;
 
 /// `[plugins.config]` of the plugin. Every field has a default.
@@ -75,9 +70,17 @@ return {fresh, replayed}
 pub struct Config {
     /// Put in front of every key (the grant's key prefix must cover it).
     pub key_prefix: String,
-    /// Idempotency markers: `{key_prefix}{seen_key_prefix}{event_id}`.
+    /// The exactly-once bookkeeping: `{key_prefix}{once_key_prefix}marks` and
+    /// `...backfilled:{n}`.
+    pub once_key_prefix: String,
+    /// How long the backfill bitmaps are kept after their last write.
+    pub backfill_ttl_seconds: u64,
+    /// Markers of the previous version: `{key_prefix}{seen_key_prefix}{event_id}`.
     pub seen_key_prefix: String,
-    /// How long an event id is remembered; replays older than this count again.
+    /// Treat an existing old marker as applied (migration; turn off once they expired).
+    pub honour_seen_markers: bool,
+    /// Read and ignored: the TTL of the previous version's markers (kept so that configs of
+    /// that version still load).
     pub seen_ttl_seconds: u64,
     /// TTL of `content:last:*`.
     pub last_ttl_seconds: u64,
@@ -89,7 +92,8 @@ pub struct Config {
     pub window_minutes: u32,
     /// Name of the merged key, after the prefix.
     pub top_key: String,
-    /// Events per EVAL (bounds the script's argument list).
+    /// Events per exactly-once script (one round trip each; a batch of at most this many
+    /// events is one round trip).
     pub events_per_script: usize,
 }
 
@@ -97,7 +101,10 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             key_prefix: String::new(),
+            once_key_prefix: "fanout:once:".into(),
+            backfill_ttl_seconds: fanout_sdk::exactly_once::DEFAULT_BACKFILL_TTL_SECONDS,
             seen_key_prefix: "fanout:seen:".into(),
+            honour_seen_markers: true,
             seen_ttl_seconds: 86_400,
             last_ttl_seconds: 3_600,
             bucket_ttl_seconds: 900,
@@ -118,7 +125,7 @@ impl Config {
                 "redis-topn config: window_minutes and events_per_script must be > 0".into(),
             );
         }
-        if cfg.seen_ttl_seconds == 0 || cfg.last_ttl_seconds == 0 || cfg.top_ttl_seconds == 0 {
+        if cfg.backfill_ttl_seconds == 0 || cfg.last_ttl_seconds == 0 || cfg.top_ttl_seconds == 0 {
             return Err("redis-topn config: TTLs must be > 0".into());
         }
         Ok(cfg)
@@ -126,6 +133,22 @@ impl Config {
 
     pub fn seen_key(&self, event_id: i64) -> String {
         format!("{}{}{}", self.key_prefix, self.seen_key_prefix, event_id)
+    }
+
+    /// The exactly-once scope: `{key_prefix}{once_key_prefix}`.
+    pub fn once_scope(&self) -> String {
+        format!("{}{}", self.key_prefix, self.once_key_prefix)
+    }
+
+    /// A fresh exactly-once call with this config's scope, TTL and migration.
+    pub fn once(&self) -> RedisOnce {
+        let once =
+            RedisOnce::new(self.once_scope()).backfill_ttl_seconds(self.backfill_ttl_seconds);
+        if self.honour_seen_markers {
+            once.legacy_markers(format!("{}{}", self.key_prefix, self.seen_key_prefix))
+        } else {
+            once
+        }
     }
 
     pub fn count_key(&self, content_id: i64) -> String {
@@ -175,49 +198,66 @@ impl Config {
     }
 }
 
-/// One EVAL of [`SCRIPT`] for `events` (all with a content_id).
-pub fn eval_command(cfg: &Config, events: &[(Event<'_>, i64)], now_micros: i64) -> Command {
-    let mut keys = Vec::with_capacity(events.len() * 4);
-    let mut argv = Vec::with_capacity(2 + events.len() * 5);
-    argv.push(cfg.seen_ttl_seconds.to_string());
-    argv.push(cfg.last_ttl_seconds.to_string());
-    for (e, content_id) in events {
-        keys.push(cfg.seen_key(e.event_id()));
-        keys.push(cfg.count_key(*content_id));
-        keys.push(cfg.bucket_key(e.event_ts_micros()));
-        keys.push(cfg.last_key(*content_id));
-        argv.push(content_id.to_string());
-        argv.push(e.event_id().to_string());
-        argv.push(format_event_ts(*e));
-        argv.push(
-            cfg.bucket_expire_at(e.event_ts_micros(), now_micros)
-                .to_string(),
+/// The commands that apply one event (with content `content_id`) exactly once: `INCR` of its
+/// count, and `ZINCRBY` + `EXPIREAT` of its minute bucket unless that would already be expired.
+pub fn event_commands(
+    cfg: &Config,
+    e: &Event<'_>,
+    content_id: i64,
+    now_micros: i64,
+) -> Vec<Command> {
+    let mut cmds = vec![Cmd::new("INCR")
+        .arg(cfg.count_key(content_id))
+        .into_command()];
+    let expire_at = cfg.bucket_expire_at(e.event_ts_micros(), now_micros);
+    if expire_at > 0 {
+        let bucket = cfg.bucket_key(e.event_ts_micros());
+        cmds.push(
+            Cmd::new("ZINCRBY")
+                .arg(&bucket)
+                .arg(1i64)
+                .arg(content_id)
+                .into_command(),
         );
-        argv.push(event_json_string(*e));
+        cmds.push(
+            Cmd::new("EXPIREAT")
+                .arg(&bucket)
+                .arg(expire_at)
+                .into_command(),
+        );
     }
-    let mut cmd = Cmd::new("EVAL").arg(SCRIPT).arg(keys.len());
-    for k in keys {
-        cmd = cmd.arg(k);
-    }
-    for a in argv {
-        cmd = cmd.arg(a);
-    }
-    cmd.into_command()
+    cmds
 }
 
-/// The whole pipeline of a batch: EVALs, then the rebuild of the window key.
-/// Returns the commands and the number of EVALs at their head.
-pub fn batch_commands(cfg: &Config, batch: &Batch, now_micros: i64) -> (Vec<Command>, usize) {
-    let with_content: Vec<(Event<'_>, i64)> = batch
-        .events
-        .iter()
-        .filter_map(|e| e.content_id().map(|c| (e, c)))
-        .collect();
-    let mut commands: Vec<Command> = with_content
-        .chunks(cfg.events_per_script)
-        .map(|chunk| eval_command(cfg, chunk, now_micros))
-        .collect();
-    let evals = commands.len();
+/// The `EVAL` of [`LAST_SCRIPT`] for the newest event of each content in `events`, or None.
+pub fn last_command(cfg: &Config, events: &[(Event<'_>, i64)]) -> Option<Command> {
+    let mut newest: BTreeMap<i64, Event<'_>> = BTreeMap::new();
+    for (e, c) in events {
+        let slot = newest.entry(*c).or_insert(*e);
+        if (e.event_ts_micros(), e.event_id()) > (slot.event_ts_micros(), slot.event_id()) {
+            *slot = *e;
+        }
+    }
+    if newest.is_empty() {
+        return None;
+    }
+    let mut cmd = Cmd::new("EVAL").arg(LAST_SCRIPT).arg(newest.len());
+    for c in newest.keys() {
+        cmd = cmd.arg(cfg.last_key(*c));
+    }
+    cmd = cmd.arg(cfg.last_ttl_seconds);
+    for e in newest.values() {
+        cmd = cmd
+            .arg(format_event_ts(*e))
+            .arg(e.event_id())
+            .arg(event_json_string(*e));
+    }
+    Some(cmd.into_command())
+}
+
+/// The commands after the exactly-once script: `content:last`, then the rebuild of the window.
+pub fn then_commands(cfg: &Config, events: &[(Event<'_>, i64)], now_micros: i64) -> Vec<Command> {
+    let mut commands: Vec<Command> = last_command(cfg, events).into_iter().collect();
     let buckets = cfg.window_bucket_keys(now_micros);
     let mut union = Cmd::new("ZUNIONSTORE")
         .arg(cfg.top_key())
@@ -232,7 +272,7 @@ pub fn batch_commands(cfg: &Config, batch: &Batch, now_micros: i64) -> (Vec<Comm
             .arg(cfg.top_ttl_seconds)
             .into_command(),
     );
-    (commands, evals)
+    commands
 }
 
 /// The plugin.
@@ -245,47 +285,47 @@ impl RedisTopN {
         RedisTopN { cfg }
     }
 
-    /// Writes one batch through `host`.
+    /// Writes one batch through `host`: one round trip per `events_per_script` events.
     pub fn write_with(&self, host: &impl Host, batch: &Batch) -> WriteOutcome {
         let now = host.now_micros();
-        let (commands, evals) = batch_commands(&self.cfg, batch, now);
-        let replies = match host.redis_pipeline(&commands, false) {
-            Ok(r) => r,
-            Err(e) => {
-                let reason = format!("redis pipeline of batch {}: {}", batch.id, describe(&e));
-                host.log(Level::Warn, &reason);
-                return WriteOutcome::RetryLater(reason);
-            }
-        };
-        if replies.len() != commands.len() {
-            return WriteOutcome::RetryLater(format!(
-                "redis pipeline of batch {}: {} replies for {} commands",
-                batch.id,
-                replies.len(),
-                commands.len()
-            ));
-        }
-        let (mut fresh, mut replayed) = (0u64, 0u64);
-        for reply in replies.iter().take(evals) {
-            match reply {
-                Reply::Array(_) => {
-                    let counts = fanout_sdk::redis::reply_ints(reply);
-                    fresh += counts.first().copied().unwrap_or(0).max(0) as u64;
-                    replayed += counts.get(1).copied().unwrap_or(0).max(0) as u64;
-                }
-                other => {
-                    return WriteOutcome::RetryLater(format!(
-                        "redis EVAL of batch {} answered {other:?}",
-                        batch.id
-                    ))
-                }
-            }
-        }
-        let skipped = batch
+        let with_content: Vec<(Event<'_>, i64)> = batch
             .events
             .iter()
-            .filter(|e| e.content_id().is_none())
-            .count() as u64;
+            .filter_map(|e| e.content_id().map(|c| (e, c)))
+            .collect();
+        let chunks: Vec<&[(Event<'_>, i64)]> = if with_content.is_empty() {
+            vec![&[]]
+        } else {
+            with_content.chunks(self.cfg.events_per_script).collect()
+        };
+        let (mut fresh, mut replayed) = (0u64, 0u64);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut once = self.cfg.once();
+            for (e, c) in chunk.iter() {
+                once.event(e, event_commands(&self.cfg, e, *c, now));
+            }
+            // content:last and the window go with the last round trip, over the whole batch.
+            let then = if i + 1 == chunks.len() {
+                then_commands(&self.cfg, &with_content, now)
+            } else {
+                Vec::new()
+            };
+            match once.apply_then(host, &then) {
+                Ok((applied, _)) => {
+                    fresh += applied.applied() as u64;
+                    replayed += applied.skipped() as u64;
+                }
+                Err(e) => {
+                    let reason = format!("redis pipeline of batch {}: {}", batch.id, describe(&e));
+                    host.log(Level::Warn, &reason);
+                    // What was applied before is marked: the retry skips it.
+                    host.counter_add("events_new", fresh);
+                    host.counter_add("events_replayed", replayed);
+                    return WriteOutcome::RetryLater(reason);
+                }
+            }
+        }
+        let skipped = (batch.events.len() - with_content.len()) as u64;
         host.counter_add("events_new", fresh);
         host.counter_add("events_replayed", replayed);
         host.counter_add("events_without_content_id", skipped);

@@ -1,5 +1,4 @@
 use super::*;
-use fanout_sdk::redis::Scalar;
 use fanout_sdk::testing::{batch, event, Call, MockHost};
 use fanout_sdk::CapabilityError;
 
@@ -62,89 +61,221 @@ fn bucket_expires_fifteen_minutes_after_its_minute() {
 }
 
 #[test]
-fn eval_keys_and_argv() {
+fn event_commands_count_and_bucket() {
     let c = cfg();
-    let mut e = event(16, Some(1), T);
-    e.event_type = Some("play".into());
-    let b = batch(vec![e]);
-    let cmd = eval_command(&c, &[(b.events.get(0).unwrap(), 1)], T);
+    let b = batch(vec![
+        event(16, Some(1), T),
+        event(17, Some(1), T - 20 * MICROS_PER_MINUTE),
+    ]);
+    let text = |cmds: Vec<Command>| -> Vec<Vec<String>> {
+        cmds.iter()
+            .map(|c| {
+                c.iter()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(
+        text(event_commands(&c, &b.events.get(0).unwrap(), 1, T)),
+        vec![
+            vec!["INCR".to_string(), "content:count:1".into()],
+            vec![
+                "ZINCRBY".into(),
+                "top:content:bucket:202601081421".into(),
+                "1".into(),
+                "1".into()
+            ],
+            vec![
+                "EXPIREAT".into(),
+                "top:content:bucket:202601081421".into(),
+                (1_767_882_060 + 960).to_string()
+            ],
+        ]
+    );
+    // 20 minutes old: counted, no bucket.
+    assert_eq!(
+        text(event_commands(&c, &b.events.get(1).unwrap(), 1, T)),
+        vec![vec!["INCR".to_string(), "content:count:1".into()]]
+    );
+}
+
+#[test]
+fn last_command_sends_the_newest_event_of_each_content() {
+    let c = cfg();
+    let mut newest = event(2, Some(7), T);
+    newest.event_type = Some("play".into());
+    let b = batch(vec![
+        event(1, Some(7), T),
+        newest,
+        event(3, Some(7), T - MICROS_PER_MINUTE),
+        event(4, Some(8), T),
+    ]);
+    let events: Vec<_> = b
+        .events
+        .iter()
+        .map(|e| (e, e.content_id().unwrap()))
+        .collect();
+    let cmd = last_command(&c, &events).unwrap();
     let text: Vec<String> = cmd
         .iter()
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    assert_eq!(text[0], "EVAL");
-    assert_eq!(text[1], SCRIPT);
-    assert_eq!(text[2], "4");
     assert_eq!(
-        &text[3..7],
-        &[
-            "fanout:seen:16",
-            "content:count:1",
-            "top:content:bucket:202601081421",
-            "content:last:1"
-        ]
+        &text[..5],
+        ["EVAL", LAST_SCRIPT, "2", "content:last:7", "content:last:8"]
     );
-    assert_eq!(&text[7..9], &["86400", "3600"]);
-    assert_eq!(&text[9..12], &["1", "16", "2026-01-08 14:21:52"]);
-    assert_eq!(text[12], (1_767_882_060 + 960).to_string());
-    let json: serde_json::Value = serde_json::from_str(&text[13]).unwrap();
-    assert_eq!(json["event_id"], 16);
-    assert_eq!(json["event_type"], "play");
-    assert_eq!(text.len(), 14);
+    assert_eq!(text[5], "3600");
+    assert_eq!(&text[6..8], ["2026-01-08 14:21:52", "2"]);
+    let json: serde_json::Value = serde_json::from_str(&text[8]).unwrap();
+    assert_eq!(
+        (json["event_id"].clone(), json["event_type"].clone()),
+        (2.into(), "play".into())
+    );
+    assert_eq!(text[10], "4");
+    assert_eq!(text.len(), 12);
+    assert!(last_command(&c, &[]).is_none());
+}
+
+fn once_outcomes(host: &MockHost) -> Vec<Vec<(i64, fanout_sdk::Outcome)>> {
+    host.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::RedisOnce { outcomes, .. } => Some(outcomes),
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
-fn batch_pipeline_skips_events_without_content_and_chunks() {
-    let c = Config::from_json(serde_json::json!({"events_per_script": 2})).unwrap();
+fn a_replayed_batch_counts_nothing_twice_and_the_pipeline_is_one_round_trip() {
+    let host = MockHost::at(T);
+    let sink = RedisTopN::new(cfg());
     let b = batch(vec![
         event(1, Some(1), T),
         event(2, None, T),
         event(3, Some(2), T),
         event(4, Some(1), T),
     ]);
-    let (cmds, evals) = batch_commands(&c, &b, T);
-    assert_eq!(evals, 2);
-    assert_eq!(cmds.len(), 4);
-    assert_eq!(cmds[0][2], b"8".to_vec()); // two events, 4 keys each
-    assert_eq!(cmds[1][2], b"4".to_vec());
-    assert_eq!(cmds[2][0], b"ZUNIONSTORE".to_vec());
-    assert_eq!(cmds[2][1], b"top:content:10m".to_vec());
-    assert_eq!(cmds[2][2], b"10".to_vec());
-    assert_eq!(cmds[2].len(), 13);
+    assert!(matches!(sink.write_with(&host, &b), WriteOutcome::Accepted));
+    assert!(matches!(sink.write_with(&host, &b), WriteOutcome::Accepted));
+    assert_eq!(host.counter("events_new"), 3);
+    assert_eq!(host.counter("events_replayed"), 3);
+    assert_eq!(host.counter("events_without_content_id"), 2);
+    let incrs: Vec<_> = host
+        .redis_once_commands()
+        .into_iter()
+        .filter(|c| c[0] == "INCR")
+        .map(|c| c[1].clone())
+        .collect();
     assert_eq!(
-        cmds[3],
-        fanout_sdk::redis::command(&["EXPIRE", "top:content:10m", "120"])
+        incrs,
+        ["content:count:1", "content:count:2", "content:count:1"],
+        "once each"
+    );
+    assert_eq!(host.once_mark("fanout:once:", "test", 0), Some(4));
+    // Per batch: one exactly-once call with content:last and the window in its pipeline.
+    let calls = host.service_calls();
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    match &calls[1] {
+        Call::Redis {
+            commands,
+            atomic: false,
+        } => {
+            assert_eq!(commands.len(), 3);
+            assert_eq!(
+                (commands[0][0].as_str(), commands[0][1].as_str()),
+                ("EVAL", LAST_SCRIPT)
+            );
+            assert_eq!(commands[1][..3], ["ZUNIONSTORE", "top:content:10m", "10"]);
+            assert_eq!(commands[1].len(), 13);
+            assert_eq!(commands[2], ["EXPIRE", "top:content:10m", "120"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn chunks_are_round_trips_and_the_window_goes_last() {
+    let c = Config::from_json(serde_json::json!({"events_per_script": 2})).unwrap();
+    let host = MockHost::at(T);
+    let b = batch((1..=5).map(|id| event(id, Some(1), T)).collect());
+    assert!(matches!(
+        RedisTopN::new(c).write_with(&host, &b),
+        WriteOutcome::Accepted
+    ));
+    let sizes: Vec<usize> = once_outcomes(&host).iter().map(Vec::len).collect();
+    assert_eq!(sizes, [2, 2, 1]);
+    let plain = host
+        .service_calls()
+        .into_iter()
+        .filter(|c| matches!(c, Call::Redis { .. }))
+        .count();
+    assert_eq!(
+        plain, 1,
+        "content:last and the window once, with the last chunk"
+    );
+    // A batch without content ids still rebuilds the window.
+    let host = MockHost::at(T);
+    let b = batch(vec![event(9, None, T)]);
+    assert!(matches!(
+        RedisTopN::new(cfg()).write_with(&host, &b),
+        WriteOutcome::Accepted
+    ));
+    assert!(
+        matches!(&host.service_calls()[1], Call::Redis { commands, .. } if commands[0][0] == "ZUNIONSTORE")
     );
 }
 
 #[test]
-fn write_accepts_and_counts() {
+fn old_seen_markers_count_as_applied_until_turned_off() {
     let host = MockHost::at(T);
-    host.push_redis(Ok(vec![
-        Reply::Array(vec![Scalar::Integer(1), Scalar::Integer(1)]),
-        Reply::Integer(1),
-        Reply::Integer(1),
-    ]));
-    let sink = RedisTopN::new(cfg());
-    let b = batch(vec![
-        event(1, Some(1), T),
-        event(1, Some(1), T),
-        event(2, None, T),
-    ]);
-    assert!(matches!(sink.write_with(&host, &b), WriteOutcome::Accepted));
+    host.insert_key("fanout:seen:2");
+    let b = batch(vec![event(1, Some(1), T), event(2, Some(1), T)]);
+    assert!(matches!(
+        RedisTopN::new(cfg()).write_with(&host, &b),
+        WriteOutcome::Accepted
+    ));
     assert_eq!(host.counter("events_new"), 1);
     assert_eq!(host.counter("events_replayed"), 1);
-    assert_eq!(host.counter("events_without_content_id"), 1);
-    let redis_calls: Vec<_> = host
-        .service_calls()
-        .into_iter()
-        .filter(|c| matches!(c, Call::Redis { atomic: false, .. }))
-        .collect();
-    assert_eq!(redis_calls.len(), 1, "one round trip per batch");
+    let off =
+        Config::from_json(serde_json::json!({"honour_seen_markers": false, "key_prefix": "p:"}))
+            .unwrap();
+    assert!(off.once().legacy_marker_key(2).is_none());
+    assert_eq!(
+        cfg().once().legacy_marker_key(2).as_deref(),
+        Some("fanout:seen:2")
+    );
+    assert_eq!(off.once().marks_key(), "p:fanout:once:marks");
 }
 
 #[test]
-fn write_retries_later_on_failure_or_odd_reply() {
+fn backfilled_events_over_the_live_range_count_nothing_twice() {
+    let host = MockHost::at(T);
+    let sink = RedisTopN::new(cfg());
+    let evs: Vec<_> = (1..=6).map(|id| event(id, Some(1), T)).collect();
+    // Live from event 4 on.
+    assert!(matches!(
+        sink.write_with(&host, &batch(evs[3..].to_vec())),
+        WriteOutcome::Accepted
+    ));
+    let backfill = fanout_sdk::testing::batch_at(evs.iter().map(|e| (e, None)));
+    for _ in 0..2 {
+        assert!(matches!(
+            sink.write_with(&host, &backfill),
+            WriteOutcome::Accepted
+        ));
+    }
+    let incrs = host
+        .redis_once_commands()
+        .iter()
+        .filter(|c| c[0] == "INCR")
+        .count();
+    assert_eq!(incrs, 6, "each of the 6 events counted once");
+}
+
+#[test]
+fn write_retries_later_on_failure() {
     let sink = RedisTopN::new(cfg());
     let b = batch(vec![event(1, Some(1), T)]);
     let host = MockHost::at(T);
@@ -153,10 +284,7 @@ fn write_retries_later_on_failure_or_odd_reply() {
         WriteOutcome::RetryLater(reason) => assert!(reason.contains("connection refused")),
         other => panic!("{other:?}"),
     }
-    // The mock's default reply is Nil per command: not what EVAL returns.
-    let host = MockHost::at(T);
-    assert!(matches!(
-        sink.write_with(&host, &b),
-        WriteOutcome::RetryLater(_)
-    ));
+    // Nothing was applied: the retry applies it.
+    assert!(matches!(sink.write_with(&host, &b), WriteOutcome::Accepted));
+    assert_eq!(host.counter("events_new"), 1);
 }

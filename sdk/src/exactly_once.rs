@@ -1,0 +1,962 @@
+//! Exactly-once Redis effects per event: [`RedisOnce`].
+//!
+//! The host replays batches (after a crash, a rebalance, a retry) and `fanout backfill` may
+//! deliver events the live stream delivered before. Commands like `INCR` or `HINCRBY` are not
+//! idempotent. `RedisOnce` takes, per event, the commands to apply, and applies each event's
+//! commands at most once over all deliveries, in one atomic script (`EVAL`) per call, with
+//! bookkeeping that does not grow with the number of events:
+//!
+//! ```
+//! use fanout_sdk::exactly_once::RedisOnce;
+//! use fanout_sdk::redis::Cmd;
+//! use fanout_sdk::testing::{batch, event, MockHost};
+//!
+//! let host = MockHost::new();
+//! let b = batch(vec![event(1, Some(7), 0), event(2, Some(7), 0)]);
+//! for _delivery in 0..2 {
+//!     // The same batch twice: the second time, every event is skipped.
+//!     let mut once = RedisOnce::new("my:once:");
+//!     for e in b.events.iter() {
+//!         let cmd = Cmd::new("HINCRBY").arg("my:count").arg("plays").arg(1i64);
+//!         once.event(&e, vec![cmd.into_command()]);
+//!     }
+//!     let applied = once.apply(&host).unwrap();
+//!     assert_eq!(applied.applied() + applied.skipped(), 2);
+//! }
+//! assert_eq!(host.redis_once_commands().len(), 2, "one HINCRBY per event, not four");
+//! ```
+//!
+//! ## The rules
+//!
+//! All bookkeeping lives under the scope prefix given to [`RedisOnce::new`] (the plugin's grant
+//! must cover it): the hash `{scope}marks` and the bitmaps `{scope}backfilled:{n}`.
+//!
+//! - **Live events** (with a Kafka [`Position`]): the hash has one field per partition,
+//!   `{topic}/{partition}`, holding the highest offset applied. An event is applied iff its
+//!   offset is above that mark (and it is not a backfilled event, below); the mark then moves
+//!   to the highest offset applied. The hash also keeps `min_live_event_id`, the smallest
+//!   event id the live stream delivered.
+//! - **Backfilled events** (no position, read from PostgreSQL): applied iff their id is below
+//!   `min_live_event_id` (or the field is unset) and their bit in
+//!   `{scope}backfilled:{id / 65536}` (bit `id % 65536`, at most 8 KiB per key) is clear;
+//!   applying sets the bit, and every bitmap written gets a TTL (7 days unless
+//!   [`RedisOnce::backfill_ttl_seconds`] says otherwise). Event ids from the first live one
+//!   on are the live stream's (it delivers every insert committed after it started), ids
+//!   below it predate the stream. The bitmap makes backfills idempotent with each other.
+//! - A live event whose bit a backfill set is skipped too (a backfill ran before the lane got
+//!   there): the live path reads the bit (`GETBIT`, which writes nothing).
+//!
+//! The assumption, and its edge: ids are taken at insert, not at commit, so an insert committed
+//! **before** the stream started can hold a **higher** id than one committed after it. Such an
+//! event is neither delivered by the stream nor below `min_live_event_id`: a backfill skips it
+//! as covered by the stream (docs/plugin-authoring.md).
+//!
+//! The marks rely on Kafka's order: within a partition, a lane delivers offsets in order, and
+//! every event below the mark was applied or given up (a rejected or dead-lettered event is not
+//! applied later by a backfill of the live range). A topic deleted and created again under the
+//! same name restarts its offsets at 0: delete `{scope}marks` then.
+//!
+//! Each call is one `EVAL`: atomic. If one of an author's commands fails inside it (a wrong
+//! type), the events before it stay applied and marked, that event's earlier commands stay
+//! applied (Redis has no rollback), and the call answers an error: retrying the batch skips
+//! what was marked. Split very large batches over several calls, one after the other.
+//!
+//! Migration from per-event markers: [`RedisOnce::legacy_markers`] also treats an existing
+//! `{prefix}{event_id}` key (`EXISTS`) as applied, for the time the old markers live.
+
+use std::collections::HashMap;
+
+use crate::redis::{Command, Reply};
+use crate::{CapabilityError, Event, Host, Position};
+
+/// Default TTL of the backfill bitmaps: 7 days.
+pub const DEFAULT_BACKFILL_TTL_SECONDS: u64 = 7 * 24 * 3600;
+
+/// Event ids per backfill bitmap key (8 KiB of bits).
+pub const IDS_PER_BITMAP: i64 = 1 << 16;
+
+/// The Redis commands the script runs itself (besides the authors' commands): a grant with
+/// `allow_scripts = true` must allow them (the default command set does; a grant's
+/// `commands` list must name them), since Redis checks the plugin's ACL user inside scripts.
+pub const SCRIPT_COMMANDS: &[&str] = &["HGET", "HSET", "GETBIT", "SETBIT", "EXPIRE", "EXISTS"];
+
+/// The field of the marks hash holding the smallest event id of the live stream.
+pub const MIN_LIVE_FIELD: &str = "min_live_event_id";
+
+/// What happened to one event of a [`RedisOnce`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Its commands ran now.
+    Applied,
+    /// Applied before: a live event at or below its partition's mark, or a backfilled event
+    /// whose bit is set (or the same event twice in one call).
+    Replayed,
+    /// A live event a backfill applied first (its bit is set).
+    AppliedByBackfill,
+    /// A backfilled event the live stream covers (its id is not below `min_live_event_id`).
+    CoveredByLive,
+    /// A marker of the previous per-event scheme exists ([`RedisOnce::legacy_markers`]).
+    LegacyMarker,
+}
+
+impl Outcome {
+    /// The letter the script answers for this outcome.
+    pub fn code(self) -> u8 {
+        match self {
+            Outcome::Applied => b'a',
+            Outcome::Replayed => b'r',
+            Outcome::AppliedByBackfill => b'b',
+            Outcome::CoveredByLive => b'l',
+            Outcome::LegacyMarker => b'm',
+        }
+    }
+
+    /// The outcome of a letter of the script's answer.
+    pub fn from_code(c: u8) -> Option<Outcome> {
+        Some(match c {
+            b'a' => Outcome::Applied,
+            b'r' => Outcome::Replayed,
+            b'b' => Outcome::AppliedByBackfill,
+            b'l' => Outcome::CoveredByLive,
+            b'm' => Outcome::LegacyMarker,
+            _ => return None,
+        })
+    }
+}
+
+/// The answer of [`RedisOnce::apply`]: one outcome per event, in the order they were added.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// (event_id, outcome) per event.
+    pub events: Vec<(i64, Outcome)>,
+}
+
+impl Applied {
+    /// Events whose commands ran in this call.
+    pub fn applied(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Applied)
+            .count()
+    }
+
+    /// Events skipped because they were applied before (by any path).
+    pub fn skipped(&self) -> usize {
+        self.events.len() - self.applied()
+    }
+
+    /// Whether the `index`-th event added was applied in this call.
+    pub fn is_applied(&self, index: usize) -> bool {
+        self.events
+            .get(index)
+            .is_some_and(|(_, o)| *o == Outcome::Applied)
+    }
+}
+
+/// A Kafka position owned by a [`RedisOnce`] (the batch's [`Position`] borrows the batch).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OwnedPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl OwnedPosition {
+    /// The field of the marks hash for this position's partition.
+    pub fn field(&self) -> String {
+        format!("{}/{}", self.topic, self.partition)
+    }
+}
+
+/// One event and its commands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnceEvent {
+    pub event_id: i64,
+    /// None for a backfilled event.
+    pub position: Option<OwnedPosition>,
+    pub commands: Vec<Command>,
+}
+
+/// Per-event commands applied exactly once: see the [module](self) documentation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisOnce {
+    scope: String,
+    backfill_ttl_seconds: u64,
+    legacy_marker_prefix: Option<String>,
+    events: Vec<OnceEvent>,
+}
+
+impl RedisOnce {
+    /// Bookkeeping under `scope` (a key prefix the plugin's grant covers, one per plugin:
+    /// two plugins sharing a scope would skip each other's events), e.g. `"devcount:once:"`.
+    pub fn new(scope: impl Into<String>) -> Self {
+        RedisOnce {
+            scope: scope.into(),
+            backfill_ttl_seconds: DEFAULT_BACKFILL_TTL_SECONDS,
+            legacy_marker_prefix: None,
+            events: Vec::new(),
+        }
+    }
+
+    /// How long the backfill bitmaps are kept after their last write (default 7 days): a
+    /// second backfill over the same pre-stream range later than that applies it again.
+    pub fn backfill_ttl_seconds(mut self, seconds: u64) -> Self {
+        self.backfill_ttl_seconds = seconds.max(1);
+        self
+    }
+
+    /// Also treats an event as applied when the key `{prefix}{event_id}` exists: the markers
+    /// of a previous per-event scheme (`SET marker NX`), honoured until they expire. Adds one
+    /// key per event to the script: drop it once the old markers are gone.
+    pub fn legacy_markers(mut self, prefix: impl Into<String>) -> Self {
+        self.legacy_marker_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Adds an event of the batch with the commands that apply it (any number, none too).
+    pub fn event(&mut self, e: &Event<'_>, commands: Vec<Command>) -> &mut Self {
+        self.event_at(e.event_id(), e.position(), commands)
+    }
+
+    /// [`RedisOnce::event`] from an id and a position (None: backfilled).
+    pub fn event_at(
+        &mut self,
+        event_id: i64,
+        position: Option<Position<'_>>,
+        commands: Vec<Command>,
+    ) -> &mut Self {
+        self.events.push(OnceEvent {
+            event_id,
+            position: position.map(|p| OwnedPosition {
+                topic: p.topic.to_owned(),
+                partition: p.partition,
+                offset: p.offset,
+            }),
+            commands,
+        });
+        self
+    }
+
+    /// The events added so far.
+    pub fn events(&self) -> &[OnceEvent] {
+        &self.events
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The scope prefix given to [`RedisOnce::new`].
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// The TTL of the backfill bitmaps, seconds.
+    pub fn backfill_ttl(&self) -> u64 {
+        self.backfill_ttl_seconds
+    }
+
+    /// `{scope}marks`: the per-partition marks and `min_live_event_id`.
+    pub fn marks_key(&self) -> String {
+        format!("{}marks", self.scope)
+    }
+
+    /// `{scope}backfilled:{event_id / 65536}`: the bitmap holding the event's bit.
+    pub fn bitmap_key(&self, event_id: i64) -> String {
+        format!(
+            "{}backfilled:{}",
+            self.scope,
+            event_id.div_euclid(IDS_PER_BITMAP)
+        )
+    }
+
+    /// The old marker of an event, when [`RedisOnce::legacy_markers`] is set.
+    pub fn legacy_marker_key(&self, event_id: i64) -> Option<String> {
+        self.legacy_marker_prefix
+            .as_ref()
+            .map(|p| format!("{p}{event_id}"))
+    }
+
+    /// Applies the events' commands exactly once: one round trip, one atomic script.
+    pub fn apply(&self, host: &(impl Host + ?Sized)) -> Result<Applied, CapabilityError> {
+        host.redis_once(self, &[]).map(|(applied, _)| applied)
+    }
+
+    /// [`RedisOnce::apply`], then `then` (ordinary commands, e.g. idempotent ones that need
+    /// no bookkeeping) in the same pipeline. Returns their replies too.
+    pub fn apply_then(
+        &self,
+        host: &(impl Host + ?Sized),
+        then: &[Command],
+    ) -> Result<(Applied, Vec<Reply>), CapabilityError> {
+        host.redis_once(self, then)
+    }
+
+    /// The `EVAL` of [`SCRIPT`] that applies these events (what [`Host::redis_once`] sends by
+    /// default). Err when a command cannot run inside a script (a script command).
+    pub fn eval_command(&self) -> Result<Command, CapabilityError> {
+        let mut keys = Keys::default();
+        keys.index(&self.marks_key());
+        let mut argv: Vec<Vec<u8>> = Vec::with_capacity(2 + self.events.len() * 8);
+        argv.push(self.backfill_ttl_seconds.to_string().into_bytes());
+        argv.push(self.events.len().to_string().into_bytes());
+        for e in &self.events {
+            argv.push(e.event_id.to_string().into_bytes());
+            match &e.position {
+                Some(p) => {
+                    argv.push(p.field().into_bytes());
+                    argv.push(p.offset.to_string().into_bytes());
+                }
+                None => {
+                    argv.push(Vec::new());
+                    argv.push(Vec::new());
+                }
+            }
+            argv.push(
+                keys.index(&self.bitmap_key(e.event_id))
+                    .to_string()
+                    .into_bytes(),
+            );
+            argv.push(
+                e.event_id
+                    .rem_euclid(IDS_PER_BITMAP)
+                    .to_string()
+                    .into_bytes(),
+            );
+            let legacy = self
+                .legacy_marker_key(e.event_id)
+                .map_or(0, |k| keys.index(&k));
+            argv.push(legacy.to_string().into_bytes());
+            argv.push(e.commands.len().to_string().into_bytes());
+            for c in &e.commands {
+                let is_key = key_mask(c)?;
+                argv.push(c.len().to_string().into_bytes());
+                argv.push(
+                    is_key
+                        .iter()
+                        .map(|k| if *k { b'k' } else { b'v' })
+                        .collect(),
+                );
+                for (arg, k) in c.iter().zip(&is_key) {
+                    if *k {
+                        let key = String::from_utf8_lossy(arg).into_owned();
+                        argv.push(keys.index_bytes(arg, key).to_string().into_bytes());
+                    } else {
+                        argv.push(arg.clone());
+                    }
+                }
+            }
+        }
+        let mut cmd: Command = Vec::with_capacity(3 + keys.list.len() + argv.len());
+        cmd.push(b"EVAL".to_vec());
+        cmd.push(SCRIPT.as_bytes().to_vec());
+        cmd.push(keys.list.len().to_string().into_bytes());
+        cmd.extend(keys.list);
+        cmd.extend(argv);
+        Ok(cmd)
+    }
+
+    /// Reads the script's reply: one outcome code per event.
+    pub fn parse_reply(&self, reply: &Reply) -> Result<Applied, CapabilityError> {
+        let codes: &[u8] = match reply {
+            Reply::Data(d) => d,
+            Reply::Status(s) => s.as_bytes(),
+            Reply::Nil if self.events.is_empty() => &[],
+            other => {
+                return Err(CapabilityError::Failed(format!(
+                    "exactly-once script answered {other:?}"
+                )))
+            }
+        };
+        if codes.len() != self.events.len() {
+            return Err(CapabilityError::Failed(format!(
+                "exactly-once script answered {} outcomes for {} events",
+                codes.len(),
+                self.events.len()
+            )));
+        }
+        let events = codes
+            .iter()
+            .zip(&self.events)
+            .map(|(c, e)| {
+                Outcome::from_code(*c)
+                    .map(|o| (e.event_id, o))
+                    .ok_or_else(|| {
+                        CapabilityError::Failed(format!("exactly-once script: outcome {c}"))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Applied { events })
+    }
+}
+
+/// The default [`Host::redis_once`]: the `EVAL` and `then` in one pipeline.
+pub fn apply_by_script(
+    host: &(impl Host + ?Sized),
+    once: &RedisOnce,
+    then: &[Command],
+) -> Result<(Applied, Vec<Reply>), CapabilityError> {
+    let mut commands = Vec::with_capacity(1 + then.len());
+    if !once.is_empty() {
+        commands.push(once.eval_command()?);
+    }
+    commands.extend_from_slice(then);
+    if commands.is_empty() {
+        return Ok((Applied::default(), Vec::new()));
+    }
+    let mut replies = host.redis_pipeline(&commands, false)?;
+    if replies.len() != commands.len() {
+        return Err(CapabilityError::Failed(format!(
+            "redis: {} replies for {} commands",
+            replies.len(),
+            commands.len()
+        )));
+    }
+    if once.is_empty() {
+        return Ok((Applied::default(), replies));
+    }
+    let rest = replies.split_off(1);
+    Ok((once.parse_reply(&replies[0])?, rest))
+}
+
+/// The deduplicated KEYS of a script, 1-based as Lua sees them.
+#[derive(Default)]
+struct Keys {
+    list: Vec<Vec<u8>>,
+    at: HashMap<String, usize>,
+}
+
+impl Keys {
+    fn index(&mut self, key: &str) -> usize {
+        self.index_bytes(key.as_bytes(), key.to_string())
+    }
+
+    fn index_bytes(&mut self, raw: &[u8], key: String) -> usize {
+        if let Some(i) = self.at.get(&key) {
+            return *i;
+        }
+        self.list.push(raw.to_vec());
+        let i = self.list.len();
+        self.at.insert(key, i);
+        i
+    }
+}
+
+/// Which arguments of `command` are keys (index 0, the name, never), as the host reads them
+/// for its grant check (host/src/plugin/grants.rs): most commands take one key first; `DEL`,
+/// `UNLINK`, `EXISTS`, `MGET`, `TOUCH`, `PFCOUNT` only keys; `MSET`, `MSETNX` key-value
+/// pairs; `ZUNIONSTORE`, `ZINTERSTORE` a destination and `numkeys` keys.
+pub fn key_mask(command: &Command) -> Result<Vec<bool>, CapabilityError> {
+    let name = command
+        .first()
+        .map(|n| String::from_utf8_lossy(n).to_ascii_uppercase())
+        .ok_or_else(|| CapabilityError::NotGranted("an empty command".into()))?;
+    let n = command.len();
+    let mut mask = vec![false; n];
+    match name.as_str() {
+        "EVAL" | "EVALSHA" | "EVAL_RO" | "EVALSHA_RO" | "MULTI" | "EXEC" => {
+            return Err(CapabilityError::NotGranted(format!(
+                "{name} cannot run inside the exactly-once script"
+            )))
+        }
+        "PING" | "TIME" | "ECHO" => {}
+        "DEL" | "UNLINK" | "EXISTS" | "MGET" | "TOUCH" | "PFCOUNT" => {
+            mask.iter_mut().skip(1).for_each(|k| *k = true);
+        }
+        "MSET" | "MSETNX" => {
+            mask.iter_mut().skip(1).step_by(2).for_each(|k| *k = true);
+        }
+        "ZUNIONSTORE" | "ZINTERSTORE" => {
+            let keys: usize = command
+                .get(2)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| {
+                    CapabilityError::NotGranted(format!("{name}: argument 2 must be numkeys"))
+                })?;
+            if n > 1 {
+                mask[1] = true;
+            }
+            mask.iter_mut().skip(3).take(keys).for_each(|k| *k = true);
+        }
+        _ => {
+            if n > 1 {
+                mask[1] = true;
+            }
+        }
+    }
+    Ok(mask)
+}
+
+/// The script of [`RedisOnce::eval_command`].
+///
+/// `KEYS[1]` = `{scope}marks`; the other keys (deduplicated) are bitmaps, old markers and the
+/// commands' keys. `ARGV[1]` = bitmap TTL (s), `ARGV[2]` = number of events, then per event:
+/// event_id, marks field (`""`: backfilled), offset, bitmap key index, bit, old marker key
+/// index (0: none), number of commands; per command: number of arguments, a mask (`k` key,
+/// `v` value per argument), the arguments (keys as KEYS indexes). Returns one outcome letter
+/// per event (`a` applied, `r` replayed, `b` applied by a backfill, `l` covered by the live
+/// stream, `m` old marker), or an error after marking the events before a failed command.
+pub const SCRIPT: &str = r#"
+local marks = KEYS[1]
+local ttl = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local min_live = tonumber(redis.call('HGET', marks, 'min_live_event_id'))
+local min_text = nil
+local start, top, top_text, done, touched = {}, {}, {}, {}, {}
+local out = {}
+local function flush()
+  for field, off in pairs(top_text) do redis.call('HSET', marks, field, off) end
+  if min_text then redis.call('HSET', marks, 'min_live_event_id', min_text) end
+  for key in pairs(touched) do redis.call('EXPIRE', key, ttl) end
+end
+local a = 3
+for i = 1, n do
+  local id_text = ARGV[a]
+  local id = tonumber(id_text)
+  local field, offset = ARGV[a + 1], ARGV[a + 2]
+  local bitmap, bit = KEYS[tonumber(ARGV[a + 3])], tonumber(ARGV[a + 4])
+  local legacy = tonumber(ARGV[a + 5])
+  local ncmds = tonumber(ARGV[a + 6])
+  a = a + 7
+  local status
+  local off
+  if field ~= '' then
+    off = tonumber(offset)
+    local m = start[field]
+    if m == nil then
+      m = tonumber(redis.call('HGET', marks, field)) or -1
+      start[field] = m
+    end
+    local seen = field .. '@' .. offset
+    if off <= m or done[seen] then
+      status = 'r'
+    else
+      done[seen] = true
+      if redis.call('GETBIT', bitmap, bit) == 1 then
+        status = 'b'
+      elseif legacy > 0 and redis.call('EXISTS', KEYS[legacy]) == 1 then
+        status = 'm'
+      else
+        status = 'a'
+      end
+    end
+  elseif min_live ~= nil and id >= min_live then
+    status = 'l'
+  elseif redis.call('GETBIT', bitmap, bit) == 1 then
+    status = 'r'
+  elseif legacy > 0 and redis.call('EXISTS', KEYS[legacy]) == 1 then
+    status = 'm'
+  else
+    status = 'a'
+  end
+  for c = 1, ncmds do
+    local nargs, mask = tonumber(ARGV[a]), ARGV[a + 1]
+    if status == 'a' then
+      local args = {}
+      for j = 1, nargs do
+        local v = ARGV[a + 1 + j]
+        if string.byte(mask, j) == 107 then v = KEYS[tonumber(v)] end
+        args[j] = v
+      end
+      local r = redis.pcall(unpack(args))
+      if type(r) == 'table' and r.err then
+        flush()
+        return redis.error_reply('exactly-once: event ' .. id_text ..
+          ' command ' .. c .. ' (' .. tostring(args[1]) .. '): ' .. r.err ..
+          '; the events before it are settled')
+      end
+    end
+    a = a + 2 + nargs
+  end
+  if field ~= '' then
+    if status ~= 'r' then
+      if (top[field] or start[field]) < off then
+        top[field] = off
+        top_text[field] = offset
+      end
+      if min_live == nil or id < min_live then
+        min_live = id
+        min_text = id_text
+      end
+    end
+  elseif status == 'a' or status == 'm' then
+    redis.call('SETBIT', bitmap, bit, 1)
+    touched[bitmap] = true
+  end
+  out[i] = status
+end
+flush()
+return table.concat(out)
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redis::{command, Cmd};
+    use crate::testing::{batch, batch_at, event, Call, MockHost};
+    use crate::Batch;
+
+    const SCOPE: &str = "dc:once:";
+
+    fn incr(e: &Event<'_>) -> Vec<Command> {
+        vec![Cmd::new("INCRBY")
+            .arg("dc:n")
+            .arg(e.event_id())
+            .into_command()]
+    }
+
+    /// Applies `b` the way a plugin does; returns the outcomes in event order.
+    fn deliver(host: &MockHost, b: &Batch) -> Vec<Outcome> {
+        let mut once = RedisOnce::new(SCOPE);
+        for e in b.events.iter() {
+            once.event(&e, incr(&e));
+        }
+        let applied = once.apply(host).expect("apply");
+        applied.events.iter().map(|(_, o)| *o).collect()
+    }
+
+    /// The event ids whose commands ran, over all calls.
+    fn effects(host: &MockHost) -> Vec<i64> {
+        host.redis_once_commands()
+            .iter()
+            .map(|c| c[2].parse().unwrap())
+            .collect()
+    }
+
+    fn at(topic: &str, partition: i32, offset: i64) -> Option<Position<'_>> {
+        Some(Position {
+            topic,
+            partition,
+            offset,
+        })
+    }
+
+    #[test]
+    fn a_replayed_batch_applies_nothing_twice() {
+        let host = MockHost::new();
+        let b = batch((1..=3).map(|id| event(id, Some(7), 0)).collect());
+        assert_eq!(deliver(&host, &b), vec![Outcome::Applied; 3]);
+        assert_eq!(deliver(&host, &b), vec![Outcome::Replayed; 3]);
+        assert_eq!(effects(&host), vec![1, 2, 3]);
+        assert_eq!(host.once_mark(SCOPE, "test", 0), Some(3));
+        assert_eq!(host.once_min_live(SCOPE), Some(1));
+    }
+
+    #[test]
+    fn a_batch_straddling_the_mark_applies_only_what_is_above_it() {
+        let host = MockHost::new();
+        deliver(
+            &host,
+            &batch((1..=5).map(|id| event(id, None, 0)).collect()),
+        );
+        // After a crash, the host replays from an older commit: 4..=8.
+        let out = deliver(
+            &host,
+            &batch((4..=8).map(|id| event(id, None, 0)).collect()),
+        );
+        use Outcome::*;
+        assert_eq!(out, vec![Replayed, Replayed, Applied, Applied, Applied]);
+        assert_eq!(effects(&host), (1..=8).collect::<Vec<_>>());
+        assert_eq!(host.once_mark(SCOPE, "test", 0), Some(8));
+    }
+
+    #[test]
+    fn marks_are_per_partition_and_duplicates_in_one_call_count_once() {
+        let host = MockHost::new();
+        let evs: Vec<_> = (1..=4).map(|id| event(id, None, 0)).collect();
+        let b = batch_at([
+            (&evs[0], at("t", 0, 10)),
+            (&evs[1], at("t", 1, 3)),
+            (&evs[2], at("t", 1, 3)), // the same position twice (a host bug): once
+            (&evs[3], at("u", 0, 1)),
+        ]);
+        use Outcome::*;
+        assert_eq!(
+            deliver(&host, &b),
+            vec![Applied, Applied, Replayed, Applied]
+        );
+        assert_eq!(host.once_mark(SCOPE, "t", 0), Some(10));
+        assert_eq!(host.once_mark(SCOPE, "t", 1), Some(3));
+        assert_eq!(host.once_mark(SCOPE, "u", 0), Some(1));
+        // Offset 2 of partition t/0 is below its mark; offset 4 of t/1 is above its own.
+        let b = batch_at([(&evs[0], at("t", 0, 2)), (&evs[1], at("t", 1, 4))]);
+        assert_eq!(deliver(&host, &b), vec![Replayed, Applied]);
+    }
+
+    #[test]
+    fn backfill_over_the_live_range_applies_only_what_predates_the_stream() {
+        let host = MockHost::new();
+        let evs: Vec<_> = (1..=10).map(|id| event(id, None, 0)).collect();
+        // The live stream started at event 6.
+        deliver(&host, &batch(evs[5..].to_vec()));
+        assert_eq!(host.once_min_live(SCOPE), Some(6));
+        let backfill = batch_at(evs.iter().map(|e| (e, None)));
+        use Outcome::*;
+        let mut want = vec![Applied; 5];
+        want.extend([CoveredByLive; 5]);
+        assert_eq!(deliver(&host, &backfill), want);
+        // The same backfill again: the bits say it was done.
+        let mut want = vec![Replayed; 5];
+        want.extend([CoveredByLive; 5]);
+        assert_eq!(deliver(&host, &backfill), want);
+        let mut got = effects(&host);
+        got.sort();
+        assert_eq!(got, (1..=10).collect::<Vec<_>>(), "each event once");
+    }
+
+    #[test]
+    fn a_backfill_before_the_lane_caught_up_is_not_applied_again_live() {
+        let host = MockHost::new();
+        let evs: Vec<_> = (1..=6).map(|id| event(id, None, 0)).collect();
+        // No live event yet: the backfill applies 1..=4 and sets their bits.
+        let out = deliver(&host, &batch_at(evs[..4].iter().map(|e| (e, None))));
+        assert_eq!(out, vec![Outcome::Applied; 4]);
+        // The lane delivers 3..=6 (offset = id): 3 and 4 were applied by the backfill.
+        use Outcome::*;
+        let out = deliver(&host, &batch(evs[2..].to_vec()));
+        assert_eq!(
+            out,
+            vec![AppliedByBackfill, AppliedByBackfill, Applied, Applied]
+        );
+        assert_eq!(host.once_mark(SCOPE, "test", 0), Some(6));
+        assert_eq!(host.once_min_live(SCOPE), Some(3));
+        assert_eq!(effects(&host), (1..=6).collect::<Vec<_>>());
+        // A late live event with a lower id than the first live one (its transaction committed
+        // later) lowers min_live_event_id; a backfill then skips it.
+        let late = event(2, None, 0);
+        let out = deliver(&host, &batch_at([(&late, at("test", 0, 7))]));
+        assert_eq!(out, vec![AppliedByBackfill]);
+        assert_eq!(host.once_min_live(SCOPE), Some(2));
+    }
+
+    #[test]
+    fn old_markers_count_as_applied() {
+        let host = MockHost::new();
+        host.insert_key("old:seen:2");
+        let b = batch((1..=3).map(|id| event(id, None, 0)).collect());
+        let mut once = RedisOnce::new(SCOPE).legacy_markers("old:seen:");
+        for e in b.events.iter() {
+            once.event(&e, incr(&e));
+        }
+        let applied = once.apply(&host).unwrap();
+        use Outcome::*;
+        assert_eq!(
+            applied.events,
+            vec![(1, Applied), (2, LegacyMarker), (3, Applied)]
+        );
+        assert_eq!((applied.applied(), applied.skipped()), (2, 1));
+        assert!(applied.is_applied(0) && !applied.is_applied(1));
+        assert_eq!(effects(&host), vec![1, 3]);
+        assert_eq!(host.once_mark(SCOPE, "test", 0), Some(3));
+    }
+
+    #[test]
+    fn a_failed_round_trip_applies_nothing_and_then_commands_follow() {
+        let host = MockHost::new();
+        host.push_redis(Err(CapabilityError::Failed("down".into())));
+        let b = batch(vec![event(1, None, 0)]);
+        let mut once = RedisOnce::new(SCOPE);
+        once.event(&b.events.get(0).unwrap(), vec![command(&["INCR", "dc:x"])]);
+        assert!(once.apply(&host).is_err());
+        assert_eq!(host.once_mark(SCOPE, "test", 0), None);
+        let then = [command(&["EXPIRE", "dc:x", "60"])];
+        let (applied, replies) = once.apply_then(&host, &then).unwrap();
+        assert_eq!(applied.applied(), 1);
+        assert_eq!(replies, vec![Reply::Nil]);
+        assert!(
+            matches!(host.calls().last(), Some(Call::Redis { commands, .. }) if commands[0][0] == "EXPIRE")
+        );
+        // Scripts cannot nest.
+        let mut nested = RedisOnce::new(SCOPE);
+        nested.event_at(5, None, vec![command(&["EVAL", "return 1", "0"])]);
+        assert!(matches!(
+            nested.apply(&host),
+            Err(CapabilityError::NotGranted(_))
+        ));
+    }
+
+    #[test]
+    fn the_eval_declares_every_key_once() {
+        let b = batch(vec![event(70_000, None, 0), event(70_001, None, 0)]);
+        let mut once = RedisOnce::new(SCOPE)
+            .backfill_ttl_seconds(60)
+            .legacy_markers("old:");
+        for e in b.events.iter() {
+            once.event(
+                &e,
+                vec![
+                    command(&["HINCRBY", "dc:h", "f", "1"]),
+                    command(&["MSET", "dc:a", "1", "dc:b", "2"]),
+                    command(&[
+                        "ZUNIONSTORE",
+                        "dc:z",
+                        "2",
+                        "dc:a",
+                        "dc:b",
+                        "WEIGHTS",
+                        "1",
+                        "1",
+                    ]),
+                ],
+            );
+        }
+        let cmd = once.eval_command().unwrap();
+        let text: Vec<String> = cmd
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(text[0], "EVAL");
+        assert_eq!(text[1], SCRIPT);
+        let n: usize = text[2].parse().unwrap();
+        let keys = &text[3..3 + n];
+        assert_eq!(
+            keys,
+            [
+                "dc:once:marks",
+                "dc:once:backfilled:1",
+                "old:70000",
+                "dc:h",
+                "dc:a",
+                "dc:b",
+                "dc:z",
+                "old:70001"
+            ]
+        );
+        let argv = &text[3 + n..];
+        assert_eq!(&argv[..2], ["60", "2"]);
+        // Event 1: id, field, offset, bitmap index, bit, old marker index, commands.
+        assert_eq!(
+            &argv[2..9],
+            ["70000", "test/0", "70000", "2", "4464", "3", "3"]
+        );
+        assert_eq!(&argv[9..15], ["4", "vkvv", "HINCRBY", "4", "f", "1"]);
+        assert_eq!(&argv[15..22], ["5", "vkvkv", "MSET", "5", "1", "6", "2"]);
+        assert_eq!(argv[23], "vkvkkvvv");
+        assert_eq!(
+            key_mask(&command(&["DEL", "a", "b"])).unwrap(),
+            [false, true, true]
+        );
+        assert_eq!(key_mask(&command(&["PING"])).unwrap(), [false]);
+    }
+
+    #[test]
+    fn replies_are_read_per_event() {
+        let mut once = RedisOnce::new(SCOPE);
+        once.event_at(1, None, vec![]).event_at(2, None, vec![]);
+        let ok = once.parse_reply(&Reply::Data(b"al".to_vec())).unwrap();
+        assert_eq!(
+            ok.events,
+            vec![(1, Outcome::Applied), (2, Outcome::CoveredByLive)]
+        );
+        assert!(once.parse_reply(&Reply::Data(b"a".to_vec())).is_err());
+        assert!(once.parse_reply(&Reply::Data(b"ax".to_vec())).is_err());
+        assert!(once.parse_reply(&Reply::Integer(1)).is_err());
+        for o in [
+            Outcome::Applied,
+            Outcome::Replayed,
+            Outcome::AppliedByBackfill,
+            Outcome::CoveredByLive,
+            Outcome::LegacyMarker,
+        ] {
+            assert_eq!(Outcome::from_code(o.code()), Some(o));
+        }
+    }
+
+    /// The script against a real Redis gives the outcomes MockHost gives, on a sequence of
+    /// live, replayed, backfilled and old-marker deliveries; and its bookkeeping is what the
+    /// docs say. `FANOUT_TEST_REDIS=127.0.0.1:56379 cargo test -p fanout-sdk`; skipped without.
+    #[test]
+    fn the_script_on_redis_matches_the_mock() {
+        let Some(redis) = crate::testing::RedisServerHost::from_env(0) else {
+            eprintln!("FANOUT_TEST_REDIS unset: skipped");
+            return;
+        };
+        let scope = format!(
+            "sdk-once-{}-{}:",
+            std::process::id(),
+            crate::time::now_micros()
+        );
+        let mock = MockHost::new();
+        mock.insert_key(&format!("{scope}old:{}", 3));
+        redis.cmd(&["SET", &format!("{scope}old:{}", 3), "1"]);
+        let evs: Vec<_> = (1..=12).map(|id| event(id, None, 0)).collect();
+        let live = |ids: std::ops::RangeInclusive<usize>| {
+            batch_at(evs[ids].iter().map(|e| (e, at("t", 0, e.event_id * 10))))
+        };
+        let back =
+            |ids: std::ops::RangeInclusive<usize>| batch_at(evs[ids].iter().map(|e| (e, None)));
+        let deliveries = [
+            back(4..=7),  // before the lane: 5..=8 applied by a backfill
+            live(2..=5),  // 3..=6 live: 3 old marker, 4 new, 5 and 6 the backfill's
+            live(2..=8),  // replay straddling the mark
+            back(0..=11), // 1, 2 predate the stream (min live 3); the rest is covered
+            back(0..=11), // again: nothing
+            live(9..=11), // the rest of the stream
+        ];
+        let run = |host: &dyn Host, b: &Batch| {
+            let mut once = RedisOnce::new(scope.clone()).legacy_markers(format!("{scope}old:"));
+            for e in b.events.iter() {
+                let cmd = Cmd::new("RPUSH")
+                    .arg(format!("{scope}log"))
+                    .arg(e.event_id());
+                once.event(&e, vec![cmd.into_command()]);
+            }
+            host.redis_once(&once, &[]).expect("apply").0
+        };
+        for (i, b) in deliveries.iter().enumerate() {
+            assert_eq!(run(&redis, b), run(&mock, b), "delivery {i}");
+        }
+        let log = redis.cmd(&["LRANGE", &format!("{scope}log"), "0", "-1"]);
+        let ids = crate::redis::reply_ints(&log);
+        assert_eq!(
+            ids,
+            vec![5, 6, 7, 8, 4, 9, 1, 2, 10, 11, 12],
+            "each event once, not 3"
+        );
+        let marks = redis.cmd(&["HGETALL", &format!("{scope}marks")]);
+        let text: Vec<String> = match marks {
+            Reply::Array(items) => items
+                .iter()
+                .map(|s| match s {
+                    crate::redis::Scalar::Data(d) => String::from_utf8_lossy(d).into_owned(),
+                    other => format!("{other:?}"),
+                })
+                .collect(),
+            other => panic!("{other:?}"),
+        };
+        let fields: HashMap<_, _> = text
+            .chunks(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect();
+        assert_eq!(fields.len(), 2, "{fields:?}");
+        assert_eq!(fields["t/0"], "120");
+        assert_eq!(fields[MIN_LIVE_FIELD], "3");
+        let ttl = crate::redis::reply_int(&redis.cmd(&["TTL", &format!("{scope}backfilled:0")]));
+        assert!(ttl.is_some_and(|t| t > 600_000), "{ttl:?}");
+        // A failing command: the events before it stay applied and marked, the call fails.
+        redis.cmd(&["SET", &format!("{scope}str"), "x"]);
+        let mut once = RedisOnce::new(scope.clone());
+        once.event_at(
+            100,
+            at("t", 1, 1),
+            vec![command(&["INCR", &format!("{scope}n")])],
+        );
+        once.event_at(
+            101,
+            at("t", 1, 2),
+            vec![command(&["HINCRBY", &format!("{scope}str"), "f", "1"])],
+        );
+        let err = once.apply(&redis).unwrap_err();
+        assert!(format!("{err:?}").contains("event 101"), "{err:?}");
+        assert_eq!(
+            crate::redis::reply_string(&redis.cmd(&["HGET", &format!("{scope}marks"), "t/1"])),
+            Some("1".into())
+        );
+        redis.delete_prefix(&scope);
+    }
+}
