@@ -62,8 +62,19 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Check that a .wasm file is a sink plugin this host can run.
-    Check { file: PathBuf },
+    /// Check that a .wasm file is a sink plugin this host can run; with --config, also run
+    /// its `init` as `fanout run` would (that entry's config, grants, limits and services)
+    /// and report grant problems visible before any batch. Exit code 1 on errors.
+    Check {
+        file: PathBuf,
+        /// The host config (read as `fanout run` reads it, FANOUT__* overrides included).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The `[[plugins]]` entry to check FILE as (default: the entry whose path is FILE,
+        /// else the only entry).
+        #[arg(long, requires = "config")]
+        plugin: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -158,11 +169,34 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Plugin {
-            command: PluginCommand::Check { file },
+            command: PluginCommand::Check {
+                file, config: None, ..
+            },
         } => {
             let report = fanout::plugin::check(&file)?;
             println!("{report}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugin {
+            command:
+                PluginCommand::Check {
+                    file,
+                    config: Some(config),
+                    plugin,
+                },
+        } => {
+            let opts = fanout::plugin::check::CheckOptions {
+                file,
+                config,
+                plugin,
+            };
+            let report = fanout::plugin::check::run(&opts).await;
+            println!("{report}");
+            Ok(if report.has_errors() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }

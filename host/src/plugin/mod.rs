@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod capabilities;
+pub mod check;
 pub mod clickhouse_sql;
 pub mod grants;
 pub mod packing;
