@@ -107,7 +107,7 @@ async fn redis_topn_bookkeeping_memory_and_cpu() {
     assert_eq!(count, total / 1000);
     println!(
         "BENCH redis-topn {}: {total} events in {secs:.1} s ({:.0} ev/s); used_memory +{:.1} MB \
-         ({:.1} B/event); bookkeeping keys {:.1} MB; redis-server CPU {:.2} s = {:.2} us/event",
+         ({:.1} B/event); bookkeeping keys {} bytes; redis-server CPU {:.2} s = {:.2} us/event",
         if old.is_some() {
             "previous (seen markers)"
         } else {
@@ -116,7 +116,7 @@ async fn redis_topn_bookkeeping_memory_and_cpu() {
         total as f64 / secs,
         (mem1 - mem0) / 1e6,
         (mem1 - mem0) / total as f64,
-        book as f64 / 1e6,
+        book,
         cpu1 - cpu0,
         (cpu1 - cpu0) * 1e6 / total as f64,
     );
