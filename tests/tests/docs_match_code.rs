@@ -41,26 +41,10 @@ const NOT_METRICS: &[(&str, &str)] = &[
 /// Known-wrong lines in files this test's owners may not edit: (file, the line trimmed, fix).
 const PENDING: &[(&str, &str, &str)] = &[
     (
-        "wit/sink.wit",
-        "/// Host metrics, exported on /metrics as fanout_plugin_<name>{plugin=\"...\"}.",
-        "/// Host metrics, exported on /metrics as fanout_plugin_counter_total{plugin,name} and\n\
-         /// fanout_plugin_gauge{plugin,name}.",
-    ),
-    (
         "plugins/template/src/lib.rs",
         "// Metrics appear on the host's /metrics as fanout_plugin_<name>{plugin=\"...\"}.",
         "// Metrics appear on the host's /metrics as fanout_plugin_counter_total{plugin,name}\n\
          // (counters) and fanout_plugin_gauge{plugin,name} (gauges).",
-    ),
-    (
-        "sdk/src/host.rs",
-        "/// Adds to the counter `fanout_plugin_<name>`.",
-        "/// Adds to the plugin's counter `name`: `fanout_plugin_counter_total{plugin,name}` on /metrics.",
-    ),
-    (
-        "sdk/src/host.rs",
-        "/// Sets the gauge `fanout_plugin_<name>`.",
-        "/// Sets the plugin's gauge `name`: `fanout_plugin_gauge{plugin,name}` on /metrics.",
     ),
     (
         "sdk/src/metrics.rs",
@@ -72,11 +56,6 @@ const PENDING: &[(&str, &str, &str)] = &[
         "docs/plugins.md",
         "path = \"plugins/dist/clickhouse.wasm\"",
         "path = \"../plugins/dist/clickhouse.wasm\"   # relative to the config file (config/)",
-    ),
-    (
-        "docs/plugins.md",
-        "path = \"plugins/dist/redis_topn.wasm\"",
-        "path = \"../plugins/dist/redis_topn.wasm\"",
     ),
     (
         "docs/plugins.md",
