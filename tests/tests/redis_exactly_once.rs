@@ -20,14 +20,28 @@ async fn get_i64(r: &MultiplexedConnection, key: &str) -> Option<i64> {
     redis::cmd("GET").arg(key).query_async(&mut c).await.ok()?
 }
 
+/// The keys matching `pattern` (SCAN: KEYS over a big shared keyspace outlasts the
+/// connection's response timeout).
 async fn keys(r: &MultiplexedConnection, pattern: &str) -> BTreeSet<String> {
     let mut c = r.clone();
-    let v: Vec<String> = redis::cmd("KEYS")
-        .arg(pattern)
-        .query_async(&mut c)
-        .await
-        .expect("KEYS");
-    v.into_iter().collect()
+    let mut out = BTreeSet::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut c)
+            .await
+            .expect("SCAN");
+        out.extend(batch);
+        if next == 0 {
+            return out;
+        }
+        cursor = next;
+    }
 }
 
 /// Sum of `content`'s scores over every minute bucket under `prefix`.
