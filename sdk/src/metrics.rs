@@ -1,4 +1,5 @@
-//! Host metrics, exported by the host as `fanout_plugin_<name>{plugin="..."}`.
+//! Host metrics, exported by the host as `fanout_plugin_counter_total{plugin,name}`
+//! (counters) and `fanout_plugin_gauge{plugin,name}` (gauges).
 //! No-ops in a native build.
 
 /// Adds `value` to the counter `name`.

@@ -39,30 +39,7 @@ const NOT_METRICS: &[(&str, &str)] = &[
 ];
 
 /// Known-wrong lines in files this test's owners may not edit: (file, the line trimmed, fix).
-const PENDING: &[(&str, &str, &str)] = &[
-    (
-        "plugins/template/src/lib.rs",
-        "// Metrics appear on the host's /metrics as fanout_plugin_<name>{plugin=\"...\"}.",
-        "// Metrics appear on the host's /metrics as fanout_plugin_counter_total{plugin,name}\n\
-         // (counters) and fanout_plugin_gauge{plugin,name} (gauges).",
-    ),
-    (
-        "sdk/src/metrics.rs",
-        "//! Host metrics, exported by the host as `fanout_plugin_<name>{plugin=\"...\"}`.",
-        "//! Host metrics, exported by the host as `fanout_plugin_counter_total{plugin,name}`\n\
-         //! (counters) and `fanout_plugin_gauge{plugin,name}` (gauges).",
-    ),
-    (
-        "docs/plugins.md",
-        "path = \"plugins/dist/clickhouse.wasm\"",
-        "path = \"../plugins/dist/clickhouse.wasm\"   # relative to the config file (config/)",
-    ),
-    (
-        "docs/plugins.md",
-        "path = \"plugins/dist/external_api.wasm\"",
-        "path = \"../plugins/dist/external_api.wasm\"",
-    ),
-];
+const PENDING: &[(&str, &str, &str)] = &[];
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(repo_root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))

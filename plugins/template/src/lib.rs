@@ -56,7 +56,8 @@ impl Template {
                 self.batches
             ),
         );
-        // Metrics appear on the host's /metrics as fanout_plugin_<name>{plugin="..."}.
+        // Metrics appear on the host's /metrics as fanout_plugin_counter_total{plugin,name}
+        // (counters) and fanout_plugin_gauge{plugin,name} (gauges).
         host.counter_add("events", batch.events.len() as u64);
         host.counter_add("batches", 1);
 
