@@ -21,6 +21,7 @@ use crate::config::{KafkaConfig, PluginConfig};
 /// Logs every assignment of a lane at INFO: what an operator looks for first.
 pub struct LaneContext {
     lane: String,
+    group: String,
 }
 
 impl ClientContext for LaneContext {}
@@ -29,10 +30,10 @@ impl ConsumerContext for LaneContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                info!(lane = %self.lane, partitions = %partitions(tpl), "partitions assigned")
+                info!(lane = %self.lane, group = %self.group, partitions = %partitions(tpl), "partitions assigned")
             }
             Rebalance::Revoke(tpl) => {
-                info!(lane = %self.lane, partitions = %partitions(tpl), "partitions revoked")
+                info!(lane = %self.lane, group = %self.group, partitions = %partitions(tpl), "partitions revoked")
             }
             Rebalance::Error(e) => warn!(lane = %self.lane, error = %e, "rebalance failed"),
         }
@@ -95,6 +96,7 @@ pub fn lane_consumer(
     }
     let consumer: LaneConsumer = cfg.create_with_context(LaneContext {
         lane: plugin.name.clone(),
+        group: kafka.lane_group(&plugin.name),
     })?;
     consumer.subscribe(&[kafka.events_topic.as_str()])?;
     Ok(consumer)

@@ -82,7 +82,10 @@ impl Delivery {
         loop {
             let failure = match plugin.write(batch.plugin_batch.clone()).await {
                 Ok(WriteOutcome::Accepted) => {
-                    self.delivered(batch.plugin_batch.wit.events.len());
+                    self.delivered(
+                        batch.plugin_batch.wit.events.len(),
+                        &batch.plugin_batch.wit.id,
+                    );
                     return Ok(());
                 }
                 Ok(WriteOutcome::Rejected(rejections)) => {
@@ -96,6 +99,7 @@ impl Delivery {
                                     .events
                                     .len()
                                     .saturating_sub(letters.len()),
+                                &batch.plugin_batch.wit.id,
                             );
                             return Ok(());
                         }
@@ -184,15 +188,16 @@ impl Delivery {
         }
     }
 
-    fn delivered(&self, n: usize) {
+    fn delivered(&self, n: usize, batch_id: &str) {
         let plugin = self.plugin.name();
         self.metrics.add_labelled(
             "fanout_events_delivered_total",
             &label("plugin", plugin),
             n as f64,
         );
+        // The batch id names the offsets: where `start` (earliest/latest) actually began.
         if !self.plugin.first_batch_taken() {
-            info!(plugin, events = n, "first batch delivered");
+            info!(lane = plugin, batch = %batch_id, events = n, "first batch delivered");
         }
         self.metrics.set_unhealthy(&self.health_key(), None);
     }
