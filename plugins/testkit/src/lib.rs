@@ -4,7 +4,7 @@
 //! granted, rejects events, or asks for retries. Not a sink to deploy.
 //!
 //! Config: { "key": "<redis list receiving one JSON event per delivered event>",
-//!           "mode": "record" | "noop" | "read-all" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first"
+//!           "mode": "record" | "noop" | "read-all" | "cap-redis" | "cap-http" | "cap-clickhouse" | "trap" | "loop" | "oom" | "ungranted" | "reject-odd" | "retry-first"
 //!                   | "clickhouse-sql" | "redis-hostile",
 //!                   | "wasi-sleep" | "http-loop" | "log-flood" | "init-sleep" (time attacks),
 //!           "hold_mb": N (time attacks: MiB the instance holds), "url": "<http-loop target>",
@@ -317,6 +317,49 @@ impl Sink for Testkit {
             }
             // Takes the batch and does nothing: the cost of the Wasm boundary alone.
             "noop" => WriteOutcome::Accepted,
+            // Capability overhead (BENCHMARKS.md): the same work the bench does natively, with
+            // nothing computed in the plugin beyond building the call.
+            "cap-redis" => {
+                let commands: Vec<_> = batch
+                    .events
+                    .iter()
+                    .map(|e| {
+                        let key = format!("{}:{}", self.key, e.event_id());
+                        command(&["SET", key.as_str(), "x"])
+                    })
+                    .collect();
+                match host.redis_pipeline(&commands, false) {
+                    Ok(_) => WriteOutcome::Accepted,
+                    Err(e) => WriteOutcome::RetryLater(fanout_sdk::describe(&e)),
+                }
+            }
+            "cap-http" => {
+                let request = fanout_sdk::http::Request {
+                    method: "POST".into(),
+                    url: self.url.clone(),
+                    headers: vec![("content-type".into(), "application/json".into())],
+                    body: self.raw["body"].as_str().unwrap_or("[]").as_bytes().to_vec(),
+                    timeout_ms: 10_000,
+                };
+                match host.http_send(&request) {
+                    Ok(r) if r.status < 300 => WriteOutcome::Accepted,
+                    Ok(r) => WriteOutcome::RetryLater(format!("status {}", r.status)),
+                    Err(e) => WriteOutcome::RetryLater(fanout_sdk::describe(&e)),
+                }
+            }
+            "cap-clickhouse" => {
+                let rows: Vec<String> = self.raw["rows"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                    .unwrap_or_default();
+                let Some((db, table)) = self.inserts.first() else {
+                    return WriteOutcome::RetryLater("cap-clickhouse needs inserts".into());
+                };
+                match host.clickhouse_insert_json_rows(db, table, &rows) {
+                    Ok(()) => WriteOutcome::Accepted,
+                    Err(e) => WriteOutcome::RetryLater(fanout_sdk::describe(&e)),
+                }
+            }
             // Reads every field of every event once: the boundary plus the cheapest real use.
             "read-all" => {
                 let mut sum = 0i64;
