@@ -569,9 +569,16 @@ impl RedisServerHost {
         })
     }
 
-    /// From `FANOUT_TEST_REDIS`, or None (the test should skip) when it is unset.
+    /// From `FANOUT_TEST_REDIS`, or None (the test should skip) when it is unset. With
+    /// `FANOUT_REQUIRE_STACK` set (scripts/test, CI) an unset address fails the test instead.
     pub fn from_env(now_micros: i64) -> Option<Self> {
-        let addr = std::env::var("FANOUT_TEST_REDIS").ok()?;
+        let Ok(addr) = std::env::var("FANOUT_TEST_REDIS") else {
+            assert!(
+                std::env::var_os("FANOUT_REQUIRE_STACK").is_none(),
+                "FANOUT_REQUIRE_STACK is set but FANOUT_TEST_REDIS is not (host:port of Redis)"
+            );
+            return None;
+        };
         Some(Self::connect(&addr, now_micros).unwrap_or_else(|e| panic!("redis {addr}: {e}")))
     }
 
