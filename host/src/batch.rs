@@ -28,8 +28,9 @@ pub struct PendingBatch {
     events: Vec<(RawEvent, Origin)>,
     dead_letters: Vec<DeadLetter>,
     /// Every offset seen, skipped messages included: committing past a batch must also move
-    /// past the updates and tombstones it skipped.
-    offsets: OffsetRanges,
+    /// past the updates and tombstones it skipped. By topic, then partition: found by `&str`,
+    /// so recording a message's offset allocates nothing.
+    offsets: BTreeMap<String, BTreeMap<i32, (i64, i64)>>,
     started: Option<Instant>,
     /// Source timestamp (ms since the epoch) of the oldest message in the batch: how far
     /// behind the lane is while this batch is not yet taken.
@@ -39,16 +40,17 @@ pub struct PendingBatch {
 impl PendingBatch {
     pub fn record_offset(&mut self, topic: &str, partition: i32, offset: i64) {
         self.started.get_or_insert_with(Instant::now);
-        match self.offsets.get_mut(&(topic.to_string(), partition)) {
-            Some((first, last)) => {
+        let partitions = match self.offsets.get_mut(topic) {
+            Some(partitions) => partitions,
+            None => self.offsets.entry(topic.to_string()).or_default(),
+        };
+        partitions
+            .entry(partition)
+            .and_modify(|(first, last)| {
                 *first = (*first).min(offset);
                 *last = (*last).max(offset);
-            }
-            None => {
-                self.offsets
-                    .insert((topic.to_string(), partition), (offset, offset));
-            }
-        }
+            })
+            .or_insert((offset, offset));
     }
 
     /// Remembers a message's source timestamp (ms); the oldest one wins.
@@ -83,7 +85,16 @@ impl PendingBatch {
 
     /// The events with their origins, the dead letters, the offset ranges.
     pub fn into_parts(self) -> (Vec<(RawEvent, Origin)>, Vec<DeadLetter>, OffsetRanges) {
-        (self.events, self.dead_letters, self.offsets)
+        let offsets = self
+            .offsets
+            .into_iter()
+            .flat_map(|(topic, partitions)| {
+                partitions
+                    .into_iter()
+                    .map(move |(partition, range)| ((topic.clone(), partition), range))
+            })
+            .collect();
+        (self.events, self.dead_letters, offsets)
     }
 }
 
@@ -110,4 +121,37 @@ pub struct ReadyBatch {
     pub dead_letters: Vec<DeadLetter>,
     /// (topic, partition) -> last offset in the batch.
     pub offsets: BTreeMap<(String, i32), i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_ranges_per_topic_and_partition() {
+        let mut batch = PendingBatch::default();
+        assert!(batch.is_empty());
+        for (topic, partition, offset) in [
+            ("b", 0, 7),
+            ("a", 1, 5),
+            ("a", 0, 9),
+            ("a", 1, 3),
+            ("a", 1, 4),
+            ("b", 0, 8),
+        ] {
+            batch.record_offset(topic, partition, offset);
+        }
+        assert!(!batch.is_empty());
+        assert!(batch.started().is_some());
+        let (events, letters, offsets) = batch.into_parts();
+        assert!(events.is_empty() && letters.is_empty());
+        let expected: OffsetRanges = [
+            (("a".to_string(), 0), (9, 9)),
+            (("a".to_string(), 1), (3, 5)),
+            (("b".to_string(), 0), (7, 8)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(offsets, expected);
+    }
 }

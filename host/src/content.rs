@@ -3,7 +3,7 @@
 //! an event names before the topic has shown them: the race between an event and its content.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -43,6 +43,13 @@ impl ContentTable {
 
     pub fn get(&self, id: i64) -> Option<ContentRow> {
         self.rows.read().ok()?.get(&id).cloned()
+    }
+
+    /// All rows under one read lock, for a batch's lookups without a lock and a row clone
+    /// each. `None` when the lock is poisoned (every id then reads as unknown, as in `get`).
+    /// Not to be held across an `.await`: the follower's writes wait for it.
+    pub fn rows(&self) -> Option<RwLockReadGuard<'_, HashMap<i64, ContentRow>>> {
+        self.rows.read().ok()
     }
 
     pub fn upsert(&self, id: i64, row: ContentRow) {
