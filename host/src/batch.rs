@@ -1,7 +1,7 @@
 //! Batches: raw events accumulate with the offsets they came from until the batch is cut;
 //! [`crate::enrich::enrich_batch`] turns a cut batch into the WIT batch a plugin receives.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -115,8 +115,9 @@ pub fn batch_id(sources: &[SourceRange]) -> String {
 /// An enriched batch, ready for a plugin.
 pub struct ReadyBatch {
     pub plugin_batch: Arc<PluginBatch>,
-    /// event_id -> where it came from, to dead-letter rejected events with their bytes.
-    pub origins: HashMap<i64, Origin>,
+    /// Where each event of the batch came from, in event order, to dead-letter rejected
+    /// events with their bytes (a Vec: read only on rejections, filled for every event).
+    pub origins: Vec<Origin>,
     /// Records that cannot reach the plugin (undecodable, unknown content under dead-letter).
     pub dead_letters: Vec<DeadLetter>,
     /// (topic, partition) -> last offset in the batch.

@@ -1,7 +1,6 @@
 //! Enrichment: an engagement event joined with its content row, exactly per SPEC section 4,
 //! and a cut batch enriched as a whole (one content lookup for what the table lacks).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,7 +85,7 @@ pub async fn enrich_batch(
     let positioned = lane.is_some();
     let mut enriched = Vec::with_capacity(events.len());
     let mut positions = Vec::with_capacity(if positioned { events.len() } else { 0 });
-    let mut origins = HashMap::with_capacity(events.len());
+    let mut origins = Vec::with_capacity(events.len());
     let mut missing_content = 0;
     // One read lock for the batch (nothing is awaited below) and no row cloned per event.
     let rows = content.rows();
@@ -127,7 +126,7 @@ pub async fn enrich_batch(
                 offset: origin.offset,
             }));
         }
-        origins.insert(event.event_id, origin);
+        origins.push(origin);
         enriched.push(event);
     }
     drop(rows);
@@ -301,7 +300,7 @@ mod tests {
             ready.dead_letters[0].origin.payload.as_deref(),
             Some(&[2u8][..])
         );
-        assert_eq!(ready.origins[&4].offset, 6);
+        assert_eq!(ready.origins[3].offset, 6);
         assert_eq!(counters.events_enriched.get(), 4);
         assert_eq!(counters.events_missing_content.get(), 2);
     }

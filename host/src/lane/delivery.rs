@@ -9,7 +9,7 @@
 //! `max_retries`, after which best-effort dead-letters and fail-fast keeps trying.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -33,6 +33,69 @@ pub struct Delivery {
     pub plugin: Arc<Plugin>,
     pub dead_letters: Arc<DeadLetterQueue>,
     pub metrics: Metrics,
+    /// Which version of the lane's plugin this is: 0 as started, +1 per swap (a reload).
+    pub generation: u64,
+    /// When the lane's plugin last took a batch, and which version did: shared by every
+    /// version of the lane, so the first batch of a new version measures the swap gap.
+    pub taken: Arc<TakenClock>,
+}
+
+/// The version that last took a batch of a lane, and when.
+#[derive(Default)]
+pub struct TakenClock(std::sync::Mutex<Option<(u64, Instant)>>);
+
+impl TakenClock {
+    /// Records a batch taken by `generation` now; when the previous batch was taken by an
+    /// older version, returns the time between the two (the swap gap).
+    pub fn record(&self, generation: u64) -> Option<Duration> {
+        let now = Instant::now();
+        let mut last = self.0.lock().ok()?;
+        let previous = last.replace((generation, now));
+        match previous {
+            Some((older, at)) if older < generation => Some(now.duration_since(at)),
+            _ => None,
+        }
+    }
+}
+
+/// The lane's current plugin version. The lane takes it once per batch, so a swap lands
+/// between two batches: the batch in flight ends on the version it was handed to, the next
+/// one goes to the new version, and commits go on in the same order on the same group.
+pub struct PluginSlot {
+    current: std::sync::RwLock<Arc<Delivery>>,
+}
+
+impl PluginSlot {
+    pub fn new(delivery: Arc<Delivery>) -> Arc<PluginSlot> {
+        Arc::new(PluginSlot {
+            current: std::sync::RwLock::new(delivery),
+        })
+    }
+
+    /// The version the next batch goes to.
+    pub fn current(&self) -> Arc<Delivery> {
+        match self.current.read() {
+            Ok(d) => d.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Makes `plugin` the version the next batch goes to; returns the replaced one's
+    /// delivery (its plugin lives on until the batch in flight, if any, is done with it).
+    pub fn swap(&self, plugin: Arc<Plugin>) -> Arc<Delivery> {
+        let mut current = match self.current.write() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let next = Arc::new(Delivery {
+            plugin,
+            dead_letters: current.dead_letters.clone(),
+            metrics: current.metrics.clone(),
+            generation: current.generation + 1,
+            taken: current.taken.clone(),
+        });
+        std::mem::replace(&mut *current, next)
+    }
 }
 
 impl Delivery {
@@ -196,8 +259,22 @@ impl Delivery {
             n as f64,
         );
         // The batch id names the offsets: where `start` (earliest/latest) actually began.
-        if !self.plugin.first_batch_taken() {
+        let first = !self.plugin.first_batch_taken();
+        if first && self.generation == 0 {
             info!(lane = plugin, batch = %batch_id, events = n, "first batch delivered");
+        }
+        if let Some(gap) = self.taken.record(self.generation) {
+            info!(lane = plugin, batch = %batch_id, events = n, sha256 = %self.plugin.sha256,
+                  gap_ms = gap.as_secs_f64() * 1000.0,
+                  "plugin swap: first batch taken by the new version; gap since the old version's last batch");
+            self.metrics.set_labelled(
+                "fanout_plugin_swap_gap_seconds",
+                &label("plugin", plugin),
+                gap.as_secs_f64(),
+            );
+        } else if first && self.generation > 0 {
+            info!(lane = plugin, batch = %batch_id, events = n, sha256 = %self.plugin.sha256,
+                  "plugin swap: first batch taken by the new version (the old one had taken none)");
         }
         self.metrics.set_unhealthy(&self.health_key(), None);
     }
@@ -233,9 +310,14 @@ impl Delivery {
     }
 
     fn letter(&self, batch: &ReadyBatch, event_id: i64, reason: String) -> DeadLetter {
-        let origin = batch
-            .origins
-            .get(&event_id)
+        let index = batch
+            .plugin_batch
+            .wit
+            .events
+            .iter()
+            .position(|e| e.event_id == event_id);
+        let origin = index
+            .and_then(|i| batch.origins.get(i))
             .cloned()
             .unwrap_or_else(|| Origin {
                 topic: String::new(),
