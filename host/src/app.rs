@@ -12,12 +12,13 @@ use crate::config::Config;
 use crate::content::{ContentError, ContentTable};
 use crate::deadletter::DeadLetterQueue;
 use crate::lane::consumer::{lane_consumer, lanes_established, seed_and_log};
-use crate::lane::delivery::Delivery;
+use crate::lane::delivery::{Delivery, PluginSlot};
 use crate::lane::lag::{LagMonitor, WatchedLane};
 use crate::lane::Lane;
 use crate::metrics::Metrics;
 use crate::plugin::capabilities::{Services, ServicesError};
 use crate::plugin::{self, Plugin, PluginError};
+use crate::reload::Reloader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -47,6 +48,16 @@ pub struct App {
     pub plugins: Vec<Arc<Plugin>>,
     pub dead_letters: Arc<DeadLetterQueue>,
     pub content: ContentTable,
+    /// What loads plugins, kept for reloads (hot swap).
+    pub engine: wasmtime::Engine,
+    pub linker: Arc<wasmtime::component::Linker<plugin::PluginState>>,
+    pub services: Arc<Services>,
+}
+
+/// Where a reload reads the config from, and the SIGHUPs that ask for one.
+pub struct ReloadOn {
+    pub path: std::path::PathBuf,
+    pub hangups: tokio::signal::unix::Signal,
 }
 
 impl App {
@@ -121,6 +132,9 @@ impl App {
             plugins,
             dead_letters,
             content,
+            engine,
+            linker,
+            services,
         })
     }
 
@@ -130,13 +144,26 @@ impl App {
             plugin: plugin.clone(),
             dead_letters: self.dead_letters.clone(),
             metrics: self.metrics.clone(),
+            generation: 0,
+            taken: Default::default(),
         })
     }
 
     /// The live path: one lane per plugin until shutdown. Err when a lane panicked (a bug:
     /// the process must end non-zero rather than run on without that plugin).
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
+        self.run_reloading(shutdown, None).await
+    }
+
+    /// [`App::run`], and with `reload`, a hot swap of changed plugins on every SIGHUP
+    /// (see [`crate::reload`]).
+    pub async fn run_reloading(
+        self,
+        shutdown: watch::Receiver<bool>,
+        reload: Option<ReloadOn>,
+    ) -> Result<(), StartError> {
         let cfg = &self.config;
+        let mut slots = std::collections::BTreeMap::new();
         tokio::spawn(crate::serve::serve(
             cfg.http.listen.clone(),
             self.metrics.clone(),
@@ -179,7 +206,10 @@ impl App {
                 batch: cfg.lane_batch(&plugin.config).clone(),
                 enrich: cfg.enrich.clone(),
                 content: self.content.clone(),
-                delivery: self.delivery(plugin),
+                slot: slots
+                    .entry(plugin.name().to_string())
+                    .or_insert_with(|| PluginSlot::new(self.delivery(plugin)))
+                    .clone(),
                 metrics: self.metrics.clone(),
                 counters: self.metrics.lane(plugin.name()),
                 commit_interval: std::time::Duration::from_millis(cfg.kafka.commit_interval_ms),
@@ -197,6 +227,18 @@ impl App {
         }
         .spawn(shutdown.clone())
         .map_err(StartError::LagMonitor)?;
+        if let Some(ReloadOn { path, hangups }) = reload {
+            Reloader {
+                path,
+                config: cfg.clone(),
+                engine: self.engine.clone(),
+                linker: self.linker.clone(),
+                services: self.services.clone(),
+                metrics: self.metrics.clone(),
+                slots,
+            }
+            .spawn(hangups, shutdown.clone());
+        }
         info!(
             lanes = lanes.len(),
             group = %cfg.kafka.group_id,

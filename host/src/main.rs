@@ -24,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Consume the CDC topic, enrich, and deliver batches to the configured plugins.
+    /// Consume the CDC topic, enrich, and deliver batches to the configured plugins. SIGHUP
+    /// re-reads the config and swaps in the plugins whose file or entry changed.
     Run {
         #[arg(long, short, env = "FANOUT_CONFIG", default_value = "fanout.toml")]
         config: PathBuf,
@@ -129,11 +130,14 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config } => {
-            let config = load_config(&config)?;
+        Command::Run { config: path } => {
+            let config = load_config(&path)?;
             let shutdown = fanout::shutdown::on_signal();
+            // SIGHUP ends a process by default: listen before the slow part of the start.
+            let hangups = fanout::reload::hangups().context("cannot listen for SIGHUP")?;
             let app = App::start(config).await.context("cannot start")?;
-            app.run(shutdown).await?;
+            let reload = fanout::app::ReloadOn { path, hangups };
+            app.run_reloading(shutdown, Some(reload)).await?;
             info!("stopped cleanly");
             Ok(ExitCode::SUCCESS)
         }

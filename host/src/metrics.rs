@@ -56,6 +56,8 @@ pub struct MetricsInner {
     lanes: Mutex<BTreeMap<String, Arc<LaneMetrics>>>,
     labelled: Mutex<BTreeMap<(String, String), f64>>,
     health: Mutex<BTreeMap<String, String>>,
+    /// Facts /healthz shows without making the host unhealthy (a refused plugin swap).
+    notes: Mutex<BTreeMap<String, String>>,
     /// The metric names each plugin has used, and whether a refusal was already logged.
     plugin_names: Mutex<BTreeMap<String, (std::collections::BTreeSet<String>, bool)>>,
 }
@@ -191,6 +193,29 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Sets (or clears, with None) a note /healthz shows under `note:` lines; notes never make
+    /// the host unhealthy.
+    pub fn set_note(&self, component: &str, note: Option<String>) {
+        if let Ok(mut n) = self.notes.lock() {
+            match note {
+                Some(text) => {
+                    n.insert(component.to_string(), text);
+                }
+                None => {
+                    n.remove(component);
+                }
+            }
+        }
+    }
+
+    /// The notes, one `<component>: <note>` each.
+    pub fn notes(&self) -> Vec<String> {
+        self.notes
+            .lock()
+            .map(|n| n.iter().map(|(k, v)| format!("{k}: {v}")).collect())
+            .unwrap_or_default()
     }
 
     /// Reasons the host is not healthy; empty when it is.

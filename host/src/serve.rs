@@ -39,10 +39,16 @@ async fn render_metrics(State(m): State<Metrics>) -> impl IntoResponse {
 
 async fn healthz(State(m): State<Metrics>) -> impl IntoResponse {
     let problems = m.problems();
+    // Notes (a refused plugin swap) follow the verdict, one `note: ` line each; they never
+    // turn it to 503.
+    let notes: String = m.notes().iter().map(|n| format!("note: {n}\n")).collect();
     if problems.is_empty() {
-        (StatusCode::OK, "ok\n".to_string())
+        (StatusCode::OK, format!("ok\n{notes}"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            problems.join("\n") + "\n" + &notes,
+        )
     }
 }
 

@@ -31,7 +31,7 @@ use crate::deadletter::{DeadLetter, Stage};
 use crate::decode::{decode_event, EventMessage};
 use crate::enrich::enrich_batch;
 use crate::metrics::{label, LaneMetrics, Metrics};
-use delivery::{Delivery, DeliveryError};
+use delivery::{DeliveryError, PluginSlot};
 
 /// One plugin's lane.
 pub struct Lane {
@@ -43,7 +43,8 @@ pub struct Lane {
     pub batch: BatchConfig,
     pub enrich: EnrichConfig,
     pub content: ContentTable,
-    pub delivery: Arc<Delivery>,
+    /// The plugin version batches go to; a reload swaps it between two batches.
+    pub slot: Arc<PluginSlot>,
     pub metrics: Metrics,
     pub counters: Arc<LaneMetrics>,
     /// Commits are cumulative: at most one per interval while the lane is busy (every commit
@@ -106,7 +107,7 @@ impl Lane {
                 Some(&self.name),
             )
             .await;
-            let (delivery, stop) = (self.delivery.clone(), shutdown.clone());
+            let (delivery, stop) = (self.slot.current(), shutdown.clone());
             in_flight = Some(tokio::spawn(async move {
                 let result = delivery.deliver(&ready, &stop).await;
                 (ready, result)

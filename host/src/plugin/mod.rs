@@ -473,6 +473,8 @@ struct Job {
 /// A loaded plugin: one worker thread owning the store, fed batches through a channel.
 pub struct Plugin {
     pub config: PluginConfig,
+    /// sha256 of the `.wasm` file this version was compiled from, hex.
+    pub sha256: String,
     prepared: Arc<Prepared>,
     worker: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
     /// Set once the first batch was taken, for the operator's start-up log.
@@ -656,6 +658,7 @@ impl Plugin {
         let worker = spawn_worker(config.name.clone(), prepared.clone(), Some(live));
         Ok(Plugin {
             config,
+            sha256,
             prepared,
             worker: std::sync::Mutex::new(worker),
             first_batch: std::sync::atomic::AtomicBool::new(false),

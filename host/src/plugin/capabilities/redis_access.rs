@@ -18,6 +18,16 @@ use super::{granted, Capabilities, ServicesError};
 use crate::config::{RedisGrant, RedisUsers, ServicesConfig};
 use crate::metrics::label;
 
+/// Which connection a plugin's grant uses: a version of the plugin swapped in with another
+/// grant (a reload) gets a connection, and an ACL user, of its own.
+fn conn_key(plugin: &str, grant: &RedisGrant) -> String {
+    format!(
+        "{plugin}\n{}\n{}",
+        grants::redis_acl_rules(grant).join(" "),
+        grant.user.as_deref().unwrap_or_default()
+    )
+}
+
 /// The admin connection and the plugins' own connections.
 pub struct RedisAccess {
     client: ::redis::Client,
@@ -57,8 +67,9 @@ impl RedisAccess {
         plugin: &str,
         grant: &RedisGrant,
     ) -> Result<ConnectionManager, CapabilityError> {
+        let key = conn_key(plugin, grant);
         let mut conns = self.plugins.lock().await;
-        if let Some(c) = conns.get(plugin) {
+        if let Some(c) = conns.get(&key) {
             return Ok(c.clone());
         }
         let (user, password) = match self.users {
@@ -99,14 +110,14 @@ impl RedisAccess {
         let conn = ConnectionManager::new_with_config(client, mgr_cfg)
             .await
             .map_err(failed)?;
-        conns.insert(plugin.to_string(), conn.clone());
+        conns.insert(key, conn.clone());
         Ok(conn)
     }
 
     /// Drops the plugin's connection after a connection or authentication error: a restarted
     /// Redis has lost the ACL users (they live in memory), so the next call sets the user up
     /// again rather than reconnecting with a password Redis no longer knows.
-    async fn forget(&self, plugin: &str, e: &::redis::RedisError) {
+    async fn forget(&self, plugin: &str, grant: &RedisGrant, e: &::redis::RedisError) {
         let text = e.to_string();
         if e.kind() == ::redis::ErrorKind::AuthenticationFailed
             || e.is_io_error()
@@ -114,7 +125,7 @@ impl RedisAccess {
             || text.contains("WRONGPASS")
             || text.contains("NOAUTH")
         {
-            self.plugins.lock().await.remove(plugin);
+            self.plugins.lock().await.remove(&conn_key(plugin, grant));
         }
     }
 
@@ -211,7 +222,7 @@ pub(super) fn pipeline(
         match tokio::time::timeout(timeout, pipe.query_async(&mut conn)).await {
             Ok(Ok(replies)) => Ok(replies),
             Ok(Err(e)) => {
-                access.forget(&caps.plugin, &e).await;
+                access.forget(&caps.plugin, grant, &e).await;
                 Err(CapabilityError::Failed(format!("redis: {e}")))
             }
             Err(_) => {
