@@ -1,0 +1,70 @@
+"""Exports a :class:`fanout_sdk.Sink` subclass as the component's ``packed-sink`` interface
+(world ``fanout:sink/packed-sink-plugin@0.1.2``). The app module of ``componentize-py
+componentize`` must hold a class named ``PackedSink``:
+
+    from fanout_sdk.component import export_sink
+    PackedSink = export_sink(MySink)
+"""
+
+import json
+import traceback
+
+from .host import WasmHost
+from .packed import PackedError, PackedEvents
+from .sink import Accepted, Batch, Rejected, RetryLater, SourceRange
+
+
+def export_sink(sink_class):
+    """A ``PackedSink`` class for componentize-py that runs ``sink_class``."""
+    from componentize_py_types import Err
+    from wit_world import exports
+    # Every import module now, while componentize-py pre-initialises the app: a module first
+    # imported at run time (inside a call) is not found in the component.
+    from wit_world.imports import clickhouse, errors, http, log, metrics, redis, types  # noqa: F401
+
+    state = {}
+
+    def outcome(o):
+        if isinstance(o, Accepted):
+            return types.WriteOutcome_Accepted()
+        if isinstance(o, RetryLater):
+            return types.WriteOutcome_RetryLater(o.reason)
+        if isinstance(o, Rejected):
+            return types.WriteOutcome_Rejected(
+                [types.Rejection(i, r) for i, r in o.rejections])
+        return types.WriteOutcome_RetryLater("write returned %r, not an outcome" % (o,))
+
+    class PackedSink(exports.PackedSink):
+        def init(self, config):
+            try:
+                cfg = json.loads(config) if config else {}
+                sink = sink_class()
+                sink.host = WasmHost()
+                sink.init(cfg if cfg is not None else {})
+            except Exception as e:  # a configuration the plugin cannot run with
+                raise Err("%s: %s" % (type(e).__name__, e))
+            state["sink"] = sink
+
+        def write(self, batch):
+            sink = state.get("sink")
+            if sink is None:
+                return types.WriteOutcome_RetryLater("write before init")
+            try:
+                events = PackedEvents(batch.events)
+            except PackedError as e:
+                return types.WriteOutcome_RetryLater(str(e))
+            b = Batch(batch.id, events,
+                      [SourceRange(s.topic, s.partition, s.first_offset, s.last_offset)
+                       for s in batch.sources])
+            try:
+                return outcome(sink.write(b))
+            except Exception as e:
+                tb = traceback.format_exc(limit=4)
+                try:
+                    sink.host.error("write raised %s: %s\n%s" % (type(e).__name__, e, tb))
+                except Exception:
+                    pass
+                return types.WriteOutcome_RetryLater("%s: %s" % (type(e).__name__, e))
+
+    PackedSink.__name__ = "PackedSink"
+    return PackedSink
