@@ -47,6 +47,43 @@ pub fn post_json_on(
     host.http_send(&json_post_request(url, body, headers, timeout_ms))
 }
 
+/// The idempotency key of a request carrying these events: `fanout-` and a hash of their
+/// sorted, distinct event ids. The same events (in any order, repeated or not) give the same
+/// key, so a receiver that honours `Idempotency-Key` recognises a retry or a replay.
+pub fn idempotency_key(event_ids: impl IntoIterator<Item = i64>) -> String {
+    let mut ids: Vec<i64> = event_ids.into_iter().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    // FNV-1a: stable across builds and languages (the Python SDK computes the same).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for id in ids {
+        for b in id.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("fanout-{h:016x}")
+}
+
+/// POSTs a JSON text carrying `events` with their [`idempotency_key`] as `Idempotency-Key`:
+/// the exactly-once primitive of HTTP, on the receiver's side.
+pub fn post_events_json_on(
+    host: &(impl Host + ?Sized),
+    url: &str,
+    body: &str,
+    events: &[crate::Event<'_>],
+    timeout_ms: u32,
+) -> Result<Response, CapabilityError> {
+    let key = idempotency_key(events.iter().map(|e| e.event_id()));
+    post_json_on(
+        host,
+        url,
+        body,
+        &[("Idempotency-Key", key.as_str())],
+        timeout_ms,
+    )
+}
+
 /// Sends `requests` concurrently through the real host, at most `max_in_flight` at a time;
 /// one result per request, in order.
 pub fn send_all(
@@ -77,6 +114,43 @@ pub fn header<'a>(response: &'a Response, name: &str) -> Option<&'a str> {
 /// The body as text (lossy), for error messages.
 pub fn body_text(response: &Response) -> String {
     String::from_utf8_lossy(&response.body).into_owned()
+}
+
+#[cfg(test)]
+mod idempotency_tests {
+    use super::*;
+    use crate::testing::{batch, event, Call, MockHost};
+
+    #[test]
+    fn same_events_same_key_in_any_order() {
+        assert_eq!(idempotency_key([3, 1, 2, 2]), idempotency_key([1, 2, 3]));
+        assert_ne!(idempotency_key([1, 2]), idempotency_key([1, 2, 3]));
+        assert!(idempotency_key([1]).starts_with("fanout-"));
+    }
+
+    #[test]
+    fn a_replayed_post_carries_the_same_key() {
+        let host = MockHost::new();
+        let b = batch(vec![event(1, Some(1), 0), event(2, None, 0)]);
+        let events: Vec<_> = b.events.iter().collect();
+        for _ in 0..2 {
+            post_events_json_on(&host, "http://api/events", "[]", &events, 1000).unwrap();
+        }
+        let keys: Vec<String> = host
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Http { headers, .. } => headers
+                    .into_iter()
+                    .find(|(k, _)| k == "Idempotency-Key")
+                    .map(|(_, v)| v),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0], keys[1]);
+        assert_eq!(keys[0], idempotency_key([1, 2]));
+    }
 }
 
 #[cfg(test)]

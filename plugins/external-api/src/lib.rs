@@ -214,17 +214,9 @@ fn body_snippet(r: &Response) -> String {
 
 /// FNV-1a 64 of the sorted, distinct ids: the idempotency key of a batch request.
 pub fn batch_key(events: &[Event<'_>]) -> String {
-    let mut ids: Vec<i64> = events.iter().map(|e| e.event_id()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for id in ids {
-        for b in id.to_le_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    format!("batch-{h:016x}")
+    // The SDK's idempotency key (same hash), under this plugin's historical `batch-` prefix.
+    let key = fanout_sdk::http::idempotency_key(events.iter().map(|e| e.event_id()));
+    format!("batch-{}", key.trim_start_matches("fanout-"))
 }
 
 /// The outcome of delivering one request with its retries.
