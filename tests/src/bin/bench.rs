@@ -2,25 +2,57 @@
 //!
 //! 1. Wasm boundary: the same 500-event batch handed to a no-op Wasm plugin and to a native
 //!    no-op sink, in one process, one run.
-//! 2. Host throughput: a topic pre-filled with Debezium envelopes, drained by the host binary
-//!    with one no-op plugin, then with the three default plugins.
-//! 3. Backfill: rows/s over a table of BACKFILL_ROWS rows, and the process's peak memory.
+//! 2. Events per CPU-second with a source that is not the bottleneck: librdkafka's mock
+//!    cluster in this process, pre-filled; a bare rdkafka consumer drains it (the source's
+//!    ceiling), then the host (the library, in this process) with the no-op plugin. CPU: this
+//!    process's utime+stime over the drain (the mock broker's threads, `rdk:mock`, included
+//!    and shown apart).
+//! 3. Events per CPU-second against tansu: one pre-filled topic drained by a bare consumer, by
+//!    the host binary (a child process; CPU from /proc/<pid>/stat, per thread from
+//!    /proc/<pid>/task/*/stat) with the no-op plugin, each default plugin alone, the three
+//!    together; and by a plain Python consumer doing the same sink work
+//!    (scripts/bench_python_consumer.py). Then the three default plugins with the API
+//!    `per-event` on a smaller topic of its own.
+//! 4. Backfill: rows/s over a table of BACKFILL_ROWS rows, and the process's peak memory.
+//!
+//! Sizes and selection by environment: BENCH_EVENTS (tansu topic), BENCH_MOCK_EVENTS,
+//! BENCH_EVENTS_DEFAULT_PLUGINS (the per-event run), BACKFILL_ROWS; BENCH_ONLY=a,b runs only
+//! those items (boundary, mock, bare, noop, clickhouse, redis-topn, external-api, three,
+//! python, per-event, backfill) and leaves BENCHMARKS.md alone; BENCH_PERF_DIR=dir records
+//! each host drain against tansu with `perf record` into dir/<run>.data (scripts/profile).
 
+#[path = "bench/capabilities.rs"]
+mod capabilities;
+
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::process::Command;
-use std::sync::Arc;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use fanout::plugin::{PluginBatch, WitBatch, WitEvent};
 use fanout_tests::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Message};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// BENCH_ONLY: the items to run (all when unset).
+fn selected(item: &str) -> bool {
+    match std::env::var("BENCH_ONLY") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').any(|s| s.trim() == item),
+        _ => true,
+    }
+}
+
+fn partial_run() -> bool {
+    std::env::var("BENCH_ONLY").is_ok_and(|v| !v.trim().is_empty())
 }
 
 fn event(id: i64) -> WitEvent {
@@ -39,6 +71,123 @@ fn envelope(id: i64) -> String {
     )
 }
 
+// ---------------------------------------------------------------------------------------------
+// CPU and memory of a process and its threads, from /proc.
+
+/// Clock ticks per second of /proc's utime and stime.
+fn clk_tck() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// (comm, utime + stime in seconds) of a /proc/.../stat file.
+fn stat_cpu(path: &str) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let comm = stat[open + 1..close].to_string();
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some((comm, ticks / clk_tck()))
+}
+
+/// The CPU time of a whole process (`"self"` or a pid), exited threads included.
+fn process_cpu(pid: &str) -> f64 {
+    stat_cpu(&format!("/proc/{pid}/stat")).map_or(0.0, |(_, s)| s)
+}
+
+/// tid -> (thread name, CPU seconds) of every live thread of a process.
+fn thread_cpu(pid: &str) -> BTreeMap<String, (String, f64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return BTreeMap::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let tid = e.file_name().to_string_lossy().into_owned();
+            stat_cpu(&format!("/proc/{pid}/task/{tid}/stat")).map(|c| (tid, c))
+        })
+        .collect()
+}
+
+/// Threads grouped by what they are. Linux keeps 15 bytes of a name: `plugin-clickhouse`
+/// is `plugin-clickhou`.
+fn thread_group(comm: &str) -> String {
+    if comm.starts_with("rdk:broker") {
+        "rdk:broker* (librdkafka, one per broker and client)".into()
+    } else if comm == "rdk:main" {
+        "rdk:main (librdkafka, one per client)".into()
+    } else if comm == "tokio-runtime-w" {
+        "tokio-runtime-w (tokio workers and blocking pool)".into()
+    } else {
+        comm.to_string()
+    }
+}
+
+/// A CPU snapshot of a process: total and per thread.
+struct CpuMark {
+    pid: String,
+    total: f64,
+    threads: BTreeMap<String, (String, f64)>,
+    at: Instant,
+}
+
+impl CpuMark {
+    fn take(pid: &str) -> CpuMark {
+        let threads = thread_cpu(pid);
+        CpuMark {
+            pid: pid.to_string(),
+            total: process_cpu(pid),
+            threads,
+            at: Instant::now(),
+        }
+    }
+
+    /// CPU since `self`: (total seconds, wall seconds, groups sorted by CPU, exited threads
+    /// last when they used any).
+    fn since(&self) -> CpuUse {
+        let now = CpuMark::take(&self.pid);
+        let mut groups: BTreeMap<String, f64> = BTreeMap::new();
+        for (tid, (comm, cpu)) in &now.threads {
+            let before = self.threads.get(tid).map_or(0.0, |(_, c)| *c);
+            *groups.entry(thread_group(comm)).or_default() += cpu - before;
+        }
+        let total = now.total - self.total;
+        let live: f64 = groups.values().sum();
+        let mut groups: Vec<(String, f64)> = groups.into_iter().filter(|(_, c)| *c > 0.0).collect();
+        groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if total - live >= 0.01 {
+            groups.push(("(threads that ended during the run)".into(), total - live));
+        }
+        CpuUse {
+            cpu: total,
+            wall: now.at.duration_since(self.at).as_secs_f64(),
+            groups,
+        }
+    }
+}
+
+struct CpuUse {
+    cpu: f64,
+    wall: f64,
+    groups: Vec<(String, f64)>,
+}
+
+impl CpuUse {
+    fn group(&self, prefix: &str) -> f64 {
+        self.groups
+            .iter()
+            .filter(|(g, _)| g.starts_with(prefix))
+            .map(|(_, c)| c)
+            .sum()
+    }
+}
+
 /// Peak resident memory (VmHWM, KiB) of a running process.
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -48,8 +197,72 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-async fn boundary(report: &mut String) {
-    let stack = Stack::get().expect("stack");
+/// One measured drain: `events` over `wall` seconds of throughput, `cpu_events` processed
+/// during the CPU window.
+struct Run {
+    label: String,
+    events: usize,
+    rate: f64,
+    cpu_events: f64,
+    cpu: CpuUse,
+    peak_kib: u64,
+}
+
+impl Run {
+    fn per_cpu_second(&self) -> f64 {
+        self.cpu_events / self.cpu.cpu.max(1e-9)
+    }
+
+    fn micros_per_event(&self) -> f64 {
+        1e6 / self.per_cpu_second()
+    }
+
+    fn row(&self, baseline: Option<&Run>) -> String {
+        let ratio = baseline.map_or(String::from("1.00x"), |b| {
+            format!("{:.2}x", self.per_cpu_second() / b.per_cpu_second())
+        });
+        let rss = if self.peak_kib > 0 {
+            format!("{} MiB", self.peak_kib / 1024)
+        } else {
+            "-".into()
+        };
+        format!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {ratio} | {rss} |",
+            self.label,
+            self.events,
+            self.rate,
+            self.cpu.cpu,
+            self.cpu.cpu / self.cpu.wall.max(1e-9),
+            self.per_cpu_second(),
+            self.micros_per_event(),
+        )
+    }
+}
+
+const RUN_HEADER: &str = "| run | events | events/s | CPU-s | cores busy | events per CPU-second | CPU µs/event | events/CPU-s vs first row | peak RSS |\n|---|---|---|---|---|---|---|---|---|";
+
+fn groups_table(out: &mut String, cpu: &CpuUse) {
+    let _ = writeln!(out, "| thread group | CPU-s | share |\n|---|---|---|");
+    for (g, c) in &cpu.groups {
+        let _ = writeln!(
+            out,
+            "| `{g}` | {c:.2} | {:.1}% |",
+            100.0 * c / cpu.cpu.max(1e-9)
+        );
+    }
+    let _ = writeln!(out, "| all (process utime+stime) | {:.2} | 100% |", cpu.cpu);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The Wasm boundary.
+
+/// One plugin loaded on its own engine, as the host loads it.
+async fn load_boundary_plugin(
+    stack: &Stack,
+    wasm: &std::path::Path,
+    mode: &str,
+    fuel: bool,
+) -> fanout::plugin::Plugin {
     let toml = format!(
         r#"
 [kafka]
@@ -57,14 +270,14 @@ brokers = "{}"
 [services]
 redis_url = "{}"
 [[plugins]]
-name = "noop"
+name = "boundary"
 path = "{}"
 [plugins.config]
-mode = "noop"
+mode = "{mode}"
 "#,
         stack.kafka_brokers,
         stack.redis_url,
-        plugin_wasm("testkit").display()
+        wasm.display()
     );
     let cfg = fanout::config::Config::from_toml(
         &toml,
@@ -76,31 +289,58 @@ mode = "noop"
     let services = fanout::plugin::capabilities::Services::connect(&cfg.services, metrics)
         .await
         .expect("services");
-    let engine = fanout::plugin::engine().expect("engine");
+    let engine = fanout::plugin::engine_with(fuel).expect("engine");
     let linker = fanout::plugin::linker(&engine).expect("linker");
     let pc = cfg.plugins[0].clone();
-    let plugin = tokio::task::spawn_blocking(move || {
-        fanout::plugin::Plugin::load(pc, &engine, linker, services)
-    })
-    .await
-    .expect("join")
-    .expect("load");
-    let batch = Arc::new(PluginBatch::unpositioned(WitBatch {
-        id: "bench".into(),
-        events: (0..500).map(event).collect(),
-        sources: vec![],
-    }));
+    tokio::task::spawn_blocking(move || fanout::plugin::Plugin::load(pc, &engine, linker, services))
+        .await
+        .expect("join")
+        .expect("load")
+}
+
+/// ns per event of handing `batch` to `plugin`, the whole call path (worker thread hop,
+/// packing for packed plugins, lowering, plugin code, answer).
+async fn ns_per_event(plugin: &fanout::plugin::Plugin, batch: &Arc<PluginBatch>) -> f64 {
     let rounds = 400;
-    for _ in 0..20 {
+    for _ in 0..40 {
         plugin.write(batch.clone()).await.expect("warm-up");
     }
     let t = Instant::now();
     for _ in 0..rounds {
         plugin.write(batch.clone()).await.expect("write");
     }
-    let wasm = t.elapsed();
-    // The native no-op sink receives the same batch through the same channel-free call path a
-    // built-in sink would: a function over the batch.
+    t.elapsed().as_nanos() as f64 / (rounds * batch.wit.events.len()) as f64
+}
+
+/// The options of the Wasm boundary, measured on the same 500-event batch: events as records
+/// (`sink`, a plugin built without the SDK) against one packed buffer (`packed-sink`, the SDK),
+/// a no-op plugin and one that reads every field, with and without fuel metering (epoch
+/// interruption is on in every case: it enforces call deadlines). Instances are created once
+/// and reused across calls (the host's own pre-instantiation).
+async fn boundary(report: &mut String) {
+    let stack = Stack::get().expect("stack");
+    let batch = Arc::new(PluginBatch::unpositioned(WitBatch {
+        id: "bench".into(),
+        events: (0..500).map(event).collect(),
+        sources: vec![],
+    }));
+    let records = plugin_wasm("compat_records");
+    let packed = plugin_wasm("testkit");
+    let mut rows = Vec::new();
+    for (world, wasm) in [
+        ("records (`sink`)", &records),
+        ("packed (`packed-sink`)", &packed),
+    ] {
+        for mode in ["noop", "read-all"] {
+            let mut figures = Vec::new();
+            for fuel in [true, false] {
+                let plugin = load_boundary_plugin(&stack, wasm, mode, fuel).await;
+                figures.push(ns_per_event(&plugin, &batch).await);
+            }
+            rows.push((world, mode, figures[0], figures[1]));
+        }
+    }
+    // The native no-op sink receives the same batch through a plain function call.
     fn native_noop(batch: &WitBatch) -> usize {
         batch
             .events
@@ -108,30 +348,36 @@ mode = "noop"
             .map(|e| std::hint::black_box(e).event_id as usize)
             .sum()
     }
+    let rounds = 400;
     let t = Instant::now();
     let mut sink = 0usize;
     for _ in 0..rounds {
         sink = sink.wrapping_add(native_noop(std::hint::black_box(&batch.wit)));
     }
     std::hint::black_box(sink);
-    let native = t.elapsed();
-    let events = (rounds * batch.wit.events.len()) as f64;
-    let wasm_ns = wasm.as_nanos() as f64 / events;
-    let native_ns = native.as_nanos() as f64 / events;
+    let native_ns = t.elapsed().as_nanos() as f64 / (rounds * batch.wit.events.len()) as f64;
     let _ = writeln!(
         report,
-        "| Wasm boundary: 500-event batch to a no-op Wasm plugin | {wasm_ns:.0} ns/event ({:.0} µs/batch) |\n\
-         | same batch to a native no-op sink, same run | {native_ns:.1} ns/event |\n\
-         | ratio Wasm / native | {:.0}x |",
-        wasm.as_micros() as f64 / rounds as f64,
-        wasm_ns / native_ns.max(0.001)
+        "\n### Wasm boundary: a 500-event batch, ns per event (whole call path)\n\n\
+         | world | plugin | fuel + epochs | epochs only |\n|---|---|---|---|"
+    );
+    for (world, mode, fuel, epochs) in &rows {
+        let _ = writeln!(report, "| {world} | {mode} | {fuel:.0} | {epochs:.0} |");
+    }
+    let _ = writeln!(
+        report,
+        "\nSame batch to a native no-op function, same run: {native_ns:.1} ns/event.\n"
     );
 }
 
-async fn prefill(stack: &Stack, topic: &str, n: usize) -> Duration {
-    create_topic(stack, topic, 4).await;
+// ---------------------------------------------------------------------------------------------
+// Filling topics, and the bare consumer.
+
+/// Produces `n` envelopes (ids 1..=n, keyed by id) to `topic` at `brokers`.
+async fn fill(brokers: &str, topic: &str, n: usize) -> Duration {
+    use futures::StreamExt;
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("bootstrap.servers", brokers)
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
@@ -154,65 +400,742 @@ async fn prefill(stack: &Stack, topic: &str, n: usize) -> Duration {
             .map_err(|(e, _)| e)
         });
         if pending.len() >= 5000 {
-            use futures::StreamExt;
             while let Some(r) = pending.next().await {
                 r.expect("produce");
             }
         }
     }
-    use futures::StreamExt;
     while let Some(r) = pending.next().await {
         r.expect("produce");
     }
     t.elapsed()
 }
 
-/// Runs the host binary on a pre-filled topic until every event is delivered to every plugin.
+/// A topic of the stack (4 partitions) pre-filled with `n` envelopes.
+async fn prefill(stack: &Stack, topic: &str, n: usize) -> Duration {
+    create_topic(stack, topic, 4).await;
+    fill(&stack.kafka_brokers, topic, n).await
+}
+
+/// A plain rdkafka consumer (own group, the lanes' prefetch) reading `n` messages and
+/// touching their payloads: what the source gives at most. Runs on a thread of its own; CPU
+/// is this whole process's.
+async fn bare_consumer(label: &str, brokers: &str, topic: &str, n: usize) -> Run {
+    let (label, brokers, topic) = (label.to_string(), brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mark = CpuMark::take("self");
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", unique("bench-bare"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("queued.max.messages.kbytes", "16384")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let (mut count, mut bytes) = (0usize, 0usize);
+        let mut first = None;
+        while count < n {
+            assert!(Instant::now() < deadline, "bare consumer: {count} of {n}");
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    first.get_or_insert_with(Instant::now);
+                    count += 1;
+                    bytes += std::hint::black_box(m.payload().map_or(0, <[u8]>::len));
+                }
+                Some(Err(e)) => eprintln!("bench {label}: consume error: {e}"),
+                None => {}
+            }
+        }
+        std::hint::black_box(bytes);
+        let cpu = mark.since();
+        drop(consumer);
+        let secs = first.map_or(f64::NAN, |t: Instant| t.elapsed().as_secs_f64());
+        Run {
+            label,
+            events: n,
+            rate: n as f64 / secs,
+            cpu_events: n as f64,
+            cpu,
+            peak_kib: 0,
+        }
+    })
+    .await
+    .expect("bare consumer thread")
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The mock cluster: source ceiling and the host in this process.
+
+async fn mock_section(stack: &Stack, pg_url: &str, n: usize, out: &mut String) {
+    use rdkafka::mocking::MockCluster;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let brokers = mock.bootstrap_servers();
+    let (topic, content, dlq) = ("bench_events", "bench_content", "bench_dead_letter");
+    mock.create_topic(topic, 4, 1).expect("events topic");
+    mock.create_topic(content, 1, 1).expect("content topic");
+    mock.create_topic(dlq, 1, 1).expect("dead-letter topic");
+    let took = fill(&brokers, topic, n).await;
+    eprintln!("bench mock: pre-filled {n} events in {took:?} ({brokers})");
+
+    let bare = bare_consumer(
+        "bare rdkafka consumer (BaseConsumer::poll), mock cluster",
+        &brokers,
+        topic,
+        n,
+    )
+    .await;
+    eprintln!(
+        "bench mock bare: {:.0} msg/s, {:.2} CPU-s",
+        bare.rate, bare.cpu.cpu
+    );
+
+    let toml = format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+events_topic = "{topic}"
+content_topic = "{content}"
+dead_letter_topic = "{dlq}"
+[postgres]
+url = "{pg_url}"
+[batch]
+max_events = 500
+max_wait_ms = 100
+[services]
+redis_url = "{redis}"
+[http]
+listen = ""
+[[plugins]]
+name = "noop"
+path = "{wasm}"
+[plugins.config]
+mode = "noop"
+"#,
+        group = unique("bench-mock"),
+        redis = stack.redis_url,
+        wasm = plugin_wasm("testkit").display(),
+    );
+    let cfg = fanout::config::Config::from_toml(
+        &toml,
+        std::path::Path::new("bench-mock.toml"),
+        std::iter::empty(),
+    )
+    .expect("config");
+    let app = fanout::app::App::start(cfg).await.expect("host start");
+    let metrics = app.metrics.clone();
+    let series = fanout::metrics::label("plugin", "noop");
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mark = CpuMark::take("self");
+    let run = app.run(shutdown);
+    tokio::pin!(run);
+    let started = Instant::now();
+    let watch = async {
+        let mut first = None;
+        loop {
+            let delivered = metrics.labelled("fanout_events_delivered_total", &series) as usize;
+            if delivered > 0 && first.is_none() {
+                first = Some((Instant::now(), delivered));
+            }
+            if delivered >= n {
+                return first;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(900),
+                "host on the mock cluster: {delivered} of {n} delivered"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let first = tokio::select! {
+        r = &mut run => panic!("the host stopped on the mock cluster: {r:?}"),
+        first = watch => first,
+    };
+    let cpu = mark.since();
+    let _ = stop.send(true);
+    match tokio::time::timeout(Duration::from_secs(30), &mut run).await {
+        Ok(r) => r.expect("host run"),
+        Err(_) => eprintln!("bench mock: the host did not stop within 30 s"),
+    }
+    let (t1, d1) = first.expect("first delivery");
+    let host = Run {
+        label: "host + no-op plugin (library, in this process), mock cluster".into(),
+        events: n,
+        rate: (n - d1) as f64 / t1.elapsed().as_secs_f64(),
+        cpu_events: n as f64,
+        cpu,
+        peak_kib: 0,
+    };
+    eprintln!(
+        "bench mock host: {:.0} events/s, {:.2} CPU-s",
+        host.rate, host.cpu.cpu
+    );
+    let _ = writeln!(
+        out,
+        "## 1. Source not the bottleneck: librdkafka's mock cluster, in the bench process\n\n\
+         A 4-partition topic of the mock cluster (`rdkafka::mocking::MockCluster`, one broker, \
+         running as threads `rdk:mock` of this process) pre-filled with {n} Debezium envelopes \
+         ({:.1} s), drained by a bare consumer, then by the host as a library \
+         (`fanout::app::App::start` + `run`, one lane, testkit `noop` plugin, content table from \
+         PostgreSQL, batches of 500). CPU: this process's utime+stime from the start of the drain \
+         (subscribe, resp. `App::run`) to the last event; nothing subtracted: the mock broker's \
+         own CPU is in both and shown apart. events/s: from the first message (resp. first \
+         delivered batch) to the last.\n\n{RUN_HEADER}\n{}\n{}\n",
+        took.as_secs_f64(),
+        bare.row(None),
+        host.row(Some(&bare)),
+    );
+    let (bare_mock, host_mock) = (bare.cpu.group("rdk:mock"), host.cpu.group("rdk:mock"));
+    let _ = writeln!(
+        out,
+        "- of that CPU, the mock broker (`rdk:mock`): bare {bare_mock:.2} s, host {host_mock:.2} s; \
+         without it: bare {:.0} events per CPU-second, host {:.0} ({:.1} CPU µs/event)\n\
+         - the host takes {:.1}x the bare consumer's CPU per event, and reaches {:.0}% of its rate\n",
+        n as f64 / (bare.cpu.cpu - bare_mock).max(1e-9),
+        n as f64 / (host.cpu.cpu - host_mock).max(1e-9),
+        1e6 * (host.cpu.cpu - host_mock) / n as f64,
+        bare.per_cpu_second() / host.per_cpu_second(),
+        100.0 * host.rate / bare.rate,
+    );
+    let _ = writeln!(out, "Host run, CPU by thread:\n");
+    groups_table(out, &host.cpu);
+    let _ = writeln!(out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The host binary against tansu.
+
+/// `perf record` attached to a process until dropped (SIGINT, then wait).
+struct Perf(Option<std::process::Child>);
+
+impl Perf {
+    fn attach(pid: u32, name: &str) -> Perf {
+        let Ok(dir) = std::env::var("BENCH_PERF_DIR") else {
+            return Perf(None);
+        };
+        let _ = std::fs::create_dir_all(&dir);
+        let freq = std::env::var("BENCH_PERF_FREQ").unwrap_or_else(|_| "999".into());
+        let graph = std::env::var("BENCH_PERF_CALL_GRAPH").unwrap_or_else(|_| "dwarf,16384".into());
+        let child = Command::new("perf")
+            .args(["record", "-q", "-F", &freq, "--call-graph", &graph, "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(format!("{dir}/{name}.data"))
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| eprintln!("bench: cannot start perf: {e}"))
+            .ok();
+        // perf needs a moment to attach to every thread.
+        std::thread::sleep(Duration::from_millis(300));
+        Perf(child)
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What the tansu runs share: the pre-filled topic, an empty content topic, the seeded
+/// content table.
+struct Tansu<'a> {
+    stack: &'a Stack,
+    topic: String,
+    content_topic: String,
+    pg_url: String,
+    n: usize,
+}
+
+/// Runs the host binary on `topic` (pre-filled with `n`) until every event is delivered to
+/// every plugin of `plugins_toml`. CPU from /proc/<pid>/stat from the moment the host answers
+/// on /metrics (plugins loaded, live path starting) to the last delivery; events/s from the
+/// first delivered batch of every lane.
 async fn drain(
-    stack: &Stack,
+    t: &Tansu<'_>,
     name: &str,
+    label: &str,
+    topic: &str,
     n: usize,
     plugins_toml: &str,
     plugins: &[&str],
-) -> (f64, u64) {
-    let topic = unique(&format!("bench_{name}"));
-    let fill = prefill(stack, &topic, n).await;
-    eprintln!("bench {name}: pre-filled {n} events in {fill:?}");
-    let cfg = ConfigBuilder::new(stack, &topic, "", "").plugin_raw(plugins_toml);
-    let host = HostProc::start(&format!("bench-{name}"), &cfg.render(), &cfg.metrics_addr);
+) -> Run {
+    let mut cfg =
+        ConfigBuilder::new(t.stack, topic, &t.content_topic, &t.pg_url).plugin_raw(plugins_toml);
+    // The stack's host user, limited to `engagement` and `fanout_sandbox`.
+    cfg.clickhouse_user = t.stack.clickhouse_host.clone();
+    let dir = repo_root().join("target/test-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    let config_path = dir.join(format!("bench-{name}.toml"));
+    std::fs::write(&config_path, cfg.render()).expect("write config");
+    // As in production: info, not the tests' debug logging.
+    let mut cmd = Command::new(host_binary());
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .env("RUST_LOG", "info");
+    let host = HostProc {
+        proc: Proc::spawn(cmd, &format!("host-bench-{name}-{}", unique("run"))),
+        config_path,
+        metrics_addr: cfg.metrics_addr.clone(),
+    };
     let pid = host.proc.child.id();
-    let bin_started = Instant::now();
-    // Time from the first delivered batch, so plugin compilation at start is not counted.
-    let mut first: Option<Instant> = None;
+    let started = Instant::now();
+    let series: Vec<String> = plugins
+        .iter()
+        .map(|p| format!("fanout_events_delivered_total{{plugin=\"{p}\"}}"))
+        .collect();
+    // The CPU window opens once the host answers: plugins are loaded (compiled or from the
+    // cache), the live path is about to start.
+    let (mark, at_mark, _perf) = loop {
+        let m = host.metrics().await;
+        if !m.is_empty() {
+            let perf = Perf::attach(pid, name);
+            let mark = CpuMark::take(&pid.to_string());
+            let at: Vec<f64> = series.iter().map(|s| metric_value(&m, s)).collect();
+            break (mark, at, perf);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "bench {name}: the host did not start; see {}",
+            host.proc.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut first: Option<(Instant, f64)> = None;
     let mut peak = 0;
     loop {
         let m = host.metrics().await;
         peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
-        let delivered = plugins
+        let delivered = series
             .iter()
-            .map(|p| {
-                metric_value(
-                    &m,
-                    &format!("fanout_events_delivered_total{{plugin=\"{p}\"}}"),
-                ) as usize
-            })
-            .min()
-            .unwrap_or(0);
-        if delivered > 0 && first.is_none() {
-            first = Some(Instant::now());
+            .map(|s| metric_value(&m, s))
+            .fold(f64::INFINITY, f64::min);
+        if delivered > 0.0 && first.is_none() {
+            first = Some((Instant::now(), delivered));
         }
-        if delivered >= n {
+        if delivered >= n as f64 {
             break;
         }
         assert!(
-            bin_started.elapsed() < Duration::from_secs(1800),
-            "bench {name} took too long"
+            started.elapsed() < Duration::from_secs(1800),
+            "bench {name} took too long; see {}",
+            host.proc.log.display()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let secs = first.map(|t| t.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
-    ((n as f64) / secs, peak)
+    let cpu = mark.since();
+    let (t1, d1) = first.expect("first delivery");
+    // Events processed in the CPU window: per lane, those delivered after it opened.
+    let cpu_events =
+        at_mark.iter().map(|d| n as f64 - d).sum::<f64>() / at_mark.len().max(1) as f64;
+    let run = Run {
+        label: label.to_string(),
+        events: n,
+        rate: (n as f64 - d1) / t1.elapsed().as_secs_f64(),
+        cpu_events,
+        cpu,
+        peak_kib: peak,
+    };
+    eprintln!(
+        "bench {name}: {:.0} events/s, {:.2} CPU-s, {:.0} events per CPU-second",
+        run.rate,
+        run.cpu.cpu,
+        run.per_cpu_second()
+    );
+    run
 }
+
+/// The plain Python consumer on the same topic, with the same sinks (its own resources).
+async fn python_consumer(t: &Tansu<'_>, ch_table: &str, prefix: &str, ns: &str) -> Run {
+    let python = std::env::var("STACK_PYTHON").unwrap_or_else(|_| {
+        repo_root()
+            .join(".stack/venv/bin/python")
+            .display()
+            .to_string()
+    });
+    let api = format!(
+        "{}/ns/{ns}/events",
+        t.stack.external_api_url.trim_end_matches('/')
+    );
+    let dir = repo_root().join("target/test-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    let log = dir.join("bench-python-consumer.log");
+    let n = t.n.to_string();
+    let mut child = Command::new(python)
+        .arg(repo_root().join("scripts/bench_python_consumer.py"))
+        .args(["--brokers", &t.stack.kafka_brokers])
+        .args(["--topic", &t.topic])
+        .args(["--group", &unique("bench-python")])
+        .args(["--events", &n])
+        .args(["--batch", "500", "--max-wait-ms", "100"])
+        .args(["--pg-url", &t.pg_url])
+        .args(["--redis-url", &t.stack.redis_url])
+        .args(["--key-prefix", prefix])
+        .args(["--clickhouse-url", &t.stack.clickhouse_url])
+        .args(["--clickhouse-user", &t.stack.clickhouse_host.user])
+        .args(["--clickhouse-password", &t.stack.clickhouse_host.password])
+        .args(["--clickhouse-db", "fanout_sandbox"])
+        .args(["--clickhouse-table", ch_table])
+        .args(["--api-url", &api])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
+        .spawn()
+        .expect("python consumer");
+    let pid = child.id();
+    let mut peak = 0;
+    let started = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "python consumer took too long"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let output = child.wait_with_output().expect("python output");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "python consumer failed: {text}; see {}",
+        log.display()
+    );
+    let v: serde_json::Value = text
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("python consumer's JSON line");
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let groups = v["threads"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, c)| (k.clone(), c.as_f64().unwrap_or(0.0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let run = Run {
+        label: "plain Python consumer (confluent-kafka, redis-py, requests), same three sinks"
+            .into(),
+        events: t.n,
+        rate: f("events") / f("wall_s"),
+        cpu_events: f("events"),
+        cpu: CpuUse {
+            cpu: f("cpu_s"),
+            wall: f("wall_s_from_ready"),
+            groups,
+        },
+        peak_kib: peak,
+    };
+    eprintln!(
+        "bench python: {:.0} events/s, {:.2} CPU-s, {:.0} events per CPU-second",
+        run.rate,
+        run.cpu.cpu,
+        run.per_cpu_second()
+    );
+    run
+}
+
+async fn tansu_section(
+    stack: &Stack,
+    pg_url: &str,
+    n: usize,
+    n_per_event: usize,
+    out: &mut String,
+) {
+    let topic = unique("bench_events");
+    let content_topic = unique("bench_content");
+    create_topic(stack, &content_topic, 1).await;
+    let took = prefill(stack, &topic, n).await;
+    eprintln!("bench tansu: pre-filled {n} events in {took:?}");
+    let t = Tansu {
+        stack,
+        topic: topic.clone(),
+        content_topic,
+        pg_url: pg_url.to_string(),
+        n,
+    };
+    let mut runs: Vec<Run> = Vec::new();
+    let mut tables: Vec<String> = Vec::new();
+    let ch = |name: &str, table: &str| {
+        format!(
+            "{}table = \"{table}\"\n",
+            plugin_toml::clickhouse(name, "fanout_sandbox")
+        )
+    };
+    let noop = format!(
+        "[[plugins]]\nname = \"noop\"\npath = \"{}\"\n[plugins.config]\nmode = \"noop\"\n",
+        plugin_wasm("testkit").display()
+    );
+
+    let bare = if selected("bare") {
+        let r = bare_consumer(
+            "bare rdkafka consumer (BaseConsumer::poll), tansu",
+            &stack.kafka_brokers,
+            &topic,
+            n,
+        )
+        .await;
+        eprintln!(
+            "bench tansu bare: {:.0} msg/s, {:.2} CPU-s",
+            r.rate, r.cpu.cpu
+        );
+        Some(r)
+    } else {
+        None
+    };
+    let mut three_cpu: Option<CpuUse> = None;
+    let mut noop_cpu: Option<CpuUse> = None;
+    if selected("noop") {
+        let r = drain(
+            &t,
+            "noop",
+            "host + no-op plugin",
+            &topic,
+            n,
+            &noop,
+            &["noop"],
+        )
+        .await;
+        noop_cpu = Some(CpuUse {
+            cpu: r.cpu.cpu,
+            wall: r.cpu.wall,
+            groups: r.cpu.groups.clone(),
+        });
+        runs.push(r);
+    }
+    if selected("clickhouse") {
+        let table = unique("bench_ch");
+        tables.push(table.clone());
+        runs.push(
+            drain(
+                &t,
+                "clickhouse",
+                "host + clickhouse alone",
+                &topic,
+                n,
+                &ch("clickhouse", &table),
+                &["clickhouse"],
+            )
+            .await,
+        );
+    }
+    if selected("redis-topn") {
+        let prefix = format!("{}:", unique("bench"));
+        runs.push(
+            drain(
+                &t,
+                "redis-topn",
+                "host + redis-topn alone",
+                &topic,
+                n,
+                &plugin_toml::redis_topn("redis-topn", &prefix),
+                &["redis-topn"],
+            )
+            .await,
+        );
+    }
+    if selected("external-api") {
+        let ns = unique("bench");
+        runs.push(
+            drain(
+                &t,
+                "external-api",
+                "host + external-api alone (`batch`)",
+                &topic,
+                n,
+                &plugin_toml::external_api("external-api", stack, &ns, "batch"),
+                &["external-api"],
+            )
+            .await,
+        );
+        mock_reset(stack, &ns).await;
+    }
+    if selected("three") {
+        let table = unique("bench_ch");
+        tables.push(table.clone());
+        let (prefix, ns) = (format!("{}:", unique("bench")), unique("bench"));
+        let three = [
+            ch("clickhouse", &table),
+            plugin_toml::redis_topn("redis-topn", &prefix),
+            plugin_toml::external_api("external-api", stack, &ns, "batch"),
+        ]
+        .concat();
+        let r = drain(
+            &t,
+            "three",
+            "host + all three (clickhouse, redis-topn, external-api `batch`)",
+            &topic,
+            n,
+            &three,
+            &["clickhouse", "redis-topn", "external-api"],
+        )
+        .await;
+        three_cpu = Some(CpuUse {
+            cpu: r.cpu.cpu,
+            wall: r.cpu.wall,
+            groups: r.cpu.groups.clone(),
+        });
+        runs.push(r);
+        mock_reset(stack, &ns).await;
+    }
+    let python = if selected("python") {
+        let table = unique("bench_py");
+        tables.push(table.clone());
+        let (prefix, ns) = (format!("{}:", unique("benchpy")), unique("benchpy"));
+        let r = python_consumer(&t, &table, &prefix, &ns).await;
+        mock_reset(stack, &ns).await;
+        Some(r)
+    } else {
+        None
+    };
+    let per_event = if selected("per-event") {
+        let topic = unique("bench_per_event");
+        let took = prefill(stack, &topic, n_per_event).await;
+        eprintln!("bench per-event: pre-filled {n_per_event} events in {took:?}");
+        let table = unique("bench_ch");
+        tables.push(table.clone());
+        let (prefix, ns) = (format!("{}:", unique("bench")), unique("bench"));
+        let three = [
+            ch("clickhouse", &table),
+            plugin_toml::redis_topn("redis-topn", &prefix),
+            plugin_toml::external_api("external-api", stack, &ns, "per-event"),
+        ]
+        .concat();
+        let r = drain(
+            &t,
+            "three-per-event",
+            "host + all three, external-api `per-event` (one request per event)",
+            &topic,
+            n_per_event,
+            &three,
+            &["clickhouse", "redis-topn", "external-api"],
+        )
+        .await;
+        mock_reset(stack, &ns).await;
+        Some(r)
+    } else {
+        None
+    };
+    for table in &tables {
+        let _ = clickhouse_query_as(
+            stack,
+            &stack.clickhouse_admin,
+            &format!("DROP TABLE IF EXISTS fanout_sandbox.`{table}`"),
+        )
+        .await;
+    }
+
+    let _ = writeln!(
+        out,
+        "## 2. The host binary against tansu (separate process)\n\n\
+         One 4-partition tansu topic pre-filled with {n} envelopes ({:.1} s) serves every run \
+         below, each in consumer groups of its own. The host runs as `fanout run` (release, \
+         `RUST_LOG=info`, batches of 500 / 100 ms, content table from PostgreSQL, an empty \
+         content topic followed), its ClickHouse plugin as the stack's host user into a table of \
+         its own in `fanout_sandbox`, Redis under a key prefix of its own, the API in a mock \
+         namespace of its own. CPU: utime+stime of the host process (/proc/<pid>/stat) from the \
+         moment it answers on /metrics (plugins loaded) to the last event delivered to every \
+         plugin. events/s: from the first delivered batch to the last. Sinks' own CPU (Redis's \
+         Lua, ClickHouse, the mock API) is not counted for anyone.\n\n{RUN_HEADER}",
+        took.as_secs_f64()
+    );
+    let base = runs.first();
+    if let Some(b) = &bare {
+        let _ = writeln!(out, "{}", b.row(None).replacen("| 1.00x |", "| - |", 1));
+    }
+    for r in &runs {
+        let _ = writeln!(out, "{}", r.row(base));
+    }
+    if let Some(p) = &python {
+        let _ = writeln!(out, "{}", p.row(base));
+    }
+    if let Some(p) = &per_event {
+        let _ = writeln!(out, "{}", p.row(base));
+    }
+    let _ = writeln!(out);
+    if let Some(b) = &bare {
+        let _ = writeln!(
+            out,
+            "The bare consumer shows tansu's ceiling here ({:.0} msg/s): the no-op host's rate is \
+             bounded by it, its CPU per event is not.\n",
+            b.rate
+        );
+    }
+    let three = runs
+        .iter()
+        .find(|r| r.label.starts_with("host + all three"));
+    if let (Some(h), Some(p)) = (three, &python) {
+        let _ = writeln!(
+            out,
+            "## 3. Host + three plugins vs a plain Python consumer, same topic, same sinks\n\n\
+             | | events/s | CPU-s | events per CPU-second | CPU µs/event |\n|---|---|---|---|---|\n\
+             | host + all three | {:.0} | {:.2} | {:.0} | {:.1} |\n\
+             | plain Python consumer | {:.0} | {:.2} | {:.0} | {:.1} |\n\
+             | **ratio host / Python** | {:.2}x | | **{:.2}x** | |\n\n\
+             The Python consumer (`scripts/bench_python_consumer.py`, run with the stack's venv) \
+             reads the same topic in batches of 500 (100 ms), decodes, keeps inserts, enriches from \
+             the same content table, and per batch sends one redis-py pipeline (SET content:last, \
+             INCR content:count, ZINCRBY + EXPIRE the minute bucket per event; ZUNIONSTORE + EXPIRE \
+             of the 10-minute key), one ClickHouse `INSERT ... FORMAT JSONEachRow` over HTTP (host \
+             user, a table of its own in `fanout_sandbox`: that user may use no other database) \
+             and one POST of the batch to the mock API; offsets stored after a batch, committed \
+             by librdkafka every second. It does less than the plugins: no idempotency (no seen \
+             markers and no Lua script in Redis, no id lookup in ClickHouse, no Idempotency-Key), \
+             the three sinks one after the other instead of three lanes in parallel. Its CPU is \
+             its own getrusage (all threads) from subscribing to its last batch.\n\n\
+             Python's CPU by thread:\n",
+            h.rate,
+            h.cpu.cpu,
+            h.per_cpu_second(),
+            h.micros_per_event(),
+            p.rate,
+            p.cpu.cpu,
+            p.per_cpu_second(),
+            p.micros_per_event(),
+            h.rate / p.rate,
+            h.per_cpu_second() / p.per_cpu_second(),
+        );
+        groups_table(out, &p.cpu);
+        let _ = writeln!(out);
+    }
+    if let Some(cpu) = &three_cpu {
+        let _ = writeln!(
+            out,
+            "## Where the host's CPU goes: all three plugins\n\n\
+             Per thread of the host process (/proc/<pid>/task/*/stat), grouped by name, over the \
+             run's CPU window. `plugin-<name>` is a plugin's worker thread (Linux keeps 15 \
+             characters): its Wasm code, the lowering of batches into it and the capability calls \
+             it blocks on (the I/O of those calls is driven partly on the tokio workers).\n"
+        );
+        groups_table(out, cpu);
+        let _ = writeln!(out);
+    }
+    if let Some(cpu) = &noop_cpu {
+        let _ = writeln!(out, "The same for the no-op plugin:\n");
+        groups_table(out, cpu);
+        let _ = writeln!(out);
+    }
+}
+
+async fn mock_reset(stack: &Stack, ns: &str) {
+    let url = format!(
+        "{}/ns/{ns}/reset",
+        stack.external_api_url.trim_end_matches('/')
+    );
+    let _ = reqwest::Client::new().post(&url).send().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Backfill, and the runs of the previous benchmark kept as they were.
 
 async fn backfill_bench(stack: &Stack, rows: usize, report: &mut String) {
     let db = Database::create(stack, true).await;
@@ -249,8 +1172,8 @@ async fn backfill_bench(stack: &Stack, rows: usize, report: &mut String) {
         .arg(&path)
         .arg("--state-file")
         .arg(&state)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("backfill");
     let pid = child.id();
@@ -278,49 +1201,46 @@ async fn backfill_bench(stack: &Stack, rows: usize, report: &mut String) {
     );
 }
 
-/// The three default plugins together, the external API in `mode` ("per-event" or "batch").
-async fn three_plugins(stack: &Stack, n3: usize, mode: &str, report: &mut String) {
-    let ch_db = unique("bench");
-    let prefix = format!("{}:", unique("bench"));
-    let ns = unique("bench");
-    let three = plugin_toml::defaults(stack, &ch_db, &prefix, &ns, mode);
-    let (rate3, peak3) = drain(
-        stack,
-        &format!("three-{mode}"),
-        n3,
-        &three,
-        &["clickhouse", "redis-topn", "external-api"],
-    )
-    .await;
-    let _ = writeln!(
-        report,
-        "| host + the three default plugins (ClickHouse, Redis top-N, external API `{mode}` to the mock), {n3} events | {rate3:.0} events/s, peak RSS {} MiB |",
-        peak3 / 1024
-    );
-}
+/// Hand-written notes at the end of BENCHMARKS.md, below this line, survive a rewrite.
+const KEEP_MARKER: &str = "<!-- scripts/bench keeps what follows this line -->";
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let stack = Stack::get().expect("the local stack: scripts/stack up; . .stack/env");
     let n = env_usize("BENCH_EVENTS", 100_000);
-    let n3 = env_usize("BENCH_EVENTS_DEFAULT_PLUGINS", 10_000);
-    let rows = env_usize("BACKFILL_ROWS", 1_000_000);
-    let mut report = String::new();
+    let n_mock = env_usize("BENCH_MOCK_EVENTS", 300_000);
+    let n_per_event = env_usize("BENCH_EVENTS_DEFAULT_PLUGINS", 10_000);
+    let rows = env_usize("BACKFILL_ROWS", 300_000);
+    // The content table of every live run: the seed's content 1..20, the ids the envelopes use.
+    let db = Database::create(&stack, true).await;
+    let mut sections = String::new();
+    let mut other = String::new();
 
-    boundary(&mut report).await;
-
-    let noop = format!(
-        "[[plugins]]\nname = \"noop\"\npath = \"{}\"\n[plugins.config]\nmode = \"noop\"\n",
-        plugin_wasm("testkit").display()
-    );
-    let (rate, peak) = drain(&stack, "noop", n, &noop, &["noop"]).await;
-    let _ = writeln!(report, "| host + one no-op plugin, {n} events from a pre-filled topic (4 partitions) | {rate:.0} events/s, peak RSS {} MiB |", peak / 1024);
-
-    for mode in ["per-event", "batch"] {
-        three_plugins(&stack, n3, mode, &mut report).await;
+    if selected("boundary") {
+        boundary(&mut other).await;
     }
-
-    backfill_bench(&stack, rows, &mut report).await;
+    if selected("capabilities") {
+        capabilities::capability_overhead(&mut other).await;
+    }
+    if selected("mock") {
+        mock_section(&stack, &db.url, n_mock, &mut sections).await;
+    }
+    let tansu_items = [
+        "bare",
+        "noop",
+        "clickhouse",
+        "redis-topn",
+        "external-api",
+        "three",
+        "python",
+        "per-event",
+    ];
+    if tansu_items.iter().any(|i| selected(i)) {
+        tansu_section(&stack, &db.url, n, n_per_event, &mut sections).await;
+    }
+    if selected("backfill") {
+        backfill_bench(&stack, rows, &mut other).await;
+    }
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -330,16 +1250,29 @@ async fn main() {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
+    let path = repo_root().join("BENCHMARKS.md");
+    let kept = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|old| old.find(KEEP_MARKER).map(|i| old[i..].to_string()))
+        .unwrap_or_else(|| format!("{KEEP_MARKER}\n"));
     let doc = format!(
-        "# Benchmarks\n\nReproduce: `scripts/bench` (starts the stack, builds release binaries, runs \
-`cargo run --release -p fanout-tests --bin bench`, rewrites this file). Sizes: `BENCH_EVENTS`, \
-`BENCH_EVENTS_DEFAULT_PLUGINS`, `BACKFILL_ROWS`.\n\nOne run on {cpus} cores ({cpu}), {date}, shared \
-and noisy machine: compare ratios within the run, not absolute numbers across machines. \
-Everything runs on the local stack (tansu 0.6.0 with sqlite storage, Redis 7, ClickHouse 18.16, \
-the FastAPI mock), all on the same two cores as the host.\n\n| what | result |\n|---|---|\n{report}",
+        "# Benchmarks\n\nReproduce: `scripts/bench` (starts the stack, builds the plugins and the release \
+binaries, installs the Python consumer's packages into the stack's venv, runs \
+`target/release/bench`, rewrites this file above the marker at the end). Sizes: `BENCH_EVENTS={n}` \
+(the tansu topic), `BENCH_MOCK_EVENTS={n_mock}`, `BENCH_EVENTS_DEFAULT_PLUGINS={n_per_event}` (the \
+per-event run), `BACKFILL_ROWS={rows}`. Profile: `scripts/profile`.\n\nOne run on {cpus} cores \
+({cpu}), {date}, shared and noisy machine: compare ratios within the run, not absolute numbers \
+across machines. Everything runs on the local stack (tansu 0.6.0 with sqlite storage, Redis 7, \
+ClickHouse 18.16, the FastAPI mock, PostgreSQL), all on the same cores as the host. \"cores busy\" \
+is CPU-s over the CPU window's wall time: near the number of cores means CPU-bound.\n\n\
+{sections}## Other figures\n\n| what | result |\n|---|---|\n{other}\n{kept}",
         cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     );
-    std::fs::write(repo_root().join("BENCHMARKS.md"), &doc).expect("write BENCHMARKS.md");
+    if partial_run() {
+        eprintln!("BENCH_ONLY is set: BENCHMARKS.md left as it is");
+    } else {
+        std::fs::write(&path, &doc).expect("write BENCHMARKS.md");
+    }
     println!("{doc}");
 }
