@@ -15,7 +15,8 @@
 //!    `per-event` on a smaller topic of its own.
 //! 4. Backfill: rows/s over a table of BACKFILL_ROWS rows, and the process's peak memory.
 //!
-//! Sizes and selection by environment: BENCH_EVENTS (tansu topic), BENCH_MOCK_EVENTS,
+//! Sizes and selection by environment: BENCH_EVENTS (tansu topic), BENCH_MOCK_EVENTS (per
+//! round, at most 52,000: the mock broker keeps 5 MiB per partition) x BENCH_MOCK_ROUNDS,
 //! BENCH_EVENTS_DEFAULT_PLUGINS (the per-event run), BACKFILL_ROWS; BENCH_ONLY=a,b runs only
 //! those items (boundary, mock, bare, noop, clickhouse, redis-topn, external-api, three,
 //! python, per-event, backfill) and leaves BENCHMARKS.md alone; BENCH_PERF_DIR=dir records
@@ -102,7 +103,10 @@ fn process_cpu(pid: &str) -> f64 {
     stat_cpu(&format!("/proc/{pid}/stat")).map_or(0.0, |(_, s)| s)
 }
 
-/// tid -> (thread name, CPU seconds) of every live thread of a process.
+/// tid -> (thread name, CPU seconds) of every live thread of a process. The CPU time is the
+/// scheduler's run time in nanoseconds (`schedstat`): a thread's utime+stime moves in whole
+/// clock ticks, which loses most of what a thread that runs in short bursts uses over a
+/// few seconds. Falls back to utime+stime.
 fn thread_cpu(pid: &str) -> BTreeMap<String, (String, f64)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return BTreeMap::new();
@@ -110,7 +114,11 @@ fn thread_cpu(pid: &str) -> BTreeMap<String, (String, f64)> {
     dir.filter_map(|e| e.ok())
         .filter_map(|e| {
             let tid = e.file_name().to_string_lossy().into_owned();
-            stat_cpu(&format!("/proc/{pid}/task/{tid}/stat")).map(|c| (tid, c))
+            let (comm, ticks) = stat_cpu(&format!("/proc/{pid}/task/{tid}/stat"))?;
+            let ns = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+                .ok()
+                .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok());
+            Some((tid, (comm, ns.map_or(ticks, |ns| ns / 1e9))))
         })
         .collect()
 }
@@ -122,18 +130,20 @@ fn thread_group(comm: &str) -> String {
         "rdk:broker* (librdkafka, one per broker and client)".into()
     } else if comm == "rdk:main" {
         "rdk:main (librdkafka, one per client)".into()
-    } else if comm == "tokio-runtime-w" {
+    } else if comm == "tokio-runtime-w" || comm == "tokio-rt-worker" {
         "tokio-runtime-w (tokio workers and blocking pool)".into()
     } else {
         comm.to_string()
     }
 }
 
-/// A CPU snapshot of a process: total and per thread.
+/// A CPU snapshot of a process: total and per thread, and the last CPU time seen of every
+/// thread since (a thread that ends keeps what it used up to its last observation).
 struct CpuMark {
     pid: String,
     total: f64,
     threads: BTreeMap<String, (String, f64)>,
+    seen: BTreeMap<String, (String, f64)>,
     at: Instant,
 }
 
@@ -143,30 +153,40 @@ impl CpuMark {
         CpuMark {
             pid: pid.to_string(),
             total: process_cpu(pid),
+            seen: threads.clone(),
             threads,
             at: Instant::now(),
         }
     }
 
-    /// CPU since `self`: (total seconds, wall seconds, groups sorted by CPU, exited threads
-    /// last when they used any).
-    fn since(&self) -> CpuUse {
-        let now = CpuMark::take(&self.pid);
+    /// Notes every live thread's CPU so far.
+    fn observe(&mut self) {
+        self.seen.extend(thread_cpu(&self.pid));
+    }
+
+    /// CPU since the mark: total (exited threads included), wall seconds, thread groups
+    /// sorted by CPU, then what threads that ended used after their last observation.
+    fn since(mut self) -> CpuUse {
+        self.observe();
+        let total = process_cpu(&self.pid) - self.total;
+        let wall = self.at.elapsed().as_secs_f64();
         let mut groups: BTreeMap<String, f64> = BTreeMap::new();
-        for (tid, (comm, cpu)) in &now.threads {
+        for (tid, (comm, cpu)) in &self.seen {
             let before = self.threads.get(tid).map_or(0.0, |(_, c)| *c);
             *groups.entry(thread_group(comm)).or_default() += cpu - before;
         }
-        let total = now.total - self.total;
-        let live: f64 = groups.values().sum();
+        let seen: f64 = groups.values().sum();
         let mut groups: Vec<(String, f64)> = groups.into_iter().filter(|(_, c)| *c > 0.0).collect();
         groups.sort_by(|a, b| b.1.total_cmp(&a.1));
-        if total - live >= 0.01 {
-            groups.push(("(threads that ended during the run)".into(), total - live));
+        if (total - seen).abs() >= 0.01 {
+            groups.push((
+                "(difference: threads that ended, the total's whole ticks)".into(),
+                total - seen,
+            ));
         }
         CpuUse {
             cpu: total,
-            wall: now.at.duration_since(self.at).as_secs_f64(),
+            wall,
             groups,
         }
     }
@@ -209,6 +229,28 @@ struct Run {
 }
 
 impl Run {
+    /// Adds `r` to `sum`: events, CPU, wall time and thread groups; the rate over the summed
+    /// windows.
+    fn accumulate(sum: &mut Option<Run>, r: Run) {
+        let Some(s) = sum else {
+            *sum = Some(r);
+            return;
+        };
+        s.events += r.events;
+        s.cpu_events += r.cpu_events;
+        s.cpu.cpu += r.cpu.cpu;
+        s.cpu.wall += r.cpu.wall;
+        for (g, c) in r.cpu.groups {
+            match s.cpu.groups.iter_mut().find(|(h, _)| *h == g) {
+                Some((_, d)) => *d += c,
+                None => s.cpu.groups.push((g, c)),
+            }
+        }
+        s.cpu.groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+        s.rate = s.cpu_events / s.cpu.wall;
+        s.peak_kib = s.peak_kib.max(r.peak_kib);
+    }
+
     fn per_cpu_second(&self) -> f64 {
         self.cpu_events / self.cpu.cpu.max(1e-9)
     }
@@ -423,7 +465,6 @@ async fn prefill(stack: &Stack, topic: &str, n: usize) -> Duration {
 async fn bare_consumer(label: &str, brokers: &str, topic: &str, n: usize) -> Run {
     let (label, brokers, topic) = (label.to_string(), brokers.to_string(), topic.to_string());
     tokio::task::spawn_blocking(move || {
-        let mark = CpuMark::take("self");
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .set("group.id", unique("bench-bare"))
@@ -436,12 +477,14 @@ async fn bare_consumer(label: &str, brokers: &str, topic: &str, n: usize) -> Run
         consumer.subscribe(&[&topic]).expect("subscribe");
         let deadline = Instant::now() + Duration::from_secs(600);
         let (mut count, mut bytes) = (0usize, 0usize);
-        let mut first = None;
+        let mut mark = None;
         while count < n {
             assert!(Instant::now() < deadline, "bare consumer: {count} of {n}");
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    first.get_or_insert_with(Instant::now);
+                    if mark.is_none() {
+                        mark = Some(CpuMark::take("self"));
+                    }
                     count += 1;
                     bytes += std::hint::black_box(m.payload().map_or(0, <[u8]>::len));
                 }
@@ -450,13 +493,12 @@ async fn bare_consumer(label: &str, brokers: &str, topic: &str, n: usize) -> Run
             }
         }
         std::hint::black_box(bytes);
-        let cpu = mark.since();
+        let cpu = mark.expect("a message").since();
         drop(consumer);
-        let secs = first.map_or(f64::NAN, |t: Instant| t.elapsed().as_secs_f64());
         Run {
             label,
             events: n,
-            rate: n as f64 / secs,
+            rate: n as f64 / cpu.wall,
             cpu_events: n as f64,
             cpu,
             peak_kib: 0,
@@ -469,29 +511,93 @@ async fn bare_consumer(label: &str, brokers: &str, topic: &str, n: usize) -> Run
 // ---------------------------------------------------------------------------------------------
 // 2. The mock cluster: source ceiling and the host in this process.
 
-async fn mock_section(stack: &Stack, pg_url: &str, n: usize, out: &mut String) {
+/// librdkafka's mock broker keeps at most 5 MiB (and 100,000 messages) per partition and
+/// drops the oldest message sets past it (`rdkafka_mock.c`, fixed): about 14,000 of the
+/// bench's envelopes per partition. Above this a 4-partition topic loses events before they
+/// are read.
+const MOCK_MAX_EVENTS: usize = 52_000;
+
+async fn mock_section(stack: &Stack, pg_url: &str, n: usize, rounds: usize, out: &mut String) {
     use rdkafka::mocking::MockCluster;
+    assert!(
+        n <= MOCK_MAX_EVENTS,
+        "BENCH_MOCK_EVENTS={n}: a 4-partition topic of the mock cluster keeps about \
+         {MOCK_MAX_EVENTS} envelopes (5 MiB per partition); raise BENCH_MOCK_ROUNDS instead"
+    );
     let mock = MockCluster::new(1).expect("mock cluster");
     let brokers = mock.bootstrap_servers();
-    let (topic, content, dlq) = ("bench_events", "bench_content", "bench_dead_letter");
-    mock.create_topic(topic, 4, 1).expect("events topic");
+    let (content, dlq) = ("bench_content", "bench_dead_letter");
     mock.create_topic(content, 1, 1).expect("content topic");
     mock.create_topic(dlq, 1, 1).expect("dead-letter topic");
-    let took = fill(&brokers, topic, n).await;
-    eprintln!("bench mock: pre-filled {n} events in {took:?} ({brokers})");
-
-    let bare = bare_consumer(
-        "bare rdkafka consumer (BaseConsumer::poll), mock cluster",
-        &brokers,
-        topic,
-        n,
-    )
-    .await;
-    eprintln!(
-        "bench mock bare: {:.0} msg/s, {:.2} CPU-s",
-        bare.rate, bare.cpu.cpu
+    let mut bare: Option<Run> = None;
+    let mut host: Option<Run> = None;
+    let mut took = Duration::ZERO;
+    for round in 0..rounds {
+        let topic = format!("bench_events_{round}");
+        mock.create_topic(&topic, 4, 1).expect("events topic");
+        took += fill(&brokers, &topic, n).await;
+        let b = bare_consumer(
+            "bare rdkafka consumer (BaseConsumer::poll), mock cluster",
+            &brokers,
+            &topic,
+            n,
+        )
+        .await;
+        let h = mock_host(stack, pg_url, &brokers, &topic, content, dlq, n).await;
+        eprintln!(
+            "bench mock round {round}: bare {:.0} msg/s {:.2} CPU-s; host {:.0} events/s {:.2} CPU-s",
+            b.rate, b.cpu.cpu, h.rate, h.cpu.cpu
+        );
+        Run::accumulate(&mut bare, b);
+        Run::accumulate(&mut host, h);
+    }
+    let (bare, host) = (bare.expect("a round"), host.expect("a round"));
+    let total = n * rounds;
+    let _ = writeln!(
+        out,
+        "## 1. Source not the bottleneck: librdkafka's mock cluster, in the bench process\n\n\
+         {rounds} rounds; each: a new 4-partition topic of the mock cluster \
+         (`rdkafka::mocking::MockCluster`, one broker, running as threads `rdk:mock` of this \
+         process) pre-filled with {n} Debezium envelopes (the mock keeps 5 MiB per partition, \
+         so a round holds no more), drained by a bare consumer, then by the host as a library \
+         (`fanout::app::App::start` + `run`, one lane, testkit `noop` plugin, content table from \
+         PostgreSQL, batches of 500; `App` started anew per round, plugin from the compile \
+         cache). Figures are the sums over the rounds ({total} events; filling took {:.1} s). \
+         CPU: this process's utime+stime (all threads) from the first message consumed to the \
+         last event consumed (resp. delivered), the group join before it not counted; events/s \
+         over the same window. Nothing subtracted: the mock broker's own CPU is in both and \
+         shown apart.\n\n{RUN_HEADER}\n{}\n{}\n",
+        took.as_secs_f64(),
+        bare.row(None),
+        host.row(Some(&bare)),
     );
+    let (bare_mock, host_mock) = (bare.cpu.group("rdk:mock"), host.cpu.group("rdk:mock"));
+    let _ = writeln!(
+        out,
+        "- of that CPU, the mock broker (`rdk:mock`): bare {bare_mock:.2} s, host {host_mock:.2} s; \
+         without it: bare {:.0} events per CPU-second, host {:.0} ({:.1} CPU µs/event)\n\
+         - the host takes {:.1}x the bare consumer's CPU per event, and reaches {:.0}% of its rate\n",
+        bare.cpu_events / (bare.cpu.cpu - bare_mock).max(1e-9),
+        host.cpu_events / (host.cpu.cpu - host_mock).max(1e-9),
+        1e6 * (host.cpu.cpu - host_mock) / host.cpu_events,
+        bare.per_cpu_second() / host.per_cpu_second(),
+        100.0 * host.rate / bare.rate,
+    );
+    let _ = writeln!(out, "Host runs, CPU by thread (sum of the rounds):\n");
+    groups_table(out, &host.cpu);
+    let _ = writeln!(out);
+}
 
+/// The host (library) with the no-op plugin on a pre-filled topic of the mock cluster.
+async fn mock_host(
+    stack: &Stack,
+    pg_url: &str,
+    brokers: &str,
+    topic: &str,
+    content: &str,
+    dlq: &str,
+    n: usize,
+) -> Run {
     let toml = format!(
         r#"
 [kafka]
@@ -528,31 +634,39 @@ mode = "noop"
     let app = fanout::app::App::start(cfg).await.expect("host start");
     let metrics = app.metrics.clone();
     let series = fanout::metrics::label("plugin", "noop");
+    let consumed = metrics.lane("noop");
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let mark = CpuMark::take("self");
     let run = app.run(shutdown);
     tokio::pin!(run);
     let started = Instant::now();
+    // The window opens at the lane's first message (the group join before it is not counted)
+    // and closes when the last event is delivered.
     let watch = async {
-        let mut first = None;
+        let mut mark: Option<(CpuMark, usize)> = None;
+        let mut polls = 0u32;
         loop {
             let delivered = metrics.labelled("fanout_events_delivered_total", &series) as usize;
-            if delivered > 0 && first.is_none() {
-                first = Some((Instant::now(), delivered));
+            match &mut mark {
+                None if consumed.messages_consumed.get() > 0 => {
+                    mark = Some((CpuMark::take("self"), delivered));
+                }
+                Some((m, _)) if polls.is_multiple_of(10) => m.observe(),
+                _ => {}
             }
+            polls += 1;
             if delivered >= n {
-                return first;
+                return mark.expect("a consumed message");
             }
             assert!(
                 started.elapsed() < Duration::from_secs(900),
                 "host on the mock cluster: {delivered} of {n} delivered"
             );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
-    let first = tokio::select! {
+    let (mark, d0) = tokio::select! {
         r = &mut run => panic!("the host stopped on the mock cluster: {r:?}"),
-        first = watch => first,
+        mark = watch => mark,
     };
     let cpu = mark.since();
     let _ = stop.send(true);
@@ -560,49 +674,14 @@ mode = "noop"
         Ok(r) => r.expect("host run"),
         Err(_) => eprintln!("bench mock: the host did not stop within 30 s"),
     }
-    let (t1, d1) = first.expect("first delivery");
-    let host = Run {
+    Run {
         label: "host + no-op plugin (library, in this process), mock cluster".into(),
         events: n,
-        rate: (n - d1) as f64 / t1.elapsed().as_secs_f64(),
-        cpu_events: n as f64,
+        rate: (n - d0) as f64 / cpu.wall,
+        cpu_events: (n - d0) as f64,
         cpu,
         peak_kib: 0,
-    };
-    eprintln!(
-        "bench mock host: {:.0} events/s, {:.2} CPU-s",
-        host.rate, host.cpu.cpu
-    );
-    let _ = writeln!(
-        out,
-        "## 1. Source not the bottleneck: librdkafka's mock cluster, in the bench process\n\n\
-         A 4-partition topic of the mock cluster (`rdkafka::mocking::MockCluster`, one broker, \
-         running as threads `rdk:mock` of this process) pre-filled with {n} Debezium envelopes \
-         ({:.1} s), drained by a bare consumer, then by the host as a library \
-         (`fanout::app::App::start` + `run`, one lane, testkit `noop` plugin, content table from \
-         PostgreSQL, batches of 500). CPU: this process's utime+stime from the start of the drain \
-         (subscribe, resp. `App::run`) to the last event; nothing subtracted: the mock broker's \
-         own CPU is in both and shown apart. events/s: from the first message (resp. first \
-         delivered batch) to the last.\n\n{RUN_HEADER}\n{}\n{}\n",
-        took.as_secs_f64(),
-        bare.row(None),
-        host.row(Some(&bare)),
-    );
-    let (bare_mock, host_mock) = (bare.cpu.group("rdk:mock"), host.cpu.group("rdk:mock"));
-    let _ = writeln!(
-        out,
-        "- of that CPU, the mock broker (`rdk:mock`): bare {bare_mock:.2} s, host {host_mock:.2} s; \
-         without it: bare {:.0} events per CPU-second, host {:.0} ({:.1} CPU µs/event)\n\
-         - the host takes {:.1}x the bare consumer's CPU per event, and reaches {:.0}% of its rate\n",
-        n as f64 / (bare.cpu.cpu - bare_mock).max(1e-9),
-        n as f64 / (host.cpu.cpu - host_mock).max(1e-9),
-        1e6 * (host.cpu.cpu - host_mock) / n as f64,
-        bare.per_cpu_second() / host.per_cpu_second(),
-        100.0 * host.rate / bare.rate,
-    );
-    let _ = writeln!(out, "Host run, CPU by thread:\n");
-    groups_table(out, &host.cpu);
-    let _ = writeln!(out);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,9 +735,9 @@ struct Tansu<'a> {
 }
 
 /// Runs the host binary on `topic` (pre-filled with `n`) until every event is delivered to
-/// every plugin of `plugins_toml`. CPU from /proc/<pid>/stat from the moment the host answers
-/// on /metrics (plugins loaded, live path starting) to the last delivery; events/s from the
-/// first delivered batch of every lane.
+/// every plugin of `plugins_toml`. CPU from /proc/<pid>/stat from the first message a lane
+/// consumed to the last delivery of every lane; events/s of the slowest lane, from its first
+/// message to its last delivery.
 async fn drain(
     t: &Tansu<'_>,
     name: &str,
@@ -689,19 +768,17 @@ async fn drain(
     };
     let pid = host.proc.child.id();
     let started = Instant::now();
-    let series: Vec<String> = plugins
+    let delivered: Vec<String> = plugins
         .iter()
         .map(|p| format!("fanout_events_delivered_total{{plugin=\"{p}\"}}"))
         .collect();
-    // The CPU window opens once the host answers: plugins are loaded (compiled or from the
-    // cache), the live path is about to start.
-    let (mark, at_mark, _perf) = loop {
-        let m = host.metrics().await;
-        if !m.is_empty() {
-            let perf = Perf::attach(pid, name);
-            let mark = CpuMark::take(&pid.to_string());
-            let at: Vec<f64> = series.iter().map(|s| metric_value(&m, s)).collect();
-            break (mark, at, perf);
+    let consumed: Vec<String> = plugins
+        .iter()
+        .map(|p| format!("fanout_messages_consumed_total{{plugin=\"{p}\"}}"))
+        .collect();
+    loop {
+        if !host.metrics().await.is_empty() {
+            break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(300),
@@ -709,20 +786,45 @@ async fn drain(
             host.proc.log.display()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut first: Option<(Instant, f64)> = None;
+    }
+    // The window opens when a lane has consumed its first message (the group join before it
+    // is not counted) and closes when every lane has delivered the last event.
+    let mut mark: Option<(CpuMark, Vec<f64>)> = None;
+    let mut perf: Option<Perf> = None;
+    // Per lane: (when it consumed its first message, delivered then) and when it delivered
+    // the last event. The run's events/s is the slowest lane's over its own window (lanes
+    // join their consumer groups one by one, seconds apart on tansu).
+    let mut lane_start: Vec<Option<(Instant, f64)>> = vec![None; plugins.len()];
+    let mut lane_end: Vec<Option<Instant>> = vec![None; plugins.len()];
     let mut peak = 0;
+    let mut polls = 0u32;
     loop {
         let m = host.metrics().await;
+        let now = Instant::now();
         peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
-        let delivered = series
-            .iter()
-            .map(|s| metric_value(&m, s))
-            .fold(f64::INFINITY, f64::min);
-        if delivered > 0.0 && first.is_none() {
-            first = Some((Instant::now(), delivered));
+        let values = |series: &[String]| -> Vec<f64> {
+            series.iter().map(|s| metric_value(&m, s)).collect()
+        };
+        let (consumed_now, delivered_now) = (values(&consumed), values(&delivered));
+        match &mut mark {
+            None if consumed_now.iter().any(|c| *c > 0.0) => {
+                mark = Some((CpuMark::take(&pid.to_string()), delivered_now.clone()));
+                // scripts/profile: perf samples the same window (from about 0.3 s into it).
+                perf = Some(Perf::attach(pid, name));
+            }
+            Some((cpu, _)) if polls.is_multiple_of(2) => cpu.observe(),
+            _ => {}
         }
-        if delivered >= n as f64 {
+        polls += 1;
+        for (i, (c, d)) in consumed_now.iter().zip(&delivered_now).enumerate() {
+            if *c > 0.0 && lane_start[i].is_none() {
+                lane_start[i] = Some((now, *d));
+            }
+            if *d >= n as f64 && lane_end[i].is_none() {
+                lane_end[i] = Some(now);
+            }
+        }
+        if mark.is_some() && lane_end.iter().all(Option::is_some) {
             break;
         }
         assert!(
@@ -730,17 +832,29 @@ async fn drain(
             "bench {name} took too long; see {}",
             host.proc.log.display()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Every scrape costs the host a little CPU (HTTP, rendering): 20 a second.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (mark, at_mark) = mark.expect("window");
     let cpu = mark.since();
-    let (t1, d1) = first.expect("first delivery");
-    // Events processed in the CPU window: per lane, those delivered after it opened.
+    drop(perf);
+    // Events processed in the window: per lane, those delivered after it opened.
     let cpu_events =
         at_mark.iter().map(|d| n as f64 - d).sum::<f64>() / at_mark.len().max(1) as f64;
+    let lane_rates: Vec<f64> = lane_start
+        .iter()
+        .zip(&lane_end)
+        .filter_map(|(s, e)| {
+            let ((start, d0), end) = ((*s)?, (*e)?);
+            Some((n as f64 - d0) / end.duration_since(start).as_secs_f64().max(1e-3))
+        })
+        .collect();
+    eprintln!("bench {name}: events/s per lane {plugins:?}: {lane_rates:.0?}");
+    let rate = lane_rates.iter().copied().fold(f64::INFINITY, f64::min);
     let run = Run {
         label: label.to_string(),
         events: n,
-        rate: (n as f64 - d1) / t1.elapsed().as_secs_f64(),
+        rate,
         cpu_events,
         cpu,
         peak_kib: peak,
@@ -814,14 +928,12 @@ async fn python_consumer(t: &Tansu<'_>, ch_table: &str, prefix: &str, ns: &str) 
         .find_map(|l| serde_json::from_str(l).ok())
         .expect("python consumer's JSON line");
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let groups = v["threads"]
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, c)| (k.clone(), c.as_f64().unwrap_or(0.0)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut groups: BTreeMap<String, f64> = BTreeMap::new();
+    for (comm, c) in v["threads"].as_object().into_iter().flatten() {
+        *groups.entry(thread_group(comm)).or_default() += c.as_f64().unwrap_or(0.0);
+    }
+    let mut groups: Vec<(String, f64)> = groups.into_iter().filter(|(_, c)| *c > 0.0).collect();
+    groups.sort_by(|a, b| b.1.total_cmp(&a.1));
     let run = Run {
         label: "plain Python consumer (confluent-kafka, redis-py, requests), same three sinks"
             .into(),
@@ -830,7 +942,7 @@ async fn python_consumer(t: &Tansu<'_>, ch_table: &str, prefix: &str, ns: &str) 
         cpu_events: f("events"),
         cpu: CpuUse {
             cpu: f("cpu_s"),
-            wall: f("wall_s_from_ready"),
+            wall: f("wall_s"),
             groups,
         },
         peak_kib: peak,
@@ -1042,10 +1154,13 @@ async fn tansu_section(
          `RUST_LOG=info`, batches of 500 / 100 ms, content table from PostgreSQL, an empty \
          content topic followed), its ClickHouse plugin as the stack's host user into a table of \
          its own in `fanout_sandbox`, Redis under a key prefix of its own, the API in a mock \
-         namespace of its own. CPU: utime+stime of the host process (/proc/<pid>/stat) from the \
-         moment it answers on /metrics (plugins loaded) to the last event delivered to every \
-         plugin. events/s: from the first delivered batch to the last. Sinks' own CPU (Redis's \
-         Lua, ClickHouse, the mock API) is not counted for anyone.\n\n{RUN_HEADER}",
+         namespace of its own. CPU: utime+stime of the host process (/proc/<pid>/stat, all \
+         threads) from the first message a lane consumed to the last event delivered to every \
+         plugin (the consumer group join before is not counted, for no consumer); events/s: the \
+         slowest lane's, from its first message to its last delivery (lanes join their groups \
+         one by one). The bare consumer and the Python consumer are measured from their \
+         first message to their last. Sinks' own CPU (Redis's Lua, ClickHouse, the mock API) is \
+         not counted for anyone.\n\n{RUN_HEADER}",
         took.as_secs_f64()
     );
     let base = runs.first();
@@ -1091,7 +1206,7 @@ async fn tansu_section(
              by librdkafka every second. It does less than the plugins: no idempotency (no seen \
              markers and no Lua script in Redis, no id lookup in ClickHouse, no Idempotency-Key), \
              the three sinks one after the other instead of three lanes in parallel. Its CPU is \
-             its own getrusage (all threads) from subscribing to its last batch.\n\n\
+             its own getrusage (all threads) from its first message to its last batch.\n\n\
              Python's CPU by thread:\n",
             h.rate,
             h.cpu.cpu,
@@ -1111,10 +1226,14 @@ async fn tansu_section(
         let _ = writeln!(
             out,
             "## Where the host's CPU goes: all three plugins\n\n\
-             Per thread of the host process (/proc/<pid>/task/*/stat), grouped by name, over the \
-             run's CPU window. `plugin-<name>` is a plugin's worker thread (Linux keeps 15 \
-             characters): its Wasm code, the lowering of batches into it and the capability calls \
-             it blocks on (the I/O of those calls is driven partly on the tokio workers).\n"
+             Per thread of the host process (run time from /proc/<pid>/task/*/schedstat; the \
+             total is the process's utime+stime), grouped by name, over the run's CPU window. \
+             `plugin-<name>` is a plugin's worker thread (Linux keeps 15 characters): its Wasm \
+             code, the lowering of batches into it and the capability calls it blocks on (the I/O \
+             of those calls is driven partly on the tokio workers). `producer pollin` is the \
+             dead-letter producer's polling thread, `wasm-epoch` the deadline ticker: both cost \
+             about the same per second whatever the load. `scripts/profile` breaks the CPU down \
+             by function.\n"
         );
         groups_table(out, cpu);
         let _ = writeln!(out);
@@ -1201,6 +1320,43 @@ async fn backfill_bench(stack: &Stack, rows: usize, report: &mut String) {
     );
 }
 
+/// The commit measured: BENCH_COMMIT, else git's HEAD, marked `-dirty` when the host, the
+/// plugins, the SDK or the WIT differ from it.
+fn measured_commit() -> String {
+    if let Ok(c) = std::env::var("BENCH_COMMIT") {
+        return c;
+    }
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(repo_root())
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "unknown".into();
+    };
+    let dirty = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        "host",
+        "plugins",
+        "sdk",
+        "wit",
+    ])
+    .is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{head}-dirty")
+    } else {
+        head
+    }
+}
+
 /// Hand-written notes at the end of BENCHMARKS.md, below this line, survive a rewrite.
 const KEEP_MARKER: &str = "<!-- scripts/bench keeps what follows this line -->";
 
@@ -1208,22 +1364,24 @@ const KEEP_MARKER: &str = "<!-- scripts/bench keeps what follows this line -->";
 async fn main() {
     let stack = Stack::get().expect("the local stack: scripts/stack up; . .stack/env");
     let n = env_usize("BENCH_EVENTS", 100_000);
-    let n_mock = env_usize("BENCH_MOCK_EVENTS", 300_000);
+    let n_mock = env_usize("BENCH_MOCK_EVENTS", 48_000);
+    let mock_rounds = env_usize("BENCH_MOCK_ROUNDS", 6);
     let n_per_event = env_usize("BENCH_EVENTS_DEFAULT_PLUGINS", 10_000);
     let rows = env_usize("BACKFILL_ROWS", 300_000);
     // The content table of every live run: the seed's content 1..20, the ids the envelopes use.
     let db = Database::create(&stack, true).await;
     let mut sections = String::new();
+    let mut wasm_out = String::new();
     let mut other = String::new();
 
     if selected("boundary") {
-        boundary(&mut other).await;
+        boundary(&mut wasm_out).await;
     }
     if selected("capabilities") {
-        capabilities::capability_overhead(&mut other).await;
+        capabilities::capability_overhead(&mut wasm_out).await;
     }
     if selected("mock") {
-        mock_section(&stack, &db.url, n_mock, &mut sections).await;
+        mock_section(&stack, &db.url, n_mock, mock_rounds, &mut sections).await;
     }
     let tansu_items = [
         "bare",
@@ -1259,15 +1417,16 @@ async fn main() {
         "# Benchmarks\n\nReproduce: `scripts/bench` (starts the stack, builds the plugins and the release \
 binaries, installs the Python consumer's packages into the stack's venv, runs \
 `target/release/bench`, rewrites this file above the marker at the end). Sizes: `BENCH_EVENTS={n}` \
-(the tansu topic), `BENCH_MOCK_EVENTS={n_mock}`, `BENCH_EVENTS_DEFAULT_PLUGINS={n_per_event}` (the \
-per-event run), `BACKFILL_ROWS={rows}`. Profile: `scripts/profile`.\n\nOne run on {cpus} cores \
-({cpu}), {date}, shared and noisy machine: compare ratios within the run, not absolute numbers \
+(the tansu topic), `BENCH_MOCK_EVENTS={n_mock}` x `BENCH_MOCK_ROUNDS={mock_rounds}`, `BENCH_EVENTS_DEFAULT_PLUGINS={n_per_event}` (the \
+per-event run), `BACKFILL_ROWS={rows}`. Profile: `scripts/profile`.\n\nOne run of commit {commit} on \
+{cpus} cores ({cpu}), {date}, shared and noisy machine: compare ratios within the run, not absolute numbers \
 across machines. Everything runs on the local stack (tansu 0.6.0 with sqlite storage, Redis 7, \
 ClickHouse 18.16, the FastAPI mock, PostgreSQL), all on the same cores as the host. \"cores busy\" \
 is CPU-s over the CPU window's wall time: near the number of cores means CPU-bound.\n\n\
-{sections}## Other figures\n\n| what | result |\n|---|---|\n{other}\n{kept}",
+{sections}## The Wasm boundary and capability calls\n{wasm_out}\n## Backfill\n\n| what | result |\n|---|---|\n{other}\n{kept}",
         cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        commit = measured_commit(),
     );
     if partial_run() {
         eprintln!("BENCH_ONLY is set: BENCHMARKS.md left as it is");
