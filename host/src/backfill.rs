@@ -161,8 +161,8 @@ pub async fn run(
                 topic: SOURCE.into(),
                 partition: 0,
                 offset: event.id,
-                key: Some(format!("{{\"id\":{}}}", event.id).into_bytes()),
-                payload: Some(row_json(&event).into_bytes()),
+                key: Some(format!("{{\"id\":{}}}", event.id).into_bytes().into()),
+                payload: Some(row_json(&event).into_bytes().into()),
             };
             last_id = event.id;
             pending.push_event(event, origin);

@@ -10,13 +10,14 @@ use crate::decode::RawEvent;
 use crate::plugin::{PluginBatch, SourceRange};
 
 /// Where a record came from, kept so that it can be dead-lettered with its original bytes.
+/// The bytes are shared: every lane holds the same message (see [`crate::lane::decoded`]).
 #[derive(Debug, Clone)]
 pub struct Origin {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
+    pub key: Option<Arc<[u8]>>,
+    pub payload: Option<Arc<[u8]>>,
 }
 
 /// (topic, partition) -> (first, last) offset.

@@ -114,7 +114,7 @@ pub async fn enrich_batch(
         let event = join(raw, row);
         if positioned {
             let is_origin =
-                |s: &SourceRange| s.partition == origin.partition && s.topic == origin.topic;
+                |s: &SourceRange| s.partition == origin.partition && *s.topic == *origin.topic;
             let source = if sources.get(last_source).is_some_and(is_origin) {
                 Some(last_source)
             } else {
@@ -266,7 +266,7 @@ mod tests {
                 partition,
                 offset,
                 key: None,
-                payload: Some(vec![i as u8]),
+                payload: Some(vec![i as u8].into()),
             };
             pending.push_event(ev, origin);
         }
@@ -373,11 +373,11 @@ mod bench {
                         .enumerate()
                         .map(|(i, ev)| {
                             let origin = Origin {
-                                topic: topic.to_string(),
+                                topic: topic.into(),
                                 partition: (i / 125) as i32,
                                 offset: i as i64,
-                                key: Some(br#"{"id":1}"#.to_vec()),
-                                payload: Some(payload[..bytes].to_vec()),
+                                key: Some(br#"{"id":1}"#.to_vec().into()),
+                                payload: Some(payload[..bytes].to_vec().into()),
                             };
                             (ev.clone(), origin)
                         })

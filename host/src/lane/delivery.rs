@@ -320,11 +320,11 @@ impl Delivery {
             .and_then(|i| batch.origins.get(i))
             .cloned()
             .unwrap_or_else(|| Origin {
-                topic: String::new(),
+                topic: Arc::from(""),
                 partition: -1,
                 offset: -1,
                 key: None,
-                payload: Some(format!("{{\"event_id\":{event_id}}}").into_bytes()),
+                payload: Some(format!("{{\"event_id\":{event_id}}}").into_bytes().into()),
             });
         DeadLetter {
             stage: Stage::Plugin,

@@ -10,6 +10,7 @@
 //! partition was in this batch or an earlier, already delivered one.
 
 pub mod consumer;
+pub mod decoded;
 pub mod delivery;
 pub mod lag;
 
@@ -28,9 +29,10 @@ use crate::batch::{Origin, PendingBatch, ReadyBatch};
 use crate::config::{BatchConfig, EnrichConfig};
 use crate::content::ContentTable;
 use crate::deadletter::{DeadLetter, Stage};
-use crate::decode::{decode_event, EventMessage};
+use crate::decode::EventMessage;
 use crate::enrich::enrich_batch;
 use crate::metrics::{label, LaneMetrics, Metrics};
+use decoded::DecodedMessages;
 use delivery::{DeliveryError, PluginSlot};
 
 /// One plugin's lane.
@@ -39,7 +41,8 @@ pub struct Lane {
     pub name: String,
     pub group: String,
     pub consumer: Arc<consumer::LaneConsumer>,
-    pub include_snapshot_reads: bool,
+    /// Messages decoded once for all lanes.
+    pub decoded: Arc<DecodedMessages>,
     pub batch: BatchConfig,
     pub enrich: EnrichConfig,
     pub content: ContentTable,
@@ -247,17 +250,22 @@ impl Lane {
         if let Some(ts) = m.timestamp().to_millis() {
             pending.record_timestamp(ts);
         }
+        let decoded = self.decoded.get(m);
         let origin = || Origin {
-            topic: m.topic().to_string(),
+            topic: if m.topic() == &**self.decoded.topic() {
+                Arc::clone(self.decoded.topic())
+            } else {
+                Arc::from(m.topic())
+            },
             partition: m.partition(),
             offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec),
+            key: decoded.key.clone(),
+            payload: decoded.payload.clone(),
         };
-        match decode_event(m.payload(), self.include_snapshot_reads) {
+        match &decoded.outcome {
             Ok(EventMessage::Insert(event)) => {
                 self.counters.events_decoded.inc();
-                pending.push_event(event, origin());
+                pending.push_event(event.clone(), origin());
             }
             Ok(EventMessage::Skip(reason)) => {
                 debug!(lane = %self.name, reason = reason.as_str(), offset = m.offset(), "skipped");
