@@ -73,7 +73,11 @@ fn attr_in_tag(dom: &str, marker: &str, attr: &str) -> Option<String> {
 /// Every (content id, score) of the page's top list, in order.
 fn top_list(dom: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();
-    let mut rest = dom;
+    let Some(start) = dom.find("id=\"top-list\"") else {
+        return out;
+    };
+    let end = dom[start..].find("</ol>").map_or(dom.len(), |e| start + e);
+    let mut rest = &dom[start..end];
     while let Some(at) = rest.find("data-content-id=\"") {
         let tail = &rest[at + "data-content-id=\"".len()..];
         let id: String = tail.chars().take_while(|c| *c != '"').collect();
