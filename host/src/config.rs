@@ -179,7 +179,7 @@ pub enum RedisUsers {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpServerConfig {
-    /// Address of /metrics, /healthz and the dashboard. Empty disables the server.
+    /// Address of /metrics, /healthz and the console (`/`). Empty disables the server.
     #[serde(default = "default_http_listen")]
     pub listen: String,
 }
