@@ -48,7 +48,13 @@ struct State {
     previous: Option<Totals>,
     top: TopContent,
     dead_letters: DeadLetters,
+    /// When the console's data was last asked for: the dead-letter topic is only read while
+    /// someone looks (each read is a Kafka client and a few broker round trips).
+    viewed: Option<std::time::Instant>,
 }
+
+/// How long after the last look the console keeps reading the dead-letter topic.
+const VIEWED_FOR: Duration = Duration::from_secs(120);
 
 /// One point of the history.
 #[derive(Clone, Debug, Serialize)]
@@ -142,7 +148,7 @@ impl Console {
     }
 
     /// Samples until shutdown: metrics and the top content every interval, the dead-letter
-    /// topic's tail every [`DEAD_LETTER_REFRESH`].
+    /// topic's tail every [`DEAD_LETTER_REFRESH`] while the console is being looked at.
     pub fn spawn(self, mut shutdown: watch::Receiver<bool>) {
         tokio::spawn(async move {
             let redis = self.top_reader().await;
@@ -161,7 +167,13 @@ impl Console {
                         s.top = top;
                     }
                 }
-                if last_letters.is_none_or(|t| t.elapsed() >= DEAD_LETTER_REFRESH) {
+                let viewed = self
+                    .state
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.viewed)
+                    .is_some_and(|t| t.elapsed() < VIEWED_FOR);
+                if viewed && last_letters.is_none_or(|t| t.elapsed() >= DEAD_LETTER_REFRESH) {
                     last_letters = Some(tokio::time::Instant::now());
                     self.refresh_dead_letters().await;
                 }
@@ -367,11 +379,14 @@ impl Console {
     /// Everything the page shows, as JSON.
     pub fn snapshot(&self) -> Value {
         let (history, top, dead_letters) = match self.state.lock() {
-            Ok(s) => (
-                history_json(&s.samples),
-                serde_json::to_value(&s.top).unwrap_or(Value::Null),
-                serde_json::to_value(&s.dead_letters).unwrap_or(Value::Null),
-            ),
+            Ok(mut s) => {
+                s.viewed = Some(std::time::Instant::now());
+                (
+                    history_json(&s.samples),
+                    serde_json::to_value(&s.top).unwrap_or(Value::Null),
+                    serde_json::to_value(&s.dead_letters).unwrap_or(Value::Null),
+                )
+            }
             Err(_) => (Value::Null, Value::Null, Value::Null),
         };
         let health = self.metrics.health_map();
