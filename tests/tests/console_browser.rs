@@ -180,7 +180,10 @@ url = "{closed}events"
         let plugins = d["plugins"].as_array()?;
         let topn = plugins.iter().find(|p| p["name"] == "redis-topn")?;
         let failing = plugins.iter().find(|p| p["name"] == "unreachable")?;
+        let picky = plugins.iter().find(|p| p["name"] == "picky")?;
+        // picky takes the even events once their odd neighbours are dead-lettered.
         let ready = topn["delivered"].as_f64()? == total
+            && picky["delivered"].as_f64()? == (total / 2.0).floor()
             && failing["healthy"] == false
             && d["history"]["t"].as_array()?.len() >= 5
             && d["top"]["items"].as_array()?.len() == 5
@@ -192,6 +195,23 @@ url = "{closed}events"
         "console data: {} samples, top {}",
         data["history"]["t"].as_array().map_or(0, Vec::len),
         data["top"]["items"]
+    );
+
+    // The same facts on /metrics, for Prometheus and the load tests: histograms per plugin
+    // (one age observation per event taken), lag of the stuck lane, dead letters by reason.
+    let m = host.metrics().await;
+    let value = |series: &str| metric_value(&m, series);
+    assert_eq!(
+        value("fanout_event_age_seconds_count{plugin=\"redis-topn\"}"),
+        total,
+        "{m}"
+    );
+    assert!(value("fanout_batch_delivery_seconds_count{plugin=\"redis-topn\"}") >= 1.0);
+    assert!(value("fanout_plugin_call_seconds_count{plugin=\"unreachable\"}") >= 2.0);
+    assert!(value("fanout_lane_lag_messages{plugin=\"unreachable\"}") > 0.0);
+    assert_eq!(
+        value("fanout_dead_letters_total{plugin=\"picky\",stage=\"plugin\",reason=\"rejected\"}"),
+        (1..=id).filter(|i| i % 2 == 1).count() as f64
     );
 
     let mut conn = redis(&stack).await;
