@@ -170,9 +170,18 @@ impl App {
     ) -> Result<(), StartError> {
         let cfg = &self.config;
         let mut slots = std::collections::BTreeMap::new();
+        // The console reads the lanes' slots (the plugin version each lane runs, swaps
+        // included) once the lanes exist; /metrics and /healthz answer from the start.
+        let console = crate::console::Console::new(
+            self.metrics.clone(),
+            cfg.console.clone(),
+            cfg.kafka.clone(),
+            self.content.clone(),
+        );
         tokio::spawn(crate::serve::serve(
             cfg.http.listen.clone(),
             self.metrics.clone(),
+            console.clone(),
         ));
         if !cfg.kafka.content_topic.is_empty() {
             self.content.follow_topic(
@@ -235,6 +244,8 @@ impl App {
             let task = lanes.spawn(lane.run(shutdown.clone()));
             lane_names.insert(task.id(), plugin.name().to_string());
         }
+        console.set_slots(slots.clone());
+        console.spawn(shutdown.clone());
         LagMonitor {
             kafka: cfg.kafka.clone(),
             health: cfg.health.clone(),

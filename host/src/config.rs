@@ -42,6 +42,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub cache: CacheConfig,
+    #[serde(default)]
+    pub console: ConsoleConfig,
     #[serde(default, rename = "plugins")]
     pub plugins: Vec<PluginConfig>,
 }
@@ -177,7 +179,7 @@ pub enum RedisUsers {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpServerConfig {
-    /// Address of /metrics, /healthz and the dashboard. Empty disables the server.
+    /// Address of /metrics, /healthz and the console (`/`). Empty disables the server.
     #[serde(default = "default_http_listen")]
     pub listen: String,
 }
@@ -188,6 +190,60 @@ impl Default for HttpServerConfig {
             listen: default_http_listen(),
         }
     }
+}
+
+/// The operations console at `/` on `http.listen` (see docs/operations.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// How often the console samples rates, ages, lag and the top content; it keeps
+    /// `history_minutes` of samples in memory, so a fresh page shows the recent past.
+    #[serde(default = "default_sample_interval_ms")]
+    pub sample_interval_ms: u64,
+    #[serde(default = "default_history_minutes")]
+    pub history_minutes: u64,
+    /// The host's own read-only Redis access for the top-content view: a URL with an ACL user
+    /// that may only read the top keys (`scripts/stack` makes `fanout-console`). Never the
+    /// admin `services.redis_url`. Empty: the view says it is not configured.
+    #[serde(default)]
+    pub redis_url: String,
+    /// The sorted set of the top content (redis-topn's `top:content:10m`, after its prefix).
+    #[serde(default = "default_top_key")]
+    pub top_key: String,
+    #[serde(default = "default_top_n")]
+    pub top_n: usize,
+    /// The most recent dead letters listed (read from the dead-letter topic).
+    #[serde(default = "default_dead_letters_shown")]
+    pub dead_letters_shown: usize,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            sample_interval_ms: default_sample_interval_ms(),
+            history_minutes: default_history_minutes(),
+            redis_url: String::new(),
+            top_key: default_top_key(),
+            top_n: default_top_n(),
+            dead_letters_shown: default_dead_letters_shown(),
+        }
+    }
+}
+
+fn default_sample_interval_ms() -> u64 {
+    5_000
+}
+fn default_history_minutes() -> u64 {
+    15
+}
+fn default_top_key() -> String {
+    "top:content:10m".into()
+}
+fn default_top_n() -> usize {
+    10
+}
+fn default_dead_letters_shown() -> usize {
+    50
 }
 
 /// Where a lane starts when neither its own consumer group nor the host's pre-lane group
@@ -536,6 +592,12 @@ impl Config {
         }
         if self.batch.max_wait_ms == 0 {
             return Err(invalid("batch.max_wait_ms", "must be at least 1"));
+        }
+        if self.console.sample_interval_ms == 0 || self.console.history_minutes == 0 {
+            return Err(invalid(
+                "console.sample_interval_ms/history_minutes",
+                "must be at least 1",
+            ));
         }
         if self.health.lag_interval_ms == 0 || self.health.stall_after_ms == 0 {
             return Err(invalid(

@@ -32,6 +32,18 @@ impl Stage {
     }
 }
 
+/// The reason class of a letter: a bounded label (`fanout_dead_letters_total{reason}`, the
+/// `fanout.reason.class` header) for what the free-text `fanout.reason` says.
+pub fn reason_class(stage: Stage, reason: &str) -> &'static str {
+    match stage {
+        Stage::Decode => "undecodable",
+        Stage::Enrich => "missing_content",
+        // Written by delivery.rs when best-effort gives up on a batch.
+        Stage::Plugin if reason.starts_with("gave up after") => "gave_up",
+        Stage::Plugin => "rejected",
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub stage: Stage,
@@ -207,6 +219,14 @@ impl DeadLetterQueue {
                 );
                 self.metrics
                     .add_labelled("fanout_dead_lettered_total", &labels, 1.0);
+                let by_reason = format!(
+                    "{},{},{}",
+                    label("plugin", letter.plugin.as_deref().unwrap_or("")),
+                    label("stage", letter.stage.as_str()),
+                    label("reason", reason_class(letter.stage, &letter.reason))
+                );
+                self.metrics
+                    .add_labelled("fanout_dead_letters_total", &by_reason, 1.0);
                 Ok(())
             }
             Err(e) => {
@@ -230,6 +250,10 @@ impl DeadLetterQueue {
             .insert(Header {
                 key: "fanout.reason",
                 value: Some(reason.as_bytes()),
+            })
+            .insert(Header {
+                key: "fanout.reason.class",
+                value: Some(reason_class(letter.stage, &letter.reason).as_bytes()),
             })
             .insert(Header {
                 key: "fanout.stage",

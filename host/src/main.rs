@@ -59,7 +59,209 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Dead letters: list, show, replay to a plugin.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
 }
+
+// --- dead letters (`fanout dlq`) --------------------------------------------------------------
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List the dead letters (oldest first), filtered.
+    List {
+        #[arg(long, short, env = "FANOUT_CONFIG", default_value = "fanout.toml")]
+        config: PathBuf,
+        /// Only this plugin's letters.
+        #[arg(long)]
+        plugin: Option<String>,
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// One JSON object per letter instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show letters in full: headers, key and payload. ID is PARTITION@OFFSET in the
+    /// dead-letter topic (as `list` prints it); repeatable.
+    Show {
+        #[arg(long, short, env = "FANOUT_CONFIG", default_value = "fanout.toml")]
+        config: PathBuf,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Deliver the chosen letters of a plugin to it again, through its live path; letters
+    /// already replayed (the ledger) are skipped, so a second run changes nothing.
+    Replay {
+        #[arg(long, short, env = "FANOUT_CONFIG", default_value = "fanout.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        plugin: String,
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Only these letters (PARTITION@OFFSET, repeatable).
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// The replay ledger (default: fanout-dlq-replayed.jsonl next to the config).
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+        /// Print what would be replayed; deliver nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct DlqFilterArgs {
+    /// decode, enrich or plugin.
+    #[arg(long)]
+    stage: Option<String>,
+    /// A reason class (rejected, gave_up, undecodable, missing_content) or text in the reason.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Dead-lettered at or after: a time (2026-01-08T14:00:00Z) or an age (30m, 2h, 1d).
+    #[arg(long)]
+    since: Option<String>,
+    /// Dead-lettered before: a time or an age.
+    #[arg(long)]
+    until: Option<String>,
+}
+
+impl DlqFilterArgs {
+    fn filter(&self, plugin: Option<String>) -> anyhow::Result<fanout::dlq::Filter> {
+        let time = |t: &Option<String>| t.as_deref().map(fanout::dlq::parse_time).transpose();
+        Ok(fanout::dlq::Filter {
+            plugin,
+            stage: self.stage.clone(),
+            reason: self.reason.clone(),
+            since_ms: time(&self.since)?,
+            until_ms: time(&self.until)?,
+            ids: Vec::new(),
+        })
+    }
+}
+
+async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
+    use fanout::dlq;
+    let read_all = |config: &Config| {
+        let (kafka, topic) = (config.kafka.clone(), config.kafka.dead_letter_topic.clone());
+        tokio::task::spawn_blocking(move || {
+            dlq::read(&kafka, &topic, None, std::time::Duration::from_secs(120))
+        })
+    };
+    match command {
+        DlqCommand::List {
+            config,
+            plugin,
+            filter,
+            json,
+        } => {
+            let config = load_config(&config)?;
+            let filter = filter.filter(plugin)?;
+            let letters = read_all(&config).await??;
+            let chosen: Vec<_> = letters.iter().filter(|l| filter.matches(l)).collect();
+            if json {
+                for l in &chosen {
+                    println!("{}", serde_json::to_string(l)?);
+                }
+            } else {
+                println!(
+                    "{:<10} {:<19} {:<16} {:<7} {:<15} {:<28} reason",
+                    "id", "dead-lettered", "plugin", "stage", "class", "source"
+                );
+                for l in &chosen {
+                    println!(
+                        "{:<10} {:<19} {:<16} {:<7} {:<15} {:<28} {}",
+                        l.id(),
+                        dlq::format_ms(l.timestamp_ms),
+                        l.plugin,
+                        l.stage,
+                        l.reason_class,
+                        format!(
+                            "{}/{}@{}",
+                            l.source_topic, l.source_partition, l.source_offset
+                        ),
+                        l.reason.chars().take(120).collect::<String>()
+                    );
+                }
+                eprintln!(
+                    "{} of {} letters in {}",
+                    chosen.len(),
+                    letters.len(),
+                    config.kafka.dead_letter_topic
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show { config, ids } => {
+            let config = load_config(&config)?;
+            let wanted = ids
+                .iter()
+                .map(|i| dlq::parse_id(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            let letters = read_all(&config).await??;
+            let mut missing = false;
+            for (p, o) in wanted {
+                let Some(l) = letters.iter().find(|l| l.partition == p && l.offset == o) else {
+                    eprintln!("no letter {p}@{o} in {}", config.kafka.dead_letter_topic);
+                    missing = true;
+                    continue;
+                };
+                println!("letter {} of {}", l.id(), config.kafka.dead_letter_topic);
+                println!("  dead-lettered: {}", dlq::format_ms(l.timestamp_ms));
+                for (k, v) in &l.headers {
+                    println!("  {k}: {v}");
+                }
+                let text = |b: &Option<Vec<u8>>| match b {
+                    None => "(none)".to_string(),
+                    Some(b) => match serde_json::from_slice::<serde_json::Value>(b) {
+                        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+                        Err(_) => String::from_utf8_lossy(b).into_owned(),
+                    },
+                };
+                println!("  key: {}", text(&l.key));
+                println!("  payload: {}", text(&l.payload));
+            }
+            Ok(if missing {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        DlqCommand::Replay {
+            config: path,
+            plugin,
+            filter,
+            ids,
+            ledger,
+            dry_run,
+        } => {
+            let config = load_config(&path)?;
+            let mut filter = filter.filter(None)?;
+            filter.ids = ids
+                .iter()
+                .map(|i| dlq::parse_id(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            let shutdown = fanout::shutdown::on_signal();
+            let app = App::start_with(config, std::slice::from_ref(&plugin))
+                .await
+                .context("cannot start")?;
+            let opts = dlq::replay::ReplayOptions {
+                ledger: ledger.unwrap_or_else(|| dlq::replay::default_ledger(&path)),
+                plugin,
+                filter,
+                dry_run,
+            };
+            let summary = dlq::replay::run(&app, &opts, shutdown).await?;
+            println!("{summary}");
+            println!("ledger: {}", opts.ledger.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
 
 #[derive(Subcommand)]
 enum PluginCommand {
@@ -130,6 +332,7 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Dlq { command } => dlq(command).await,
         Command::Run { config: path } => {
             let config = load_config(&path)?;
             let shutdown = fanout::shutdown::on_signal();

@@ -1,27 +1,28 @@
-//! The operator's HTTP endpoints: /metrics (Prometheus text), /healthz, and a small live
-//! dashboard at / that polls /metrics.
+//! The operator's HTTP endpoints: /metrics (Prometheus text), /healthz, and the operations
+//! console at / (see [`crate::console`]).
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::{Html, IntoResponse};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tracing::{info, warn};
 
+use crate::console::Console;
 use crate::metrics::Metrics;
 
-pub async fn serve(listen: String, metrics: Metrics) {
+pub async fn serve(listen: String, metrics: Metrics, console: Console) {
     if listen.is_empty() {
         return;
     }
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
-        .route("/", get(dashboard))
-        .with_state(metrics);
+        .with_state(metrics)
+        .merge(crate::console::router(console));
     match tokio::net::TcpListener::bind(&listen).await {
         Ok(listener) => {
-            info!(%listen, "metrics, health and dashboard listening");
+            info!(%listen, console = %format!("http://{listen}/"), "metrics, health and the console listening");
             if let Err(e) = axum::serve(listener, app).await {
                 warn!(error = %e, "http server stopped");
             }
@@ -50,8 +51,4 @@ async fn healthz(State(m): State<Metrics>) -> impl IntoResponse {
             problems.join("\n") + "\n" + &notes,
         )
     }
-}
-
-async fn dashboard() -> Html<&'static str> {
-    Html(include_str!("dashboard.html"))
 }

@@ -105,6 +105,7 @@ impl Delivery {
         batch: &ReadyBatch,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<(), DeliveryError> {
+        let started = Instant::now();
         if !batch.dead_letters.is_empty() {
             self.send_dead_letters(&batch.dead_letters, shutdown)
                 .await?;
@@ -112,7 +113,26 @@ impl Delivery {
         if batch.plugin_batch.wit.events.is_empty() {
             return Ok(());
         }
-        self.deliver_events(batch, shutdown.clone()).await
+        self.deliver_events(batch, shutdown.clone()).await?;
+        self.timings()
+            .delivery
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// This plugin's histograms (one map lookup per batch).
+    pub fn timings(&self) -> crate::metrics::PluginTimings {
+        self.metrics.histograms.plugin(self.plugin.name())
+    }
+
+    /// Records the age of a delivered batch's events: `events` events whose oldest source
+    /// timestamp is `oldest_ms`, all taken now. Counted at the oldest one's age (an upper
+    /// bound by at most the batch's `max_wait_ms`): a few atomic adds per batch.
+    pub fn record_taken(&self, oldest_ms: Option<i64>, events: usize) {
+        if let Some(ts) = oldest_ms {
+            let age = (chrono::Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0;
+            self.timings().event_age.observe_n(age, events as u64);
+        }
     }
 
     fn health_key(&self) -> String {
@@ -142,8 +162,12 @@ impl Delivery {
         let mut attempt: u32 = 0;
         // Every pause so far, failed starts included: the backoff grows with it.
         let mut pauses: u32 = 0;
+        let call_seconds = self.timings().call;
         loop {
-            let failure = match plugin.write(batch.plugin_batch.clone()).await {
+            let call = Instant::now();
+            let written = plugin.write(batch.plugin_batch.clone()).await;
+            call_seconds.observe(call.elapsed().as_secs_f64());
+            let failure = match written {
                 Ok(WriteOutcome::Accepted) => {
                     self.delivered(
                         batch.plugin_batch.wit.events.len(),

@@ -102,6 +102,7 @@ impl Lane {
                 }
             };
             self.commit(false);
+            let oldest_ms = pending.oldest_ms();
             let ready = enrich_batch(
                 pending,
                 &self.content,
@@ -113,6 +114,9 @@ impl Lane {
             let (delivery, stop) = (self.slot.current(), shutdown.clone());
             in_flight = Some(tokio::spawn(async move {
                 let result = delivery.deliver(&ready, &stop).await;
+                if result.is_ok() {
+                    delivery.record_taken(oldest_ms, ready.plugin_batch.wit.events.len());
+                }
                 (ready, result)
             }));
         }

@@ -475,6 +475,9 @@ pub struct Plugin {
     pub config: PluginConfig,
     /// sha256 of the `.wasm` file this version was compiled from, hex.
     pub sha256: String,
+    /// The sink interface the component exports, with its WIT version
+    /// (`fanout:sink/packed-sink@0.1.2`).
+    pub wit_export: String,
     prepared: Arc<Prepared>,
     worker: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
     /// Set once the first batch was taken, for the operator's start-up log.
@@ -627,6 +630,12 @@ impl Plugin {
         let (component, sha256, cached) = (compiled.component, compiled.sha256, compiled.cached);
         check_shape(&component).map_err(load_err)?;
         let kind = SinkKind::of(&component, engine);
+        let wit_export = component
+            .component_type()
+            .exports(engine)
+            .map(|(name, _)| name.to_string())
+            .find(|name| name.starts_with(kind.export_name()))
+            .unwrap_or_else(|| kind.export_name().to_string());
         if config.fuel_per_call.is_some() && Store::new(engine, ()).get_fuel().is_err() {
             return Err(load_err(
                 "fuel_per_call is set but the engine does not meter fuel (build it with \
@@ -659,6 +668,7 @@ impl Plugin {
         Ok(Plugin {
             config,
             sha256,
+            wit_export,
             prepared,
             worker: std::sync::Mutex::new(worker),
             first_batch: std::sync::atomic::AtomicBool::new(false),
@@ -755,7 +765,16 @@ fn run_job(
     }
     let l = match live {
         Some(l) => l,
-        None => live.insert(prepared.instantiate(job.deadline)?),
+        None => {
+            let fresh = prepared.instantiate(job.deadline)?;
+            // The instance before this one was discarded (a failed call): a restart.
+            prepared.caps.services.metrics.add_labelled(
+                "fanout_plugin_restarts_total",
+                &crate::metrics::label("plugin", &prepared.caps.plugin),
+                1.0,
+            );
+            live.insert(fresh)
+        }
     };
     prepared.write(l, &job.batch, job.deadline)
 }
