@@ -353,13 +353,21 @@ impl BigQuerySink {
         outcome
     }
 
+    /// What a step's failure means for the batch: Err(retry-later), or Ok(the reason to reject
+    /// the rows with). Only insertAll can call rows invalid: a refused create or lookup is a
+    /// schema or setup problem, so `rows_invalid` is false there and it waits like a 404.
     fn give_up(
         &self,
         host: &impl Host,
         batch: &Batch,
         what: &str,
         f: Failure,
+        rows_invalid: bool,
     ) -> Result<String, WriteOutcome> {
+        let f = match f {
+            Failure::Invalid(m) if !rows_invalid => Failure::Setup(m),
+            f => f,
+        };
         let reason = match f {
             Failure::Setup(m) => {
                 host.counter_add("batches_failed", 1);
@@ -394,7 +402,7 @@ impl BigQuerySink {
 
         if let Err(f) = self.ensure_schema(host, deadline) {
             let what = format!("creating {}", self.target.qualified());
-            match self.give_up(host, batch, &what, f) {
+            match self.give_up(host, batch, &what, f, false) {
                 Err(outcome) => return outcome,
                 Ok(reason) => {
                     reject_all(&mut rejections, &events, &reason);
@@ -428,13 +436,15 @@ impl BigQuerySink {
                     rows.retain(|e| !existing.contains(&e.event_id()));
                     skipped = before - rows.len();
                 }
-                Err(f) => match self.give_up(host, batch, "looking up stored event ids", f) {
-                    Err(outcome) => return outcome,
-                    Ok(reason) => {
-                        reject_all(&mut rejections, &rows, &reason);
-                        return self.finish(host, batch, 0, skipped, rejections);
+                Err(f) => {
+                    match self.give_up(host, batch, "looking up stored event ids", f, false) {
+                        Err(outcome) => return outcome,
+                        Ok(reason) => {
+                            reject_all(&mut rejections, &rows, &reason);
+                            return self.finish(host, batch, 0, skipped, rejections);
+                        }
                     }
-                },
+                }
             }
         }
 
@@ -443,14 +453,16 @@ impl BigQuerySink {
                 rejections.extend(refused);
                 self.finish(host, batch, inserted, skipped, rejections)
             }
-            Err((f, inserted, refused, left)) => match self.give_up(host, batch, "insertAll", f) {
-                Err(outcome) => outcome,
-                Ok(reason) => {
-                    rejections.extend(refused);
-                    reject_all(&mut rejections, &left, &reason);
-                    self.finish(host, batch, inserted, skipped, rejections)
+            Err((f, inserted, refused, left)) => {
+                match self.give_up(host, batch, "insertAll", f, true) {
+                    Err(outcome) => outcome,
+                    Ok(reason) => {
+                        rejections.extend(refused);
+                        reject_all(&mut rejections, &left, &reason);
+                        self.finish(host, batch, inserted, skipped, rejections)
+                    }
                 }
-            },
+            }
         }
     }
 

@@ -184,26 +184,25 @@ fn invalid_rows_are_rejected_with_bigquerys_reason_and_transient_rows_resent() {
         ]}),
     ));
     host.push_http(json_response(200, serde_json::json!({})));
-    for policy in ["fail-fast"] {
-        let mut s = ready(serde_json::json!({"policy": policy}));
-        let b = batch(vec![
-            event(1, Some(1), 0),
-            event(2, None, 0),
-            event(3, Some(1), 0),
-        ]);
-        let out = s.write_with(&host, &b);
-        let WriteOutcome::Rejected(r) = out else {
-            panic!("{out:?}")
-        };
-        assert_eq!(r.len(), 1);
-        assert_eq!(r[0].event_id, 2);
-        assert!(
-            r[0].reason
-                .contains("invalid at content_id: Missing required field: content_id."),
-            "{}",
-            r[0].reason
-        );
-    }
+    // Under fail-fast too: no retry makes an invalid row valid.
+    let mut s = ready(serde_json::json!({"policy": "fail-fast"}));
+    let b = batch(vec![
+        event(1, Some(1), 0),
+        event(2, None, 0),
+        event(3, Some(1), 0),
+    ]);
+    let out = s.write_with(&host, &b);
+    let WriteOutcome::Rejected(r) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].event_id, 2);
+    assert!(
+        r[0].reason
+            .contains("invalid at content_id: Missing required field: content_id."),
+        "{}",
+        r[0].reason
+    );
     let calls = http_calls(&host);
     assert_eq!(calls.len(), 3);
     let resent: serde_json::Value = serde_json::from_str(&calls[2].2).unwrap();
@@ -285,6 +284,21 @@ fn a_missing_table_or_token_problem_waits_under_both_policies() {
             "{out:?}"
         );
     }
+}
+
+#[test]
+fn a_refused_lookup_waits_instead_of_dead_lettering() {
+    let host = MockHost::new();
+    host.push_http(json_response(
+        400,
+        serde_json::json!({"error": {"message": "Unrecognized name: event_id", "errors": [{"reason": "invalidQuery"}]}}),
+    ));
+    let mut s = ready(serde_json::json!({"policy": "best-effort"}));
+    let out = s.write_with(&host, &batch(vec![event(1, None, 0)]));
+    assert!(
+        matches!(&out, WriteOutcome::RetryLater(m) if m.contains("Unrecognized name")),
+        "{out:?}"
+    );
 }
 
 #[test]
