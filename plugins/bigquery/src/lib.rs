@@ -27,8 +27,8 @@ use std::collections::{HashMap, HashSet};
 use api::{Answer, Target};
 use fanout_sdk::http::{Request, Response, MAX_IN_FLIGHT};
 use fanout_sdk::{
-    describe, export_sink, Batch, CapabilityError, Event, Host, Level, PackedEvents, Rejection,
-    Sink, WasmHost, WriteOutcome,
+    describe, export_sink, Batch, Event, Host, Level, PackedEvents, Rejection, Sink, WasmHost,
+    WriteOutcome,
 };
 use serde::Deserialize;
 

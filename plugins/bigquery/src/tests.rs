@@ -1,6 +1,7 @@
 use super::*;
 use fanout_sdk::http::Response;
 use fanout_sdk::testing::{batch, event, Call, MockHost};
+use fanout_sdk::CapabilityError;
 
 fn cfg(extra: serde_json::Value) -> Config {
     let mut base = serde_json::json!({"project": "p-1", "url": "http://bq/"});
