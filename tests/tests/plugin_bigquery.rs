@@ -280,7 +280,10 @@ async fn rows_hold_spec_values_and_nulls() {
         .json()
         .await
         .expect("table json");
-    let fields = table["schema"]["fields"].as_array().cloned().unwrap_or_default();
+    let fields = table["schema"]["fields"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(fields.len(), 11, "{table}");
     assert_eq!(fields[4]["name"], "event_ts");
     assert_eq!(fields[4]["type"], "TIMESTAMP");
@@ -323,7 +326,10 @@ async fn replays_leave_one_row_per_event_and_spec_query_averages() {
             "SELECT COUNT(*) AS n, COUNT(DISTINCT event_id) AS ids FROM {ds}.events_enriched"
         ))
         .await;
-    assert_eq!(Value::Object(counts[0].clone()), json!({"n": "6", "ids": "6"}));
+    assert_eq!(
+        Value::Object(counts[0].clone()),
+        json!({"n": "6", "ids": "6"})
+    );
 
     // The SPEC's query, in its documented form.
     let rows = bq
@@ -411,15 +417,14 @@ async fn a_row_bigquery_refuses_is_dead_lettered_with_its_reason() {
     let content_topic = unique("content");
     create_topic(&stack, &events_topic, 1).await;
     create_topic(&stack, &content_topic, 1).await;
-    let cfg = ConfigBuilder::new(&stack, &events_topic, &content_topic, "").plugin_raw(
-        &plugin_toml(
+    let cfg =
+        ConfigBuilder::new(&stack, &events_topic, &content_topic, "").plugin_raw(&plugin_toml(
             "bq",
             &bq.url,
             &bq.project,
             &ds,
             "create_table = false\npolicy = \"fail-fast\"",
-        ),
-    );
+        ));
     let host = HostProc::start("bq-deadletter", &cfg.render(), &cfg.metrics_addr);
     for (id, content) in [(1, Some(1)), (2, None), (3, Some(2))] {
         produce(&stack, &events_topic, None, Some(&envelope(id, content))).await;
@@ -434,10 +439,9 @@ async fn a_row_bigquery_refuses_is_dead_lettered_with_its_reason() {
     );
     assert_eq!(letters[0].header("fanout.plugin"), Some("bq"));
     assert!(
-        letters[0]
-            .payload
-            .as_deref()
-            .is_some_and(|p| p.starts_with(b"{\"before\"") && p.windows(7).any(|w| w == b"\"id\":2,")),
+        letters[0].payload.as_deref().is_some_and(
+            |p| p.starts_with(b"{\"before\"") && p.windows(7).any(|w| w == b"\"id\":2,")
+        ),
         "the original message of event 2 is kept"
     );
     eventually(WAIT, "committed past the refused row", || async {
@@ -490,8 +494,12 @@ impl OwnEmulator {
     }
 
     async fn start(&mut self) {
-        let python = env_var("BIGQUERY_PYTHON")
-            .unwrap_or_else(|| repo_root().join(".stack/venv-bq/bin/python").display().to_string());
+        let python = env_var("BIGQUERY_PYTHON").unwrap_or_else(|| {
+            repo_root()
+                .join(".stack/venv-bq/bin/python")
+                .display()
+                .to_string()
+        });
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -559,7 +567,7 @@ async fn emulator_down_then_back_fail_fast_waits_best_effort_dead_letters() {
         project: bq.project.clone(),
     };
     let ds = unique("bq");
-    let retry = "max_retries = 1\nbase_backoff_ms = 50\nmax_backoff_ms = 100\ntimeout_ms = 2000\nbatch_budget_ms = 5000";
+    let retry = "max_retries = 1\nbase_backoff_ms = 50\nmax_backoff_ms = 100\ntimeout_ms = 15000\nbatch_budget_ms = 30000";
     let fail_fast = LoadedPlugin::load(
         &stack,
         &plugin_toml("bqff", &own.url, &own.project, &ds, retry),
@@ -591,7 +599,9 @@ async fn emulator_down_then_back_fail_fast_waits_best_effort_dead_letters() {
         matches!(&out, WriteOutcome::RetryLater(m) if m.contains("no response")),
         "fail-fast waits: {out:?}"
     );
-    let out = best_effort.write("t/0:5-5", &[ev(6, Some(1), None, None, None)]).await;
+    let out = best_effort
+        .write("t/0:5-5", &[ev(6, Some(1), None, None, None)])
+        .await;
     match &out {
         WriteOutcome::Rejected(r) => {
             assert_eq!(r.len(), 1);
@@ -616,7 +626,10 @@ async fn emulator_down_then_back_fail_fast_waits_best_effort_dead_letters() {
             "SELECT COUNT(*) AS n, COUNT(DISTINCT event_id) AS ids FROM {ds}.events_enriched"
         ))
         .await;
-    assert_eq!(Value::Object(counts[0].clone()), json!({"n": "5", "ids": "5"}));
+    assert_eq!(
+        Value::Object(counts[0].clone()),
+        json!({"n": "5", "ids": "5"})
+    );
 }
 
 /// The plugin's events/s into the stack's emulator: 20,000 events in batches of 500 through
@@ -631,7 +644,9 @@ async fn bigquery_events_per_second() {
     let plugin = load(&stack, &bq, &ds, "").await;
     let (total, per_batch) = (20_000i64, 500i64);
     // Warm-up: creates the table.
-    let out = plugin.write("warm", &[ev(0, Some(1), None, None, None)]).await;
+    let out = plugin
+        .write("warm", &[ev(0, Some(1), None, None, None)])
+        .await;
     assert!(matches!(out, WriteOutcome::Accepted), "{out:?}");
     let started = Instant::now();
     for b in 0..total / per_batch {
@@ -651,7 +666,9 @@ async fn bigquery_events_per_second() {
         total as f64 / secs
     );
     let n = bq
-        .scalar(&format!("SELECT COUNT(DISTINCT event_id) FROM {ds}.events_enriched"))
+        .scalar(&format!(
+            "SELECT COUNT(DISTINCT event_id) FROM {ds}.events_enriched"
+        ))
         .await;
     assert_eq!(n, (total + 1).to_string());
 }
