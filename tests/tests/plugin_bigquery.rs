@@ -40,7 +40,10 @@ fn setup() -> Option<(Stack, Bq)> {
     let stack = Stack::get()?;
     let Some(url) = env_var("BIGQUERY_URL") else {
         if std::env::var("FANOUT_REQUIRE_STACK").as_deref() == Ok("1") {
-            panic!("BIGQUERY_URL missing: run `scripts/stack up` (it starts the emulator)");
+            panic!(
+                "BIGQUERY_URL missing: run `scripts/stack up` (it starts the emulator; it needs \
+                 a Python >= 3.13, see its log and docs/stack.md)"
+            );
         }
         eprintln!("SKIPPED: no BigQuery emulator (BIGQUERY_URL); run scripts/stack up");
         return None;
