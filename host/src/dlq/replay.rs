@@ -240,11 +240,11 @@ pub async fn run(
             pending.push_event(
                 event.clone(),
                 Origin {
-                    topic: letter.source_topic.clone(),
+                    topic: letter.source_topic.as_str().into(),
                     partition: letter.source_partition,
                     offset: letter.source_offset,
-                    key: letter.key.clone(),
-                    payload: letter.payload.clone(),
+                    key: letter.key.as_deref().map(std::sync::Arc::from),
+                    payload: letter.payload.as_deref().map(std::sync::Arc::from),
                 },
             );
         }
