@@ -457,6 +457,10 @@ brokers = "127.0.0.1:1"
 [batch]
 max_events = 50
 
+# Never connected to: plugin test answers from memory.
+[services]
+redis_url = "redis://127.0.0.1:1/"
+
 [[plugins]]
 name = "topn"
 path = "{}"
