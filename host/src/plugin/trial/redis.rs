@@ -587,7 +587,7 @@ impl FakeRedis {
                 RedisValue::Array(out)
             }
             "MSET" | "MSETNX" => {
-                if args.len() < 3 || args.len() % 2 == 0 {
+                if args.len() < 3 || args.len().is_multiple_of(2) {
                     return Err(RedisValue::err(
                         "ERR wrong number of arguments for 'mset' command",
                     ));
@@ -706,7 +706,7 @@ impl FakeRedis {
                 }
             }
             "HSET" | "HMSET" => {
-                if args.len() < 4 || args.len() % 2 == 1 {
+                if args.len() < 4 || !args.len().is_multiple_of(2) {
                     return Err(RedisValue::err(format!(
                         "ERR wrong number of arguments for '{}' command",
                         name.to_ascii_lowercase()
