@@ -41,6 +41,36 @@ pub struct Services {
     pub http: reqwest::Client,
     pub clickhouse: Option<::clickhouse::Client>,
     pub metrics: Metrics,
+    /// `fanout plugin test` (plugin::trial): in-memory stand-ins answering every capability
+    /// call instead of the services above. None in `run` and `backfill`.
+    pub fakes: Option<Arc<dyn FakeServices>>,
+}
+
+/// Stand-ins for the services behind the capability interfaces: the calls a plugin makes go
+/// through the same capability code (argument caps, and the grant checks when
+/// [`FakeServices::checks_grants`]), then here instead of to Redis, HTTP or ClickHouse.
+pub trait FakeServices: Send + Sync {
+    /// Whether calls are held to the plugin's grants first, as `fanout run` holds them.
+    fn checks_grants(&self) -> bool;
+    fn redis(
+        &self,
+        commands: &[wit_redis::Command],
+        atomic: bool,
+    ) -> Result<Vec<wit_redis::Reply>, CapabilityError>;
+    fn http(&self, request: &http::Request) -> Result<http::Response, CapabilityError>;
+    fn clickhouse_execute(&self, sql: &str) -> Result<String, CapabilityError>;
+    fn clickhouse_insert(
+        &self,
+        database: &str,
+        table: &str,
+        rows: &[String],
+    ) -> Result<(), CapabilityError>;
+    /// A call the grant checks refused: it reached no fake.
+    fn refused(&self, call: String, reason: &CapabilityError);
+    /// A line the plugin logged (log calls, stdout, stderr), escaped and cut as the host's.
+    fn log(&self, level: log::Level, stream: &str, line: &str);
+    /// A counter added to (`gauge` false) or a gauge set.
+    fn metric(&self, name: &str, value: f64, gauge: bool);
 }
 
 impl Services {
@@ -79,6 +109,7 @@ impl Services {
                 .build()?,
             clickhouse,
             metrics,
+            fakes: None,
         }))
     }
 }
@@ -109,6 +140,10 @@ impl Capabilities {
             &String::from_utf8_lossy(message),
             MAX_LOG_LINE_BYTES,
         );
+        if let Some(fakes) = &self.services.fakes {
+            fakes.log(level, stream, &line);
+            return;
+        }
         // Charged with what a host log line costs around the text, so that many short lines
         // cannot outrun the budget.
         let cost = (line.len() + LOG_LINE_OVERHEAD_BYTES) as u64;
@@ -308,6 +343,30 @@ fn granted<'a, G>(
     })
 }
 
+impl PluginState {
+    /// The fakes standing in for the services (`fanout plugin test`), if any.
+    pub(crate) fn fakes(&self) -> Option<&dyn FakeServices> {
+        self.caps.services.fakes.as_deref()
+    }
+
+    /// The fakes, when they take calls without any grant check (`plugin test` without `--grants`).
+    fn unchecked_fakes(&self) -> Option<&dyn FakeServices> {
+        self.fakes().filter(|f| !f.checks_grants())
+    }
+
+    /// Tells the fakes a call was refused before it reached them; passes the result on.
+    fn note_refusal<T>(
+        &self,
+        call: impl FnOnce() -> String,
+        result: Result<T, CapabilityError>,
+    ) -> Result<T, CapabilityError> {
+        if let (Err(e), Some(fakes)) = (&result, self.fakes()) {
+            fakes.refused(call(), e);
+        }
+        result
+    }
+}
+
 impl types::Host for PluginState {}
 impl errors::Host for PluginState {}
 
@@ -336,6 +395,9 @@ impl PluginState {
 
 impl metrics::Host for PluginState {
     fn counter_add(&mut self, name: String, value: u64) {
+        if let Some(fakes) = &self.caps.services.fakes {
+            fakes.metric(&name, value as f64, false);
+        }
         if !self.metric_allowed(&name) {
             return;
         }
@@ -352,6 +414,9 @@ impl metrics::Host for PluginState {
     }
 
     fn gauge_set(&mut self, name: String, value: f64) {
+        if let Some(fakes) = &self.caps.services.fakes {
+            fakes.metric(&name, value, true);
+        }
         if !self.metric_allowed(&name) {
             return;
         }
@@ -606,7 +671,19 @@ async fn perform_http(
 
 impl http::Host for PluginState {
     fn send(&mut self, req: http::Request) -> Result<http::Response, CapabilityError> {
-        let call = checked_http_call(self, req)?;
+        if let Some(fakes) = self.unchecked_fakes() {
+            return fakes.http(&req);
+        }
+        // Only `plugin test` keeps a copy (and a description) of the request.
+        let copy = self.fakes().map(|_| req.clone());
+        let what = copy
+            .as_ref()
+            .map(|r| format!("http {} {}", r.method, r.url))
+            .unwrap_or_default();
+        let call = self.note_refusal(|| what, checked_http_call(self, req))?;
+        if let (Some(fakes), Some(req)) = (self.fakes(), copy) {
+            return fakes.http(&req);
+        }
         let caps = &self.caps;
         let grant = granted(&caps.grants.http, "http", &caps.plugin)?;
         let budget = BodyBudget::new(grant.max_response_bytes());
@@ -620,11 +697,21 @@ impl http::Host for PluginState {
     ) -> Vec<Result<http::Response, CapabilityError>> {
         use futures::stream::{self, StreamExt};
 
+        if let Some(fakes) = self.unchecked_fakes() {
+            return requests.iter().map(|r| fakes.http(r)).collect();
+        }
+        let copies = self.fakes().map(|_| requests.clone());
         let caps = &self.caps;
         let count = requests.len();
         let grant = match granted(&caps.grants.http, "http", &caps.plugin) {
             Ok(g) => g,
-            Err(e) => return (0..count).map(|_| Err(e.clone())).collect(),
+            Err(e) => {
+                let _ = self.note_refusal(
+                    || format!("http send-all of {count}"),
+                    Err::<(), _>(e.clone()),
+                );
+                return (0..count).map(|_| Err(e.clone())).collect();
+            }
         };
         let total = requests.iter().map(http_request_bytes).sum();
         if let Err(e) = crate::plugin::check_args_size("http send-all", total) {
@@ -633,7 +720,16 @@ impl http::Host for PluginState {
         // Every request first: one refused request means nothing is sent at all, as with `send`.
         let mut calls = Vec::with_capacity(count);
         for (i, req) in requests.into_iter().enumerate() {
-            match checked_http_call(self, req) {
+            let what = copies
+                .as_ref()
+                .map(|_| {
+                    format!(
+                        "http {} {} (request {i} of a send-all)",
+                        req.method, req.url
+                    )
+                })
+                .unwrap_or_default();
+            match self.note_refusal(|| what, checked_http_call(self, req)) {
                 Ok(call) => calls.push(call),
                 Err(e) => {
                     let why = match &e {
@@ -650,6 +746,9 @@ impl http::Host for PluginState {
                         .collect();
                 }
             }
+        }
+        if let (Some(fakes), Some(requests)) = (self.fakes(), copies) {
+            return requests.iter().map(|r| fakes.http(r)).collect();
         }
         let in_flight = http_in_flight(max_in_flight);
         // One budget for all the responses of the call: 256 in flight cannot each take it all.
@@ -680,14 +779,25 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 impl clickhouse::Host for PluginState {
     fn execute(&mut self, sql: String) -> Result<String, CapabilityError> {
+        if let Some(fakes) = self.unchecked_fakes() {
+            return fakes.clickhouse_execute(&sql);
+        }
         let caps = &self.caps;
-        let grant = granted(&caps.grants.clickhouse, "clickhouse", &caps.plugin)?;
+        let what = || format!("clickhouse execute {sql}");
+        let grant = self.note_refusal(
+            what,
+            granted(&caps.grants.clickhouse, "clickhouse", &caps.plugin),
+        )?;
         // Deny by default on a parse tree; the ClickHouse user the host connects with is the
         // second fence (docs/architecture.md).
-        clickhouse_sql::check_statement(&sql, grant).map_err(|reason| {
+        let checked = clickhouse_sql::check_statement(&sql, grant).map_err(|reason| {
             warn!(plugin = %caps.plugin, %reason, "clickhouse statement refused");
             CapabilityError::NotGranted(reason)
-        })?;
+        });
+        self.note_refusal(what, checked)?;
+        if let Some(fakes) = self.fakes() {
+            return fakes.clickhouse_execute(&sql);
+        }
         let client = caps
             .services
             .clickhouse
@@ -728,14 +838,30 @@ impl clickhouse::Host for PluginState {
         table: String,
         rows: Vec<String>,
     ) -> Result<(), CapabilityError> {
+        if let Some(fakes) = self.unchecked_fakes() {
+            return fakes.clickhouse_insert(&database, &table, &rows);
+        }
         let caps = &self.caps;
-        let grant = granted(&caps.grants.clickhouse, "clickhouse", &caps.plugin)?;
-        clickhouse_sql::check_insert_target(grant, &database, &table)
-            .map_err(CapabilityError::NotGranted)?;
+        let what = || {
+            format!(
+                "clickhouse insert into {database}.{table} ({} rows)",
+                rows.len()
+            )
+        };
+        let grant = self.note_refusal(
+            what,
+            granted(&caps.grants.clickhouse, "clickhouse", &caps.plugin),
+        )?;
+        let target = clickhouse_sql::check_insert_target(grant, &database, &table)
+            .map_err(CapabilityError::NotGranted);
+        self.note_refusal(what, target)?;
         crate::plugin::check_args_size(
             "clickhouse insert",
             rows.iter().map(|r| r.len() + 1).sum(),
         )?;
+        if let Some(fakes) = self.fakes() {
+            return fakes.clickhouse_insert(&database, &table, &rows);
+        }
         let client = caps
             .services
             .clickhouse
@@ -829,6 +955,7 @@ mod tests {
                 .expect("client"),
             clickhouse: None,
             metrics: Metrics::default(),
+            fakes: None,
         });
         let caps = Arc::new(Capabilities::new(
             "t".into(),

@@ -250,7 +250,7 @@ fn screen_text(sql: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_one(sql: &str) -> Result<Statement, String> {
+pub(crate) fn parse_one(sql: &str) -> Result<Statement, String> {
     let dialect = ClickHouseDialect {};
     let tokens = Tokenizer::new(&dialect, sql)
         .tokenize_with_location()

@@ -13,6 +13,7 @@ pub mod check;
 pub mod clickhouse_sql;
 pub mod grants;
 pub mod packing;
+pub mod trial;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -967,6 +968,7 @@ mod tests {
             http: reqwest::Client::new(),
             clickhouse: None,
             metrics: crate::metrics::Metrics::default(),
+            fakes: None,
         });
         let caps = Arc::new(Capabilities::new(
             "t".into(),

@@ -1071,6 +1071,39 @@ async fn tansu_section(
         );
         mock_reset(stack, &ns).await;
     }
+    // The Python example beside the Rust plugin doing the same work: HINCRBY per event through
+    // the exactly-once primitive (plugins/device-counter, plugins/python/device_counter).
+    // Both count into `{prefix}devcount:{device}` with their bookkeeping under `{prefix}once:`.
+    for (item, label, wasm, name) in [
+        (
+            "device-counter",
+            "host + device-counter (Rust) alone",
+            "device_counter",
+            "devices",
+        ),
+        (
+            "python-device-counter",
+            "host + the Python device counter alone",
+            "python_device_counter",
+            "py-devices",
+        ),
+    ] {
+        if selected(item) {
+            let prefix = format!("{}:", unique("bench"));
+            let config = if item == "device-counter" {
+                format!("key_prefix = \"{prefix}devcount:\"\nonce_key_prefix = \"{prefix}once:\"")
+            } else {
+                format!("key_prefix = \"{prefix}\"")
+            };
+            let toml = format!(
+                "[[plugins]]\nname = \"{name}\"\npath = \"{}\"\nmemory_mb = 256\n\
+                 [plugins.grants]\nredis = {{ key_prefix = \"{prefix}\", allow_scripts = true }}\n\
+                 [plugins.config]\n{config}\n",
+                plugin_wasm(wasm).display()
+            );
+            runs.push(drain(&t, item, label, &topic, n, &toml, &[name]).await);
+        }
+    }
     if selected("three") {
         let table = unique("bench_ch");
         tables.push(table.clone());
@@ -1392,6 +1425,8 @@ async fn main() {
         "three",
         "python",
         "per-event",
+        "device-counter",
+        "python-device-counter",
     ];
     if tansu_items.iter().any(|i| selected(i)) {
         tansu_section(&stack, &db.url, n, n_per_event, &mut sections).await;

@@ -186,6 +186,21 @@ fn is_script(command: &[Vec<u8>]) -> bool {
     })
 }
 
+/// A pipeline as text for `plugin test`'s report: each command's name and first argument.
+fn describe(commands: &[wit_redis::Command]) -> String {
+    let parts: Vec<String> = commands
+        .iter()
+        .map(|c| {
+            c.iter()
+                .take(2)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    format!("redis {}", parts.join("; "))
+}
+
 /// The `pipeline` capability call.
 pub(super) fn pipeline(
     state: &PluginState,
@@ -193,10 +208,20 @@ pub(super) fn pipeline(
     atomic: bool,
 ) -> Result<Vec<wit_redis::Reply>, CapabilityError> {
     let caps = &state.caps;
-    let grant = granted(&caps.grants.redis, "redis", &caps.plugin)?;
+    if let Some(fakes) = state.unchecked_fakes() {
+        return fakes.redis(&commands, atomic);
+    }
+    let grant = state.note_refusal(
+        || describe(&commands),
+        granted(&caps.grants.redis, "redis", &caps.plugin),
+    )?;
     crate::plugin::check_args_size("redis", commands.iter().flatten().map(Vec::len).sum())?;
     for c in &commands {
-        grants::check_redis_command(grant, c).map_err(CapabilityError::NotGranted)?;
+        let checked = grants::check_redis_command(grant, c).map_err(CapabilityError::NotGranted);
+        state.note_refusal(|| describe(std::slice::from_ref(c)), checked)?;
+    }
+    if let Some(fakes) = state.fakes() {
+        return fakes.redis(&commands, atomic);
     }
     let access = caps
         .services
