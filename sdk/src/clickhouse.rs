@@ -1,19 +1,10 @@
 //! ClickHouse helpers over the host's ClickHouse capability.
 
-use crate::{CapabilityError, Host, WasmHost};
+use crate::{CapabilityError, Host};
 
-/// Inserts JSON objects as rows of `database.table` (one `JSONEachRow` request) through the
-/// real host.
+/// Inserts JSON objects as rows of `database.table` (one `JSONEachRow` request) through
+/// `host` ([`Host::clickhouse_insert_json_rows`] takes rows already as text).
 pub fn insert_json_rows(
-    database: &str,
-    table: &str,
-    rows: &[serde_json::Value],
-) -> Result<(), CapabilityError> {
-    insert_json_rows_on(&WasmHost, database, table, rows)
-}
-
-/// [`insert_json_rows`] on any [`Host`].
-pub fn insert_json_rows_on(
     host: &(impl Host + ?Sized),
     database: &str,
     table: &str,
@@ -32,7 +23,7 @@ pub fn insert_json_rows_on(
 /// Two writers racing on the same keys can both insert: declare the table
 /// `ReplacingMergeTree ORDER BY <key_column>` so such rows collapse, and query with `FINAL`
 /// (or `argMax`) where an exact count matters, as the clickhouse plugin does.
-pub fn insert_new_rows_on(
+pub fn insert_new_rows(
     host: &(impl Host + ?Sized),
     database: &str,
     table: &str,
@@ -77,11 +68,6 @@ pub fn insert_new_rows_on(
     Ok(new.len())
 }
 
-/// Runs a statement (DDL or a query) through the real host; returns the response body.
-pub fn execute(sql: &str) -> Result<String, CapabilityError> {
-    WasmHost.clickhouse_execute(sql)
-}
-
 /// Quotes an identifier for ClickHouse SQL with back-quotes.
 pub fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
@@ -103,10 +89,7 @@ mod tests {
             (3, r#"{"event_id":3,"v":"old"}"#.to_string()),
             (3, r#"{"event_id":3,"v":"new"}"#.to_string()),
         ];
-        assert_eq!(
-            insert_new_rows_on(&host, "db", "t", "event_id", &rows),
-            Ok(2)
-        );
+        assert_eq!(insert_new_rows(&host, "db", "t", "event_id", &rows), Ok(2));
         let calls = host.calls();
         assert_eq!(
             calls[0],
@@ -128,10 +111,7 @@ mod tests {
         );
         // The replay: every key present, nothing inserted.
         host.push_clickhouse_execute(Ok("1\n2\n3\n".into()));
-        assert_eq!(
-            insert_new_rows_on(&host, "db", "t", "event_id", &rows),
-            Ok(0)
-        );
+        assert_eq!(insert_new_rows(&host, "db", "t", "event_id", &rows), Ok(0));
         assert_eq!(host.calls().len(), 3);
     }
 

@@ -8,7 +8,6 @@
 //!
 //! ```
 //! use fanout_sdk::exactly_once::RedisOnce;
-//! use fanout_sdk::redis::Cmd;
 //! use fanout_sdk::testing::{batch, event, MockHost};
 //!
 //! let host = MockHost::new();
@@ -17,8 +16,7 @@
 //!     // The same batch twice: the second time, every event is skipped.
 //!     let mut once = RedisOnce::new("my:once:");
 //!     for e in b.events.iter() {
-//!         let cmd = Cmd::new("HINCRBY").arg("my:count").arg("plays").arg(1i64);
-//!         once.event(&e, vec![cmd.into_command()]);
+//!         once.event(&e).cmd("HINCRBY").arg("my:count").arg("plays").arg(1);
 //!     }
 //!     let applied = once.apply(&host).unwrap();
 //!     assert_eq!(applied.applied() + applied.skipped(), 2);
@@ -65,8 +63,9 @@
 //! `{prefix}{event_id}` key (`EXISTS`) as applied, for the time the old markers live.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 
-use crate::redis::{Command, Reply};
+use crate::redis::{Command, Commands, Reply};
 use crate::{CapabilityError, Event, Host, Position};
 
 /// Default TTL of the backfill bitmaps: 7 days.
@@ -124,11 +123,14 @@ impl Outcome {
     }
 }
 
-/// The answer of [`RedisOnce::apply`]: one outcome per event, in the order they were added.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The answer of [`RedisOnce::apply`]: one outcome per event, in the order they were added,
+/// and the replies to the [`RedisOnce::then`] commands.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Applied {
     /// (event_id, outcome) per event.
     pub events: Vec<(i64, Outcome)>,
+    /// One reply per [`RedisOnce::then`] command, in order.
+    pub replies: Vec<Reply>,
 }
 
 impl Applied {
@@ -174,7 +176,7 @@ pub struct OnceEvent {
     pub event_id: i64,
     /// None for a backfilled event.
     pub position: Option<OwnedPosition>,
-    pub commands: Vec<Command>,
+    pub commands: Commands,
 }
 
 /// Per-event commands applied exactly once: see the [module](self) documentation.
@@ -184,6 +186,7 @@ pub struct RedisOnce {
     backfill_ttl_seconds: u64,
     legacy_marker_prefix: Option<String>,
     events: Vec<OnceEvent>,
+    then: Commands,
 }
 
 impl RedisOnce {
@@ -195,6 +198,7 @@ impl RedisOnce {
             backfill_ttl_seconds: DEFAULT_BACKFILL_TTL_SECONDS,
             legacy_marker_prefix: None,
             events: Vec::new(),
+            then: Commands::new(),
         }
     }
 
@@ -213,18 +217,21 @@ impl RedisOnce {
         self
     }
 
-    /// Adds an event of the batch with the commands that apply it (any number, none too).
-    pub fn event(&mut self, e: &Event<'_>, commands: Vec<Command>) -> &mut Self {
-        self.event_at(e.event_id(), e.position(), commands)
+    /// Adds an event of the batch; returns its commands, to fill with `cmd`/`arg`:
+    /// `once.event(&e).cmd("HINCRBY").arg(key).arg(field).arg(1);` (any number of commands,
+    /// none too).
+    pub fn event(&mut self, e: &Event<'_>) -> &mut Commands {
+        self.event_at(e.event_id(), e.position(), Commands::new())
     }
 
-    /// [`RedisOnce::event`] from an id and a position (None: backfilled).
+    /// [`RedisOnce::event`] from an id and a position (None: backfilled), with commands to
+    /// start from (`Commands::new()`, or a `Vec<Command>` built elsewhere).
     pub fn event_at(
         &mut self,
         event_id: i64,
         position: Option<Position<'_>>,
-        commands: Vec<Command>,
-    ) -> &mut Self {
+        commands: impl Into<Commands>,
+    ) -> &mut Commands {
         self.events.push(OnceEvent {
             event_id,
             position: position.map(|p| OwnedPosition {
@@ -232,9 +239,21 @@ impl RedisOnce {
                 partition: p.partition,
                 offset: p.offset,
             }),
-            commands,
+            commands: commands.into(),
         });
-        self
+        let last = self.events.len() - 1;
+        &mut self.events[last].commands
+    }
+
+    /// Ordinary commands sent after the script in the same round trip (idempotent ones that
+    /// need no bookkeeping); their replies are [`Applied::replies`].
+    pub fn then(&mut self) -> &mut Commands {
+        &mut self.then
+    }
+
+    /// The commands of [`RedisOnce::then`].
+    pub fn then_commands(&self) -> &Commands {
+        &self.then
     }
 
     /// The events added so far.
@@ -281,80 +300,60 @@ impl RedisOnce {
             .map(|p| format!("{p}{event_id}"))
     }
 
-    /// Applies the events' commands exactly once: one round trip, one atomic script.
-    pub fn apply(&self, host: &(impl Host + ?Sized)) -> Result<Applied, CapabilityError> {
-        host.redis_once(self, &[]).map(|(applied, _)| applied)
-    }
-
-    /// [`RedisOnce::apply`], then `then` (ordinary commands, e.g. idempotent ones that need
-    /// no bookkeeping) in the same pipeline. Returns their replies too.
-    pub fn apply_then(
-        &self,
-        host: &(impl Host + ?Sized),
-        then: &[Command],
-    ) -> Result<(Applied, Vec<Reply>), CapabilityError> {
-        host.redis_once(self, then)
+    /// Applies the events' commands exactly once, then the [`RedisOnce::then`] commands: one
+    /// round trip, one atomic script.
+    pub fn apply(self, host: &(impl Host + ?Sized)) -> Result<Applied, CapabilityError> {
+        host.redis_once(self)
     }
 
     /// The `EVAL` of [`SCRIPT`] that applies these events (what [`Host::redis_once`] sends by
     /// default). Err when a command cannot run inside a script (a script command).
     pub fn eval_command(&self) -> Result<Command, CapabilityError> {
+        self.clone().take_eval()
+    }
+
+    /// The `EVAL` of [`SCRIPT`] for the events, moving their arguments into it (the events
+    /// are gone afterwards).
+    fn take_eval(&mut self) -> Result<Command, CapabilityError> {
+        let events = std::mem::take(&mut self.events);
         let mut keys = Keys::default();
-        keys.index(&self.marks_key());
-        let mut argv: Vec<Vec<u8>> = Vec::with_capacity(2 + self.events.len() * 8);
-        argv.push(self.backfill_ttl_seconds.to_string().into_bytes());
-        argv.push(self.events.len().to_string().into_bytes());
-        for e in &self.events {
-            argv.push(e.event_id.to_string().into_bytes());
+        keys.index(self.marks_key().into_bytes());
+        let mut argv: Vec<Vec<u8>> = Vec::with_capacity(2 + events.len() * 12);
+        argv.push(number(self.backfill_ttl_seconds));
+        argv.push(number(events.len()));
+        for e in events {
+            argv.push(number(e.event_id));
             match &e.position {
                 Some(p) => {
                     argv.push(p.field().into_bytes());
-                    argv.push(p.offset.to_string().into_bytes());
+                    argv.push(number(p.offset));
                 }
                 None => {
                     argv.push(Vec::new());
                     argv.push(Vec::new());
                 }
             }
-            argv.push(
-                keys.index(&self.bitmap_key(e.event_id))
-                    .to_string()
-                    .into_bytes(),
-            );
-            argv.push(
-                e.event_id
-                    .rem_euclid(IDS_PER_BITMAP)
-                    .to_string()
-                    .into_bytes(),
-            );
+            argv.push(number(keys.index(self.bitmap_key(e.event_id).into_bytes())));
+            argv.push(number(e.event_id.rem_euclid(IDS_PER_BITMAP)));
             let legacy = self
                 .legacy_marker_key(e.event_id)
-                .map_or(0, |k| keys.index(&k));
-            argv.push(legacy.to_string().into_bytes());
-            argv.push(e.commands.len().to_string().into_bytes());
-            for c in &e.commands {
-                let is_key = key_mask(c)?;
-                argv.push(c.len().to_string().into_bytes());
-                argv.push(
-                    is_key
-                        .iter()
-                        .map(|k| if *k { b'k' } else { b'v' })
-                        .collect(),
-                );
-                for (arg, k) in c.iter().zip(&is_key) {
-                    if *k {
-                        let key = String::from_utf8_lossy(arg).into_owned();
-                        argv.push(keys.index_bytes(arg, key).to_string().into_bytes());
-                    } else {
-                        argv.push(arg.clone());
-                    }
+                .map_or(0, |k| keys.index(k.into_bytes()));
+            argv.push(number(legacy));
+            argv.push(number(e.commands.len()));
+            for c in e.commands.into_vec() {
+                argv.push(number(c.len()));
+                let mask_at = argv.len();
+                argv.push(mask_letters(&c)?);
+                for (j, arg) in c.into_iter().enumerate() {
+                    let is_key = argv[mask_at][j] == b'k';
+                    argv.push(if is_key { number(keys.index(arg)) } else { arg });
                 }
             }
         }
         let mut cmd: Command = Vec::with_capacity(3 + keys.list.len() + argv.len());
         cmd.push(b"EVAL".to_vec());
         cmd.push(SCRIPT.as_bytes().to_vec());
-        cmd.push(keys.list.len().to_string().into_bytes());
+        cmd.push(number(keys.list.len()));
         cmd.extend(keys.list);
         cmd.extend(argv);
         Ok(cmd)
@@ -362,86 +361,101 @@ impl RedisOnce {
 
     /// Reads the script's reply: one outcome code per event.
     pub fn parse_reply(&self, reply: &Reply) -> Result<Applied, CapabilityError> {
-        let codes: &[u8] = match reply {
-            Reply::Data(d) => d,
-            Reply::Status(s) => s.as_bytes(),
-            Reply::Nil if self.events.is_empty() => &[],
-            other => {
-                return Err(CapabilityError::Failed(format!(
-                    "exactly-once script answered {other:?}"
-                )))
-            }
-        };
-        if codes.len() != self.events.len() {
-            return Err(CapabilityError::Failed(format!(
-                "exactly-once script answered {} outcomes for {} events",
-                codes.len(),
-                self.events.len()
-            )));
-        }
-        let events = codes
-            .iter()
-            .zip(&self.events)
-            .map(|(c, e)| {
-                Outcome::from_code(*c)
-                    .map(|o| (e.event_id, o))
-                    .ok_or_else(|| {
-                        CapabilityError::Failed(format!("exactly-once script: outcome {c}"))
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Applied { events })
+        let ids: Vec<i64> = self.events.iter().map(|e| e.event_id).collect();
+        Ok(Applied {
+            events: parse_codes(&ids, reply)?,
+            replies: Vec::new(),
+        })
     }
 }
 
-/// The default [`Host::redis_once`]: the `EVAL` and `then` in one pipeline.
-pub fn apply_by_script(
-    host: &(impl Host + ?Sized),
-    once: &RedisOnce,
-    then: &[Command],
-) -> Result<(Applied, Vec<Reply>), CapabilityError> {
-    let mut commands = Vec::with_capacity(1 + then.len());
-    if !once.is_empty() {
-        commands.push(once.eval_command()?);
-    }
-    commands.extend_from_slice(then);
-    if commands.is_empty() {
-        return Ok((Applied::default(), Vec::new()));
-    }
-    let mut replies = host.redis_pipeline(&commands, false)?;
-    if replies.len() != commands.len() {
+/// The script's reply for events `ids`: one outcome letter per event.
+fn parse_codes(ids: &[i64], reply: &Reply) -> Result<Vec<(i64, Outcome)>, CapabilityError> {
+    let codes: &[u8] = match reply {
+        Reply::Data(d) => d,
+        Reply::Status(s) => s.as_bytes(),
+        Reply::Nil if ids.is_empty() => &[],
+        other => {
+            return Err(CapabilityError::Failed(format!(
+                "exactly-once script answered {other:?}"
+            )))
+        }
+    };
+    if codes.len() != ids.len() {
         return Err(CapabilityError::Failed(format!(
-            "redis: {} replies for {} commands",
-            replies.len(),
-            commands.len()
+            "exactly-once script answered {} outcomes for {} events",
+            codes.len(),
+            ids.len()
         )));
     }
-    if once.is_empty() {
-        return Ok((Applied::default(), replies));
-    }
-    let rest = replies.split_off(1);
-    Ok((once.parse_reply(&replies[0])?, rest))
+    codes
+        .iter()
+        .zip(ids)
+        .map(|(c, id)| {
+            Outcome::from_code(*c)
+                .map(|o| (*id, o))
+                .ok_or_else(|| CapabilityError::Failed(format!("exactly-once script: outcome {c}")))
+        })
+        .collect()
 }
 
-/// The deduplicated KEYS of a script, 1-based as Lua sees them.
+/// A number as the script reads it.
+fn number(n: impl ToString) -> Vec<u8> {
+    n.to_string().into_bytes()
+}
+
+/// The default [`Host::redis_once`]: the `EVAL` and the `then` commands in one pipeline.
+pub fn apply_by_script(
+    host: &(impl Host + ?Sized),
+    mut once: RedisOnce,
+) -> Result<Applied, CapabilityError> {
+    // What the reply is read against: the ids, in order (the commands move into the EVAL).
+    let ids: Vec<i64> = once.events.iter().map(|e| e.event_id).collect();
+    let then = std::mem::take(&mut once.then).into_vec();
+    let mut commands = Vec::with_capacity(1 + then.len());
+    if !ids.is_empty() {
+        commands.push(once.take_eval()?);
+    }
+    commands.extend(then);
+    let mut replies = crate::redis::send_commands(host, &commands, false)?;
+    if ids.is_empty() {
+        return Ok(Applied {
+            events: Vec::new(),
+            replies,
+        });
+    }
+    let rest = replies.split_off(1);
+    Ok(Applied {
+        events: parse_codes(&ids, &replies[0])?,
+        replies: rest,
+    })
+}
+
+/// The deduplicated KEYS of a script, 1-based as Lua sees them, in first-seen order.
 #[derive(Default)]
 struct Keys {
     list: Vec<Vec<u8>>,
-    at: HashMap<String, usize>,
+    /// Hash of a key -> its index (the first key with that hash; others are searched).
+    at: HashMap<u64, usize>,
+    hasher: RandomState,
 }
 
 impl Keys {
-    fn index(&mut self, key: &str) -> usize {
-        self.index_bytes(key.as_bytes(), key.to_string())
-    }
-
-    fn index_bytes(&mut self, raw: &[u8], key: String) -> usize {
-        if let Some(i) = self.at.get(&key) {
-            return *i;
+    fn index(&mut self, key: Vec<u8>) -> usize {
+        let h = self.hasher.hash_one(&key);
+        match self.at.get(&h) {
+            Some(&i) if self.list[i - 1] == key => return i,
+            // Two keys with one hash: rare enough for a scan.
+            Some(_) => {
+                if let Some(p) = self.list.iter().position(|k| *k == key) {
+                    return p + 1;
+                }
+            }
+            None => {}
         }
-        self.list.push(raw.to_vec());
+        self.list.push(key);
         let i = self.list.len();
-        self.at.insert(key, i);
+        self.at.entry(h).or_insert(i);
         i
     }
 }
@@ -451,43 +465,48 @@ impl Keys {
 /// `UNLINK`, `EXISTS`, `MGET`, `TOUCH`, `PFCOUNT` only keys; `MSET`, `MSETNX` key-value
 /// pairs; `ZUNIONSTORE`, `ZINTERSTORE` a destination and `numkeys` keys.
 pub fn key_mask(command: &Command) -> Result<Vec<bool>, CapabilityError> {
-    let name = command
+    Ok(mask_letters(command)?.iter().map(|m| *m == b'k').collect())
+}
+
+/// [`key_mask`] as the script takes it: `k` for a key, `v` for any other argument.
+fn mask_letters(command: &Command) -> Result<Vec<u8>, CapabilityError> {
+    let name: &[u8] = command
         .first()
-        .map(|n| String::from_utf8_lossy(n).to_ascii_uppercase())
         .ok_or_else(|| CapabilityError::NotGranted("an empty command".into()))?;
+    let is = |names: &[&str]| {
+        names
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+    };
     let n = command.len();
-    let mut mask = vec![false; n];
-    match name.as_str() {
-        "EVAL" | "EVALSHA" | "EVAL_RO" | "EVALSHA_RO" | "MULTI" | "EXEC" => {
-            return Err(CapabilityError::NotGranted(format!(
-                "{name} cannot run inside the exactly-once script"
-            )))
+    let mut mask = vec![b'v'; n];
+    if is(&["EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "MULTI", "EXEC"]) {
+        return Err(CapabilityError::NotGranted(format!(
+            "{} cannot run inside the exactly-once script",
+            String::from_utf8_lossy(name).to_ascii_uppercase()
+        )));
+    } else if is(&["PING", "TIME", "ECHO"]) {
+    } else if is(&["DEL", "UNLINK", "EXISTS", "MGET", "TOUCH", "PFCOUNT"]) {
+        mask.iter_mut().skip(1).for_each(|k| *k = b'k');
+    } else if is(&["MSET", "MSETNX"]) {
+        mask.iter_mut().skip(1).step_by(2).for_each(|k| *k = b'k');
+    } else if is(&["ZUNIONSTORE", "ZINTERSTORE"]) {
+        let keys: usize = command
+            .get(2)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                CapabilityError::NotGranted(format!(
+                    "{}: argument 2 must be numkeys",
+                    String::from_utf8_lossy(name).to_ascii_uppercase()
+                ))
+            })?;
+        if n > 1 {
+            mask[1] = b'k';
         }
-        "PING" | "TIME" | "ECHO" => {}
-        "DEL" | "UNLINK" | "EXISTS" | "MGET" | "TOUCH" | "PFCOUNT" => {
-            mask.iter_mut().skip(1).for_each(|k| *k = true);
-        }
-        "MSET" | "MSETNX" => {
-            mask.iter_mut().skip(1).step_by(2).for_each(|k| *k = true);
-        }
-        "ZUNIONSTORE" | "ZINTERSTORE" => {
-            let keys: usize = command
-                .get(2)
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| {
-                    CapabilityError::NotGranted(format!("{name}: argument 2 must be numkeys"))
-                })?;
-            if n > 1 {
-                mask[1] = true;
-            }
-            mask.iter_mut().skip(3).take(keys).for_each(|k| *k = true);
-        }
-        _ => {
-            if n > 1 {
-                mask[1] = true;
-            }
-        }
+        mask.iter_mut().skip(3).take(keys).for_each(|k| *k = b'k');
+    } else if n > 1 {
+        mask[1] = b'k';
     }
     Ok(mask)
 }
@@ -597,24 +616,23 @@ return table.concat(out)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::redis::{command, Cmd};
     use crate::testing::{batch, batch_at, event, Call, MockHost};
     use crate::Batch;
 
     const SCOPE: &str = "dc:once:";
 
-    fn incr(e: &Event<'_>) -> Vec<Command> {
-        vec![Cmd::new("INCRBY")
-            .arg("dc:n")
-            .arg(e.event_id())
-            .into_command()]
+    /// A command from text arguments.
+    fn command(args: &[&str]) -> Command {
+        let mut c = Commands::new();
+        c.args(args.iter().copied());
+        c.into_vec().remove(0)
     }
 
     /// Applies `b` the way a plugin does; returns the outcomes in event order.
     fn deliver(host: &MockHost, b: &Batch) -> Vec<Outcome> {
         let mut once = RedisOnce::new(SCOPE);
         for e in b.events.iter() {
-            once.event(&e, incr(&e));
+            once.event(&e).cmd("INCRBY").arg("dc:n").arg(e.event_id());
         }
         let applied = once.apply(host).expect("apply");
         applied.events.iter().map(|(_, o)| *o).collect()
@@ -741,7 +759,7 @@ mod tests {
         let b = batch((1..=3).map(|id| event(id, None, 0)).collect());
         let mut once = RedisOnce::new(SCOPE).legacy_markers("old:seen:");
         for e in b.events.iter() {
-            once.event(&e, incr(&e));
+            once.event(&e).cmd("INCRBY").arg("dc:n").arg(e.event_id());
         }
         let applied = once.apply(&host).unwrap();
         use Outcome::*;
@@ -760,20 +778,30 @@ mod tests {
         let host = MockHost::new();
         host.push_redis(Err(CapabilityError::Failed("down".into())));
         let b = batch(vec![event(1, None, 0)]);
-        let mut once = RedisOnce::new(SCOPE);
-        once.event(&b.events.get(0).unwrap(), vec![command(&["INCR", "dc:x"])]);
-        assert!(once.apply(&host).is_err());
+        let build = || {
+            let mut once = RedisOnce::new(SCOPE);
+            once.event(&b.events.get(0).unwrap())
+                .cmd("INCR")
+                .arg("dc:x");
+            once
+        };
+        assert!(build().apply(&host).is_err());
         assert_eq!(host.once_mark(SCOPE, "test", 0), None);
-        let then = [command(&["EXPIRE", "dc:x", "60"])];
-        let (applied, replies) = once.apply_then(&host, &then).unwrap();
+        let mut once = build();
+        once.then().cmd("EXPIRE").arg("dc:x").arg(60);
+        let applied = once.apply(&host).unwrap();
         assert_eq!(applied.applied(), 1);
-        assert_eq!(replies, vec![Reply::Nil]);
+        assert_eq!(applied.replies, vec![Reply::Nil]);
         assert!(
             matches!(host.calls().last(), Some(Call::Redis { commands, .. }) if commands[0][0] == "EXPIRE")
         );
         // Scripts cannot nest.
         let mut nested = RedisOnce::new(SCOPE);
-        nested.event_at(5, None, vec![command(&["EVAL", "return 1", "0"])]);
+        nested
+            .event_at(5, None, Commands::new())
+            .cmd("EVAL")
+            .arg("return 1")
+            .arg(0);
         assert!(matches!(
             nested.apply(&host),
             Err(CapabilityError::NotGranted(_))
@@ -787,23 +815,13 @@ mod tests {
             .backfill_ttl_seconds(60)
             .legacy_markers("old:");
         for e in b.events.iter() {
-            once.event(
-                &e,
-                vec![
-                    command(&["HINCRBY", "dc:h", "f", "1"]),
-                    command(&["MSET", "dc:a", "1", "dc:b", "2"]),
-                    command(&[
-                        "ZUNIONSTORE",
-                        "dc:z",
-                        "2",
-                        "dc:a",
-                        "dc:b",
-                        "WEIGHTS",
-                        "1",
-                        "1",
-                    ]),
-                ],
-            );
+            once.event(&e)
+                .cmd("HINCRBY")
+                .args(["dc:h", "f", "1"])
+                .cmd("MSET")
+                .args(["dc:a", "1", "dc:b", "2"])
+                .cmd("ZUNIONSTORE")
+                .args(["dc:z", "2", "dc:a", "dc:b", "WEIGHTS", "1", "1"]);
         }
         let cmd = once.eval_command().unwrap();
         let text: Vec<String> = cmd
@@ -847,7 +865,8 @@ mod tests {
     #[test]
     fn replies_are_read_per_event() {
         let mut once = RedisOnce::new(SCOPE);
-        once.event_at(1, None, vec![]).event_at(2, None, vec![]);
+        once.event_at(1, None, vec![]);
+        once.event_at(2, None, vec![]);
         let ok = once.parse_reply(&Reply::Data(b"al".to_vec())).unwrap();
         assert_eq!(
             ok.events,
@@ -901,18 +920,18 @@ mod tests {
         let run = |host: &dyn Host, b: &Batch| {
             let mut once = RedisOnce::new(scope.clone()).legacy_markers(format!("{scope}old:"));
             for e in b.events.iter() {
-                let cmd = Cmd::new("RPUSH")
-                    .arg(format!("{scope}log"))
+                once.event(&e)
+                    .cmd("RPUSH")
+                    .arg(format_args!("{scope}log"))
                     .arg(e.event_id());
-                once.event(&e, vec![cmd.into_command()]);
             }
-            host.redis_once(&once, &[]).expect("apply").0
+            host.redis_once(once).expect("apply").events
         };
         for (i, b) in deliveries.iter().enumerate() {
             assert_eq!(run(&redis, b), run(&mock, b), "delivery {i}");
         }
         let log = redis.cmd(&["LRANGE", &format!("{scope}log"), "0", "-1"]);
-        let ids = crate::redis::reply_ints(&log);
+        let ids = log.as_ints();
         assert_eq!(
             ids,
             vec![5, 6, 7, 8, 4, 9, 1, 2, 10, 11, 12],
@@ -936,25 +955,26 @@ mod tests {
         assert_eq!(fields.len(), 2, "{fields:?}");
         assert_eq!(fields["t/0"], "120");
         assert_eq!(fields[MIN_LIVE_FIELD], "3");
-        let ttl = crate::redis::reply_int(&redis.cmd(&["TTL", &format!("{scope}backfilled:0")]));
+        let ttl = redis
+            .cmd(&["TTL", &format!("{scope}backfilled:0")])
+            .as_int();
         assert!(ttl.is_some_and(|t| t > 600_000), "{ttl:?}");
         // A failing command: the events before it stay applied and marked, the call fails.
         redis.cmd(&["SET", &format!("{scope}str"), "x"]);
         let mut once = RedisOnce::new(scope.clone());
-        once.event_at(
-            100,
-            at("t", 1, 1),
-            vec![command(&["INCR", &format!("{scope}n")])],
-        );
-        once.event_at(
-            101,
-            at("t", 1, 2),
-            vec![command(&["HINCRBY", &format!("{scope}str"), "f", "1"])],
-        );
+        once.event_at(100, at("t", 1, 1), vec![])
+            .cmd("INCR")
+            .arg(format_args!("{scope}n"));
+        once.event_at(101, at("t", 1, 2), vec![])
+            .cmd("HINCRBY")
+            .arg(format_args!("{scope}str"))
+            .args(["f", "1"]);
         let err = once.apply(&redis).unwrap_err();
         assert!(format!("{err:?}").contains("event 101"), "{err:?}");
         assert_eq!(
-            crate::redis::reply_string(&redis.cmd(&["HGET", &format!("{scope}marks"), "t/1"])),
+            redis
+                .cmd(&["HGET", &format!("{scope}marks"), "t/1"])
+                .as_string(),
             Some("1".into())
         );
         redis.delete_prefix(&scope);

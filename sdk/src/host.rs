@@ -5,29 +5,37 @@
 use crate::bindings::fanout::sink as wit;
 use crate::exactly_once::{Applied, RedisOnce};
 use crate::http::{Request, Response};
-use crate::redis::{Command, Reply};
+use crate::redis::{Command, Pipeline, Reply};
 use crate::{CapabilityError, Level};
 
-/// What a plugin can ask of the host. Write plugin logic against `&impl Host` (or
-/// `&dyn Host`) and pass [`WasmHost`] from [`Sink::write`](crate::Sink::write).
+/// What a plugin can ask of the host. [`Sink::init`](crate::Sink::init) and
+/// [`Sink::write`](crate::Sink::write) receive it: [`WasmHost`] in the component, a
+/// [`crate::testing::MockHost`] (or any implementation) in native tests.
 pub trait Host {
-    /// Sends Redis commands in one round trip (`MULTI`/`EXEC` when `atomic`).
+    /// Redis commands for one round trip: `host.redis().cmd("INCR").arg(key).send()?`
+    /// ([`crate::redis`]). The one way to call Redis.
+    fn redis(&self) -> Pipeline<'_, Self>
+    where
+        Self: Sized,
+    {
+        Pipeline::new(self)
+    }
+
+    /// The transport under [`Host::redis`]: sends the commands in one round trip
+    /// (`MULTI`/`EXEC` when `atomic`). Implement it; call [`Host::redis`].
     fn redis_pipeline(
         &self,
         commands: &[Command],
         atomic: bool,
     ) -> Result<Vec<Reply>, CapabilityError>;
 
-    /// Applies the events of `once` exactly once, then `then`, in one round trip: see
-    /// [`crate::exactly_once`]. The default sends the `EVAL` of
-    /// [`RedisOnce::eval_command`] and `then` through [`Host::redis_pipeline`] (the real
-    /// host); [`crate::testing::MockHost`] runs the same rules in memory.
-    fn redis_once(
-        &self,
-        once: &RedisOnce,
-        then: &[Command],
-    ) -> Result<(Applied, Vec<Reply>), CapabilityError> {
-        crate::exactly_once::apply_by_script(self, once, then)
+    /// Applies the events of `once` exactly once, then its `then` commands, in one round
+    /// trip: what [`RedisOnce::apply`] calls (see [`crate::exactly_once`]). The default sends
+    /// the `EVAL` of [`RedisOnce::eval_command`] and the `then` commands through
+    /// [`Host::redis_pipeline`] (the real host); [`crate::testing::MockHost`] runs the same
+    /// rules in memory.
+    fn redis_once(&self, once: RedisOnce) -> Result<Applied, CapabilityError> {
+        crate::exactly_once::apply_by_script(self, once)
     }
 
     /// Sends one HTTP request. Any status is `Ok`; `Err(Failed)` means no response.
@@ -65,12 +73,16 @@ pub trait Host {
         crate::log::log(level, message)
     }
 
-    /// Adds to the plugin's counter `name`: `fanout_plugin_counter_total{plugin,name}` on /metrics.
+    /// Adds to the plugin's counter `name`: `fanout_plugin_counter_total{plugin,name}` on
+    /// /metrics. Names are [`crate::metrics::valid_name`]: `[a-z_][a-z0-9_]*`, at most 64 bytes,
+    /// at most 100 per plugin; the host drops others (counted in
+    /// `fanout_plugin_metrics_refused_total`), `MockHost` panics on them.
     fn counter_add(&self, name: &str, value: u64) {
         crate::metrics::counter_add(name, value)
     }
 
-    /// Sets the plugin's gauge `name`: `fanout_plugin_gauge{plugin,name}` on /metrics.
+    /// Sets the plugin's gauge `name`: `fanout_plugin_gauge{plugin,name}` on /metrics (names as
+    /// for [`Host::counter_add`]).
     fn gauge_set(&self, name: &str, value: f64) {
         crate::metrics::gauge_set(name, value)
     }

@@ -1,6 +1,6 @@
 //! HTTP helpers over [`Host::http_send`] and [`Host::http_send_all`].
 
-use crate::{CapabilityError, Host, WasmHost};
+use crate::{CapabilityError, Host};
 
 pub use crate::bindings::fanout::sink::http::{Request, Response};
 
@@ -26,18 +26,8 @@ pub fn json_post_request(
     }
 }
 
-/// POSTs a JSON text to `url` through the real host.
+/// POSTs a JSON text to `url` through `host`.
 pub fn post_json(
-    url: &str,
-    body: &str,
-    headers: &[(&str, &str)],
-    timeout_ms: u32,
-) -> Result<Response, CapabilityError> {
-    post_json_on(&WasmHost, url, body, headers, timeout_ms)
-}
-
-/// [`post_json`] on any [`Host`].
-pub fn post_json_on(
     host: &(impl Host + ?Sized),
     url: &str,
     body: &str,
@@ -67,7 +57,7 @@ pub fn idempotency_key(event_ids: impl IntoIterator<Item = i64>) -> String {
 
 /// POSTs a JSON text carrying `events` with their [`idempotency_key`] as `Idempotency-Key`:
 /// the exactly-once primitive of HTTP, on the receiver's side.
-pub fn post_events_json_on(
+pub fn post_events_json(
     host: &(impl Host + ?Sized),
     url: &str,
     body: &str,
@@ -75,31 +65,13 @@ pub fn post_events_json_on(
     timeout_ms: u32,
 ) -> Result<Response, CapabilityError> {
     let key = idempotency_key(events.iter().map(|e| e.event_id()));
-    post_json_on(
+    post_json(
         host,
         url,
         body,
         &[("Idempotency-Key", key.as_str())],
         timeout_ms,
     )
-}
-
-/// Sends `requests` concurrently through the real host, at most `max_in_flight` at a time;
-/// one result per request, in order.
-pub fn send_all(
-    requests: &[Request],
-    max_in_flight: u32,
-) -> Vec<Result<Response, CapabilityError>> {
-    send_all_on(&WasmHost, requests, max_in_flight)
-}
-
-/// [`send_all`] on any [`Host`].
-pub fn send_all_on(
-    host: &(impl Host + ?Sized),
-    requests: &[Request],
-    max_in_flight: u32,
-) -> Vec<Result<Response, CapabilityError>> {
-    host.http_send_all(requests, max_in_flight)
 }
 
 /// The first value of header `name` (case-insensitive).
@@ -134,7 +106,7 @@ mod idempotency_tests {
         let b = batch(vec![event(1, Some(1), 0), event(2, None, 0)]);
         let events: Vec<_> = b.events.iter().collect();
         for _ in 0..2 {
-            post_events_json_on(&host, "http://api/events", "[]", &events, 1000).unwrap();
+            post_events_json(&host, "http://api/events", "[]", &events, 1000).unwrap();
         }
         let keys: Vec<String> = host
             .calls()
@@ -166,7 +138,7 @@ mod tests {
         let requests: Vec<Request> = (0..3)
             .map(|i| json_post_request("http://api/x", &format!("{i}"), &[], 1000))
             .collect();
-        let out = send_all_on(&host, &requests, 8);
+        let out = host.http_send_all(&requests, 8);
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].as_ref().map(|r| r.status), Ok(503));
         assert!(matches!(out[1], Err(CapabilityError::Failed(_))));
@@ -190,7 +162,7 @@ mod tests {
     #[test]
     fn native_wasm_host_refuses_every_request() {
         let requests = vec![json_post_request("http://api/x", "{}", &[], 1000); 2];
-        let out = send_all(&requests, 4);
+        let out = crate::WasmHost.http_send_all(&requests, 4);
         assert_eq!(out.len(), 2);
         assert!(out
             .iter()

@@ -5,28 +5,47 @@
 //! for every enriched batch, its events packed in one buffer that [`Batch::events`] reads in
 //! place ([`packed`]). This crate turns that into a small Rust trait:
 //!
-//! ```ignore
-//! use fanout_sdk::{export_sink, Batch, Sink, WriteOutcome};
+//! ```
+//! use fanout_sdk::{export_sink, Batch, Host, Sink, WriteOutcome};
+//! use serde::Deserialize;
 //!
-//! struct Counter { seen: u64 }
+//! #[derive(Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! struct Config { key_prefix: String }
+//!
+//! struct Counter { prefix: String }
 //!
 //! impl Sink for Counter {
-//!     fn init(_config: serde_json::Value) -> Result<Self, String> { Ok(Counter { seen: 0 }) }
-//!     fn write(&mut self, batch: &Batch) -> WriteOutcome {
+//!     type Config = Config;           // `[plugins.config]`, parsed before `init`
+//!     fn init(config: Config, _host: &impl Host) -> Result<Self, String> {
+//!         Ok(Counter { prefix: config.key_prefix })
+//!     }
+//!     fn write(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
+//!         let mut redis = host.redis();
 //!         for e in batch.events.iter() {
-//!             if e.content_id().is_some() { self.seen += 1; }
+//!             redis.cmd("SET").arg(format_args!("{}{}", self.prefix, e.event_id())).arg(1);
 //!         }
-//!         fanout_sdk::info!("{} events so far", self.seen);
-//!         WriteOutcome::Accepted
+//!         match redis.send() {
+//!             Ok(_) => WriteOutcome::Accepted,
+//!             Err(e) => WriteOutcome::RetryLater(fanout_sdk::describe(&e)),
+//!         }
 //!     }
 //! }
 //!
 //! export_sink!(Counter);
+//!
+//! // A test calls the same `write` with a recorder.
+//! let host = fanout_sdk::testing::MockHost::new();
+//! let config = fanout_sdk::config::parse::<Config>(r#"{"key_prefix": "n:"}"#).unwrap();
+//! let mut sink = Counter::init(config, &host).unwrap();
+//! let b = fanout_sdk::testing::batch(vec![fanout_sdk::testing::event(1, None, 0)]);
+//! assert_eq!(sink.write(&host, &b), WriteOutcome::Accepted);
 //! ```
 //!
-//! Capabilities (Redis, HTTP, ClickHouse, logs, metrics) are reached through the [`Host`]
-//! trait. [`WasmHost`] is the real host; [`testing::MockHost`] records calls and plays back
-//! scripted replies so plugin logic can be unit-tested natively with `cargo test`.
+//! Capabilities (Redis, HTTP, ClickHouse, logs, metrics) are the [`Host`] trait's methods;
+//! `init` and `write` receive the host. [`WasmHost`] is the real one; [`testing::MockHost`]
+//! records calls and plays back scripted replies, so plugin logic is unit-tested natively with
+//! `cargo test` by calling `write` itself.
 
 // Lets the generated bindings and the exported macros name this crate as `::fanout_sdk`
 // both from inside the crate and from plugin crates.
@@ -35,6 +54,7 @@ extern crate self as fanout_sdk;
 #[doc(hidden)]
 pub use wit_bindgen;
 
+pub use serde;
 pub use serde_json;
 
 /// Everything generated from `wit/sink.wit`.
@@ -53,6 +73,7 @@ pub mod bindings {
 }
 
 pub mod clickhouse;
+pub mod config;
 pub mod event;
 pub mod exactly_once;
 pub mod host;
@@ -70,6 +91,7 @@ pub mod runtime;
 pub use bindings::fanout::sink::errors::CapabilityError;
 pub use bindings::fanout::sink::log::Level;
 pub use bindings::fanout::sink::types::{EnrichedEvent, Rejection, SourceRange, WriteOutcome};
+pub use config::NoConfig;
 pub use event::{event_json, event_json_string, format_event_ts, EventRecord};
 pub use exactly_once::{Applied, Outcome, RedisOnce};
 pub use packed::{Event, EventFields, PackedEvents, Position};
@@ -113,18 +135,28 @@ pub use host::{describe, Host, WasmHost};
 /// The host may recreate the instance (after a trap, or on restart) and call `init` again:
 /// nothing in `self` is durable. Every write must be idempotent by `event_id`, because the
 /// host replays batches after retries and crashes.
+///
+/// Both methods receive the host's capabilities: [`WasmHost`] in the component, a
+/// [`testing::MockHost`] (or any [`Host`]) when a test calls them.
 pub trait Sink: Sized + 'static {
-    /// Builds the plugin from the `[plugins.config]` table of the host config, as JSON
-    /// (an empty object when the table is absent). An `Err` is a configuration error: the
-    /// host reports it and does not start the plugin.
-    fn init(config: serde_json::Value) -> Result<Self, String>;
+    /// The `[plugins.config]` table of the host config, parsed from its JSON before `init`
+    /// (an absent table is `{}`). A config that does not parse is refused with the path of
+    /// the bad field (`config: window_minutes: invalid type: string "x", expected u32 ...`).
+    /// `#[serde(deny_unknown_fields)]` turns a misspelt key into such an error;
+    /// [`NoConfig`] takes no settings.
+    type Config: serde::de::DeserializeOwned;
+
+    /// Builds the plugin from its parsed config. An `Err` is a configuration error: the host
+    /// reports it and does not start the plugin. A service that is down is not one: try again
+    /// on the first batch.
+    fn init(config: Self::Config, host: &impl Host) -> Result<Self, String>;
 
     /// Takes one batch. Return:
     /// - [`WriteOutcome::Accepted`] when every event is durable,
     /// - [`WriteOutcome::RetryLater`] when some are not (the host retries the whole batch),
     /// - [`WriteOutcome::Rejected`] with the events that can never be written (they go to
     ///   the dead-letter topic; all others must be durable).
-    fn write(&mut self, batch: &Batch) -> WriteOutcome;
+    fn write(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome;
 }
 
 /// Exports a [`Sink`] implementation as the component's `fanout:sink/packed-sink` interface.

@@ -5,15 +5,15 @@ use std::cell::RefCell;
 use std::thread::LocalKey;
 
 use crate::bindings::fanout::sink::types::PackedBatch;
-use crate::{Batch, PackedEvents, Sink, WriteOutcome};
+use crate::{Batch, PackedEvents, Sink, WasmHost, WriteOutcome};
 
 /// Parses the config and stores a fresh plugin value, replacing any previous one.
 pub fn init<S: Sink>(
     state: &'static LocalKey<RefCell<Option<S>>>,
     config: &str,
 ) -> Result<(), String> {
-    let config = parse_config(config)?;
-    let sink = S::init(config)?;
+    let config = crate::config::parse::<S::Config>(config)?;
+    let sink = S::init(config, &WasmHost)?;
     state.with(|cell| *cell.borrow_mut() = Some(sink));
     Ok(())
 }
@@ -34,32 +34,9 @@ pub fn write<S: Sink>(
         sources: batch.sources,
     };
     state.with(|cell| match cell.borrow_mut().as_mut() {
-        Some(sink) => sink.write(&batch),
+        Some(sink) => sink.write(&WasmHost, &batch),
         None => WriteOutcome::RetryLater(
             "plugin was not initialised: init was not called or failed".into(),
         ),
     })
-}
-
-/// The host passes the `[plugins.config]` table as JSON; blank means "no config".
-pub fn parse_config(config: &str) -> Result<serde_json::Value, String> {
-    if config.trim().is_empty() {
-        return Ok(serde_json::Value::Object(Default::default()));
-    }
-    serde_json::from_str(config).map_err(|e| format!("plugin config is not valid JSON: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blank_config_is_empty_object() {
-        assert_eq!(parse_config("  ").unwrap(), serde_json::json!({}));
-        assert_eq!(
-            parse_config(r#"{"a":1}"#).unwrap(),
-            serde_json::json!({"a": 1})
-        );
-        assert!(parse_config("{").is_err());
-    }
 }

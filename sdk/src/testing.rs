@@ -72,6 +72,9 @@ pub enum Call {
 /// from the same HTTP queue, in request order, as if each were sent with `http_send`. The
 /// clock starts at `now_micros` and advances by each sleep.
 ///
+/// Metric names are checked as the host checks them ([`crate::metrics::valid_name`], at most
+/// [`crate::metrics::MAX_NAMES`]): a name the host would drop panics, failing the test.
+///
 /// [`Host::redis_once`] runs the rules of [`crate::exactly_once`] in memory (marks,
 /// `min_live_event_id`, backfill bits, and the keys [`MockHost::insert_key`] made exist for
 /// old markers; no TTLs): it takes one entry of the Redis queue, as one round trip would: an
@@ -85,6 +88,8 @@ pub struct MockHost {
     insert: RefCell<VecDeque<Result<(), CapabilityError>>>,
     now: Cell<i64>,
     once: RefCell<OnceState>,
+    /// Metric names used so far (the host keeps at most `metrics::MAX_NAMES` per plugin).
+    metric_names: RefCell<HashSet<String>>,
 }
 
 /// What the exactly-once bookkeeping would hold in Redis.
@@ -250,8 +255,26 @@ impl MockHost {
         self.once.borrow_mut().keys.insert(key.to_string());
     }
 
+    /// The host drops metrics it would not record (the series never appears on /metrics):
+    /// fail the test instead.
+    fn check_metric_name(&self, name: &str) {
+        use crate::metrics::{valid_name, MAX_NAMES, MAX_NAME_LEN};
+        assert!(
+            valid_name(name),
+            "metric name {name:?} would be refused by the host: names are [a-z_][a-z0-9_]*, at most {MAX_NAME_LEN} bytes"
+        );
+        let mut names = self.metric_names.borrow_mut();
+        if !names.contains(name) {
+            assert!(
+                names.len() < MAX_NAMES,
+                "metric {name:?} would be refused by the host: at most {MAX_NAMES} names per plugin"
+            );
+            names.insert(name.to_string());
+        }
+    }
+
     /// The rules of the exactly-once script, in memory. Returns the outcomes.
-    fn run_once(&self, once: &RedisOnce) -> Applied {
+    fn run_once(&self, once: &RedisOnce) -> Vec<(i64, Outcome)> {
         let mut state = self.once.borrow_mut();
         let state = &mut *state;
         let marks_key = once.marks_key();
@@ -307,7 +330,7 @@ impl MockHost {
         if let Some(m) = min_live {
             state.min_live.insert(marks_key, m);
         }
-        Applied { events: out }
+        out
     }
 }
 
@@ -323,16 +346,8 @@ impl Host for MockHost {
         commands: &[Command],
         atomic: bool,
     ) -> Result<Vec<Reply>, CapabilityError> {
-        let text = commands
-            .iter()
-            .map(|c| {
-                c.iter()
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect()
-            })
-            .collect();
         self.record(Call::Redis {
-            commands: text,
+            commands: commands.iter().map(text_command).collect(),
             atomic,
         });
         self.redis
@@ -341,16 +356,13 @@ impl Host for MockHost {
             .unwrap_or_else(|| Ok(commands.iter().map(|_| Reply::Nil).collect()))
     }
 
-    fn redis_once(
-        &self,
-        once: &RedisOnce,
-        then: &[Command],
-    ) -> Result<(Applied, Vec<Reply>), CapabilityError> {
+    fn redis_once(&self, once: RedisOnce) -> Result<Applied, CapabilityError> {
         for e in once.events() {
-            for c in &e.commands {
+            for c in e.commands.as_slice() {
                 key_mask(c)?;
             }
         }
+        let then = once.then_commands().as_slice();
         let queued = self.redis.borrow_mut().pop_front();
         let then_replies = match queued {
             Some(Err(e)) => {
@@ -364,17 +376,17 @@ impl Host for MockHost {
             Some(Ok(replies)) => replies,
             None => then.iter().map(|_| Reply::Nil).collect(),
         };
-        let applied = self.run_once(once);
+        let outcomes = self.run_once(&once);
         let commands = once
             .events()
             .iter()
-            .zip(&applied.events)
+            .zip(&outcomes)
             .filter(|(_, (_, o))| *o == Outcome::Applied)
-            .flat_map(|(e, _)| e.commands.iter().map(text_command))
+            .flat_map(|(e, _)| e.commands.as_slice().iter().map(text_command))
             .collect();
         self.record(Call::RedisOnce {
             scope: once.scope().to_string(),
-            outcomes: applied.events.clone(),
+            outcomes: outcomes.clone(),
             commands,
         });
         if !then.is_empty() {
@@ -383,7 +395,10 @@ impl Host for MockHost {
                 atomic: false,
             });
         }
-        Ok((applied, then_replies))
+        Ok(Applied {
+            events: outcomes,
+            replies: then_replies,
+        })
     }
 
     fn http_send(&self, request: &Request) -> Result<Response, CapabilityError> {
@@ -441,10 +456,12 @@ impl Host for MockHost {
     }
 
     fn counter_add(&self, name: &str, value: u64) {
+        self.check_metric_name(name);
         self.record(Call::Counter(name.to_string(), value))
     }
 
     fn gauge_set(&self, name: &str, value: f64) {
+        self.check_metric_name(name);
         self.record(Call::Gauge(name.to_string(), value))
     }
 
@@ -584,7 +601,9 @@ impl RedisServerHost {
 
     /// One text command, its reply (panics on an error).
     pub fn cmd(&self, args: &[&str]) -> Reply {
-        crate::redis::pipeline_on(self, &[args], false)
+        let mut p = crate::redis::Pipeline::new(self);
+        p.args(args.iter().copied());
+        p.send()
             .unwrap_or_else(|e| panic!("redis {args:?}: {e:?}"))
             .remove(0)
     }

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 
 use fanout_sdk::exactly_once::RedisOnce;
 use fanout_sdk::packed::{EventFields, PackedEvents, PackedWriter, Position};
-use fanout_sdk::redis::Cmd;
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/tests/fixtures")
@@ -79,14 +78,11 @@ fn expected() -> Vec<(&'static str, Vec<u8>)> {
         json.push_str(&fanout_sdk::event_json_string(e));
         json.push('\n');
         let key = format!("pydc:devcount:{}", e.device().unwrap_or("unknown"));
-        once.event(
-            &e,
-            vec![Cmd::new("HINCRBY")
-                .arg(key)
-                .arg(e.event_type().unwrap_or("unknown"))
-                .arg(1i64)
-                .into_command()],
-        );
+        once.event(&e)
+            .cmd("HINCRBY")
+            .arg(key)
+            .arg(e.event_type().unwrap_or("unknown"))
+            .arg(1);
     }
     let eval = once.eval_command().expect("eval");
     // One argument per line, hex-encoded.

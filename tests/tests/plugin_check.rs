@@ -451,7 +451,8 @@ url = "{url}/events"
     assert_fails(
         code,
         &report,
-        &["init failed: config `label` must be a string"],
+        // The SDK parses the config before `init`, naming the field.
+        &["init failed: config: label: invalid type: integer `5`, expected a string"],
     );
     // An entry that is not there.
     let (code, report) = check(&config, "template", Some("nope"));

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use fanout_sdk::clickhouse::quote_ident;
 use fanout_sdk::{
     describe, event_json_string, export_sink, Batch, CapabilityError, Event, Host, Level,
-    PackedEvents, Sink, WasmHost, WriteOutcome,
+    PackedEvents, Sink, WriteOutcome,
 };
 use serde::Deserialize;
 
@@ -49,23 +49,22 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn from_json(config: serde_json::Value) -> Result<Self, String> {
-        let cfg: Config =
-            serde_json::from_value(config).map_err(|e| format!("clickhouse config: {e}"))?;
-        for (what, name) in [("database", &cfg.database), ("table", &cfg.table)] {
+    /// The checks parsing cannot make.
+    pub fn validated(self) -> Result<Self, String> {
+        for (what, name) in [("database", &self.database), ("table", &self.table)] {
             let ok = !name.is_empty()
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                 && !name.starts_with(|c: char| c.is_ascii_digit());
             if !ok {
                 return Err(format!(
-                    "clickhouse config: {what} {name:?} must be letters, digits and _"
+                    "config: {what}: {name:?} must be letters, digits and _"
                 ));
             }
         }
-        if cfg.lookup_chunk == 0 {
-            return Err("clickhouse config: lookup_chunk must be > 0".into());
+        if self.lookup_chunk == 0 {
+            return Err("config: lookup_chunk must be > 0".into());
         }
-        Ok(cfg)
+        Ok(self)
     }
 
     /// `` `database`.`table` ``
@@ -173,17 +172,6 @@ impl ClickHouseSink {
         Ok(())
     }
 
-    /// Writes one batch through `host`. After a failure the DDL runs again on the next
-    /// attempt, so a table dropped (or a database recreated) under a running instance is
-    /// created again instead of failing every retry of the batch forever.
-    pub fn write_with(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
-        let outcome = self.write_once(host, batch);
-        if matches!(outcome, WriteOutcome::RetryLater(_)) {
-            self.schema_ready = !self.cfg.create_table;
-        }
-        outcome
-    }
-
     fn write_once(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
         if let Err(e) = self.ensure_schema(host) {
             return WriteOutcome::RetryLater(format!(
@@ -238,9 +226,11 @@ impl ClickHouseSink {
 }
 
 impl Sink for ClickHouseSink {
-    fn init(config: serde_json::Value) -> Result<Self, String> {
-        let mut sink = ClickHouseSink::new(Config::from_json(config)?);
-        match sink.ensure_schema(&WasmHost) {
+    type Config = Config;
+
+    fn init(cfg: Config, host: &impl Host) -> Result<Self, String> {
+        let mut sink = ClickHouseSink::new(cfg.validated()?);
+        match sink.ensure_schema(host) {
             Ok(()) => Ok(sink),
             // A missing grant will not fix itself: refuse to start.
             Err(CapabilityError::NotGranted(m)) => {
@@ -248,16 +238,26 @@ impl Sink for ClickHouseSink {
             }
             // ClickHouse may be down at start: try again on the first batch.
             Err(CapabilityError::Failed(m)) => {
-                fanout_sdk::warn!(
-                    "clickhouse: schema not created yet ({m}); retrying on the first batch"
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "clickhouse: schema not created yet ({m}); retrying on the first batch"
+                    ),
                 );
                 Ok(sink)
             }
         }
     }
 
-    fn write(&mut self, batch: &Batch) -> WriteOutcome {
-        self.write_with(&WasmHost, batch)
+    /// After a failure the DDL runs again on the next attempt, so a table dropped (or a
+    /// database recreated) under a running instance is created again instead of failing
+    /// every retry of the batch forever.
+    fn write(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
+        let outcome = self.write_once(host, batch);
+        if matches!(outcome, WriteOutcome::RetryLater(_)) {
+            self.schema_ready = !self.cfg.create_table;
+        }
+        outcome
     }
 }
 

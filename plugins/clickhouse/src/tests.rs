@@ -1,18 +1,65 @@
 use super::*;
 use fanout_sdk::testing::{batch, event, Call, MockHost};
 
+/// The config of `json` as the host passes it, through `init`'s checks.
+fn config(json: serde_json::Value) -> Result<Config, String> {
+    fanout_sdk::config::parse::<Config>(&json.to_string())?.validated()
+}
+
+/// A sink whose schema is not created yet (as after an `init` that found ClickHouse down).
 fn sink() -> ClickHouseSink {
-    ClickHouseSink::new(Config::from_json(serde_json::json!({})).unwrap())
+    ClickHouseSink::new(config(serde_json::json!({})).unwrap())
 }
 
 #[test]
 fn config_defaults_and_validation() {
-    let c = Config::from_json(serde_json::json!({})).unwrap();
+    let c = config(serde_json::json!({})).unwrap();
     assert_eq!(c.qualified(), "`engagement`.`events_enriched`");
-    assert!(Config::from_json(serde_json::json!({"table": "x; DROP TABLE y"})).is_err());
-    assert!(Config::from_json(serde_json::json!({"tabel": "x"})).is_err());
-    let c = Config::from_json(serde_json::json!({"database": "e2e_1", "table": "t"})).unwrap();
+    assert!(config(serde_json::json!({"table": "x; DROP TABLE y"})).is_err());
+    let e = config(serde_json::json!({"tabel": "x"})).unwrap_err();
+    assert!(e.contains("unknown field `tabel`"), "{e}");
+    let e = config(serde_json::json!({"lookup_chunk": -1})).unwrap_err();
+    assert!(e.starts_with("config: lookup_chunk: invalid value"), "{e}");
+    let c = config(serde_json::json!({"database": "e2e_1", "table": "t"})).unwrap();
     assert_eq!(c.qualified(), "`e2e_1`.`t`");
+}
+
+#[test]
+fn init_creates_the_schema_refuses_without_a_grant_and_waits_for_a_service_that_is_down() {
+    let host = MockHost::new();
+    let mut s = ClickHouseSink::init(Config::default(), &host).unwrap();
+    let ddl: Vec<_> = host.service_calls();
+    assert_eq!(ddl.len(), 2, "{ddl:?}");
+    assert!(matches!(&ddl[1], Call::ClickhouseExecute(sql) if sql.starts_with("CREATE TABLE")));
+    // The first batch runs no DDL again.
+    let host = MockHost::new();
+    assert_eq!(
+        s.write(&host, &batch(vec![event(1, None, 0)])),
+        WriteOutcome::Accepted
+    );
+    assert!(
+        !matches!(&host.service_calls()[0], Call::ClickhouseExecute(sql) if sql.starts_with("CREATE"))
+    );
+
+    let host = MockHost::new();
+    host.push_clickhouse_execute(Err(CapabilityError::NotGranted(
+        "database engagement".into(),
+    )));
+    assert!(ClickHouseSink::init(Config::default(), &host)
+        .err()
+        .is_some_and(|e| e.contains("not granted")));
+
+    let host = MockHost::new();
+    host.push_clickhouse_execute(Err(CapabilityError::Failed("connection refused".into())));
+    let mut s = ClickHouseSink::init(Config::default(), &host).unwrap();
+    let host = MockHost::new();
+    assert_eq!(
+        s.write(&host, &batch(vec![event(1, None, 0)])),
+        WriteOutcome::Accepted
+    );
+    assert!(
+        matches!(&host.service_calls()[0], Call::ClickhouseExecute(sql) if sql.starts_with("CREATE DATABASE"))
+    );
 }
 
 #[test]
@@ -51,7 +98,7 @@ fn first_batch_creates_schema_then_skips_existing_and_inserts_once() {
         event(2, Some(1), 0),
         event(3, None, 0),
     ]);
-    assert!(matches!(s.write_with(&host, &b), WriteOutcome::Accepted));
+    assert!(matches!(s.write(&host, &b), WriteOutcome::Accepted));
     let calls = host.service_calls();
     assert_eq!(calls.len(), 4);
     assert_eq!(
@@ -82,7 +129,7 @@ fn first_batch_creates_schema_then_skips_existing_and_inserts_once() {
     // Second batch: no DDL again; everything exists: no insert at all.
     let host = MockHost::new();
     host.push_clickhouse_execute(Ok("1\n2\n3\n".into()));
-    assert!(matches!(s.write_with(&host, &b), WriteOutcome::Accepted));
+    assert!(matches!(s.write(&host, &b), WriteOutcome::Accepted));
     assert_eq!(host.service_calls().len(), 1);
 }
 
@@ -92,13 +139,13 @@ fn failures_are_retry_later() {
     let host = MockHost::new();
     host.push_clickhouse_execute(Err(CapabilityError::Failed("connection refused".into())));
     let b = batch(vec![event(1, Some(1), 0)]);
-    match s.write_with(&host, &b) {
+    match s.write(&host, &b) {
         WriteOutcome::RetryLater(r) => assert!(r.contains("connection refused"), "{r}"),
         other => panic!("{other:?}"),
     }
     let host = MockHost::new();
     host.push_clickhouse_insert(Err(CapabilityError::Failed("Code: 241".into())));
-    match s.write_with(&host, &b) {
+    match s.write(&host, &b) {
         WriteOutcome::RetryLater(r) => assert!(r.contains("Code: 241"), "{r}"),
         other => panic!("{other:?}"),
     }
@@ -106,10 +153,7 @@ fn failures_are_retry_later() {
     host.push_clickhouse_execute(Ok(String::new())); // CREATE DATABASE (again after a failure)
     host.push_clickhouse_execute(Ok(String::new())); // CREATE TABLE
     host.push_clickhouse_execute(Ok("garbage\n".into()));
-    assert!(matches!(
-        s.write_with(&host, &b),
-        WriteOutcome::RetryLater(_)
-    ));
+    assert!(matches!(s.write(&host, &b), WriteOutcome::RetryLater(_)));
 }
 
 #[test]
@@ -117,7 +161,7 @@ fn the_retry_after_a_failure_creates_the_table_again() {
     let mut s = sink();
     let b = batch(vec![event(1, Some(1), 0)]);
     assert!(matches!(
-        s.write_with(&MockHost::new(), &b),
+        s.write(&MockHost::new(), &b),
         WriteOutcome::Accepted
     ));
     // The table was dropped under the running instance: the lookup fails.
@@ -125,10 +169,7 @@ fn the_retry_after_a_failure_creates_the_table_again() {
     host.push_clickhouse_execute(Err(CapabilityError::Failed(
         "Code: 60, Table doesn't exist".into(),
     )));
-    assert!(matches!(
-        s.write_with(&host, &b),
-        WriteOutcome::RetryLater(_)
-    ));
+    assert!(matches!(s.write(&host, &b), WriteOutcome::RetryLater(_)));
     assert_eq!(
         host.service_calls().len(),
         1,
@@ -136,7 +177,7 @@ fn the_retry_after_a_failure_creates_the_table_again() {
     );
     // The retry runs the DDL first, then looks up and inserts.
     let host = MockHost::new();
-    assert!(matches!(s.write_with(&host, &b), WriteOutcome::Accepted));
+    assert!(matches!(s.write(&host, &b), WriteOutcome::Accepted));
     let calls = host.service_calls();
     assert!(
         matches!(&calls[0], Call::ClickhouseExecute(sql) if sql.starts_with("CREATE DATABASE")),

@@ -6,8 +6,7 @@
 //! live range counts nothing twice. Its bookkeeping lives under `once_key_prefix`.
 
 use fanout_sdk::exactly_once::RedisOnce;
-use fanout_sdk::redis::Cmd;
-use fanout_sdk::{describe, export_sink, Batch, Host, Sink, WasmHost, WriteOutcome};
+use fanout_sdk::{describe, export_sink, Batch, Host, Sink, WriteOutcome};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -33,30 +32,22 @@ pub struct DeviceCounter {
 }
 
 impl Sink for DeviceCounter {
-    fn init(config: fanout_sdk::serde_json::Value) -> Result<Self, String> {
-        let cfg = fanout_sdk::serde_json::from_value(config).map_err(|e| e.to_string())?;
+    type Config = Config;
+
+    fn init(cfg: Config, _host: &impl Host) -> Result<Self, String> {
         Ok(DeviceCounter { cfg })
     }
 
-    fn write(&mut self, batch: &Batch) -> WriteOutcome {
-        self.write_with(&WasmHost, batch)
-    }
-}
-
-impl DeviceCounter {
-    pub fn write_with(&self, host: &impl Host, batch: &Batch) -> WriteOutcome {
+    fn write(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
         let mut once = RedisOnce::new(&self.cfg.once_key_prefix);
         for e in batch.events.iter() {
-            let key = format!("{}{}", self.cfg.key_prefix, e.device().unwrap_or("unknown"));
+            let device = e.device().unwrap_or("unknown");
             let field = e.event_type().unwrap_or("unknown");
-            once.event(
-                &e,
-                vec![Cmd::new("HINCRBY")
-                    .arg(key)
-                    .arg(field)
-                    .arg(1i64)
-                    .into_command()],
-            );
+            once.event(&e)
+                .cmd("HINCRBY")
+                .arg(format_args!("{}{device}", self.cfg.key_prefix))
+                .arg(field)
+                .arg(1);
         }
         match once.apply(host) {
             Ok(applied) => {
@@ -79,16 +70,14 @@ mod tests {
     #[test]
     fn a_replayed_batch_counts_once() {
         let host = MockHost::new();
-        let sink = DeviceCounter {
-            cfg: Config::default(),
-        };
+        let mut sink = DeviceCounter::init(Config::default(), &host).unwrap();
         let mut events = vec![event(1, Some(7), 0), event(2, Some(7), 0)];
         events[0].device = Some("ios".into());
         events[0].event_type = Some("play".into());
         let b = batch(events);
 
-        assert_eq!(sink.write_with(&host, &b), WriteOutcome::Accepted);
-        assert_eq!(sink.write_with(&host, &b), WriteOutcome::Accepted); // the replay
+        assert_eq!(sink.write(&host, &b), WriteOutcome::Accepted);
+        assert_eq!(sink.write(&host, &b), WriteOutcome::Accepted); // the replay
 
         assert_eq!(
             host.redis_once_commands(),

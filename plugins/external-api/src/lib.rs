@@ -30,7 +30,7 @@ use std::cell::Cell;
 use fanout_sdk::http::{header, json_post_request, Request, Response, MAX_IN_FLIGHT};
 use fanout_sdk::{
     describe, event_json_string, export_sink, Batch, CapabilityError, Event, Host, Level,
-    Rejection, Sink, WasmHost, WriteOutcome,
+    Rejection, Sink, WriteOutcome,
 };
 use serde::Deserialize;
 
@@ -93,25 +93,21 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn from_json(config: serde_json::Value) -> Result<Self, String> {
-        let cfg: Config =
-            serde_json::from_value(config).map_err(|e| format!("external-api config: {e}"))?;
-        if !(cfg.url.starts_with("http://") || cfg.url.starts_with("https://")) {
+    /// The checks parsing cannot make.
+    pub fn validated(self) -> Result<Self, String> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(format!("config: url: {:?} is not http(s)", self.url));
+        }
+        if self.max_backoff_ms < self.base_backoff_ms {
+            return Err("config: max_backoff_ms < base_backoff_ms".into());
+        }
+        if !(1..=MAX_IN_FLIGHT).contains(&self.concurrency) {
             return Err(format!(
-                "external-api config: url {:?} is not http(s)",
-                cfg.url
+                "config: concurrency: {} is not in 1..={MAX_IN_FLIGHT}",
+                self.concurrency
             ));
         }
-        if cfg.max_backoff_ms < cfg.base_backoff_ms {
-            return Err("external-api config: max_backoff_ms < base_backoff_ms".into());
-        }
-        if !(1..=MAX_IN_FLIGHT).contains(&cfg.concurrency) {
-            return Err(format!(
-                "external-api config: concurrency {} is not in 1..={MAX_IN_FLIGHT}",
-                cfg.concurrency
-            ));
-        }
-        Ok(cfg)
+        Ok(self)
     }
 }
 
@@ -337,7 +333,7 @@ impl ExternalApi {
     }
 
     /// Writes one batch through `host`.
-    pub fn write_with(&self, host: &impl Host, batch: &Batch) -> WriteOutcome {
+    fn write_batch(&self, host: &impl Host, batch: &Batch) -> WriteOutcome {
         let budget = i64::try_from(self.cfg.batch_budget_ms)
             .unwrap_or(i64::MAX)
             .saturating_mul(1000);
@@ -597,12 +593,14 @@ impl ExternalApi {
 }
 
 impl Sink for ExternalApi {
-    fn init(config: serde_json::Value) -> Result<Self, String> {
-        Ok(ExternalApi::new(Config::from_json(config)?))
+    type Config = Config;
+
+    fn init(cfg: Config, _host: &impl Host) -> Result<Self, String> {
+        Ok(ExternalApi::new(cfg.validated()?))
     }
 
-    fn write(&mut self, batch: &Batch) -> WriteOutcome {
-        self.write_with(&WasmHost, batch)
+    fn write(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
+        self.write_batch(host, batch)
     }
 }
 

@@ -8,7 +8,12 @@ fn api(extra: serde_json::Value) -> ExternalApi {
     if let (Some(base), Some(more)) = (cfg.as_object_mut(), extra.as_object()) {
         base.extend(more.clone());
     }
-    ExternalApi::new(Config::from_json(cfg).unwrap())
+    ExternalApi::init(config(cfg).unwrap(), &MockHost::new()).unwrap()
+}
+
+/// The config of `json` as the host passes it, through `init`'s checks.
+fn config(json: serde_json::Value) -> Result<Config, String> {
+    fanout_sdk::config::parse::<Config>(&json.to_string())?.validated()
 }
 
 /// The idempotency key of every request, in the order sent.
@@ -57,17 +62,21 @@ fn posts(host: &MockHost) -> Vec<(Vec<(String, String)>, String)> {
 
 #[test]
 fn config_parsing() {
-    let c = Config::from_json(serde_json::json!({})).unwrap();
+    let c = config(serde_json::json!({})).unwrap();
     assert_eq!(
         (c.mode, c.policy, c.max_retries),
         (Mode::PerEvent, Policy::FailFast, 5)
     );
-    let c = Config::from_json(serde_json::json!({"mode": "batch", "policy": "best-effort",
+    let c = config(serde_json::json!({"mode": "batch", "policy": "best-effort",
         "headers": {"X-Api-Key": "k"}}))
     .unwrap();
     assert_eq!((c.mode, c.policy), (Mode::Batch, Policy::BestEffort));
-    assert!(Config::from_json(serde_json::json!({"policy": "sometimes"})).is_err());
-    assert!(Config::from_json(serde_json::json!({"url": "ftp://x"})).is_err());
+    let e = config(serde_json::json!({"policy": "sometimes"})).unwrap_err();
+    assert!(
+        e.starts_with("config: policy: unknown variant `sometimes`"),
+        "{e}"
+    );
+    assert!(config(serde_json::json!({"url": "ftp://x"})).is_err());
 }
 
 #[test]
@@ -149,7 +158,7 @@ fn per_event_posts_spec_json_with_idempotency_key() {
         event(16, Some(1), T),
     ]);
     assert!(matches!(
-        api(serde_json::json!({})).write_with(&host, &b),
+        api(serde_json::json!({})).write(&host, &b),
         WriteOutcome::Accepted
     ));
     let p = posts(&host);
@@ -175,7 +184,7 @@ fn retries_with_backoff_then_succeeds() {
     host.push_http_status(200, &[]);
     let b = batch(vec![event(1, Some(1), T)]);
     assert!(matches!(
-        api(serde_json::json!({})).write_with(&host, &b),
+        api(serde_json::json!({})).write(&host, &b),
         WriteOutcome::Accepted
     ));
     let sleeps = host.sleeps();
@@ -195,7 +204,7 @@ fn fail_fast_gives_the_batch_back_after_last_retry() {
     host.push_http_status(500, &[]);
     host.push_http_status(500, &[]);
     let b = batch(vec![event(1, Some(1), T), event(2, Some(1), T)]);
-    let out = api(serde_json::json!({"max_retries": 2})).write_with(&host, &b);
+    let out = api(serde_json::json!({"max_retries": 2})).write(&host, &b);
     match out {
         WriteOutcome::RetryLater(r) => {
             assert!(r.contains("HTTP 500 (after 3 attempts)"), "{r}");
@@ -226,8 +235,7 @@ fn best_effort_dead_letters_failed_events_and_goes_on() {
         event(2, Some(1), T),
         event(3, Some(1), T),
     ]);
-    let out =
-        api(serde_json::json!({"max_retries": 2, "policy": "best-effort"})).write_with(&host, &b);
+    let out = api(serde_json::json!({"max_retries": 2, "policy": "best-effort"})).write(&host, &b);
     match out {
         WriteOutcome::Rejected(r) => {
             assert_eq!(r.len(), 2);
@@ -266,8 +274,8 @@ fn one_send_all_per_wave_with_the_configured_concurrency() {
             host.push_http_status(200, &[]);
         }
     }
-    let a = api(serde_json::json!({"concurrency": 8, "policy": "best-effort"}));
-    let WriteOutcome::Rejected(r) = a.write_with(&host, &batch(events)) else {
+    let mut a = api(serde_json::json!({"concurrency": 8, "policy": "best-effort"}));
+    let WriteOutcome::Rejected(r) = a.write(&host, &batch(events)) else {
         panic!("expected rejections")
     };
     assert_eq!(
@@ -279,7 +287,7 @@ fn one_send_all_per_wave_with_the_configured_concurrency() {
     assert_eq!(host.counter("events_delivered"), 90);
     // The default: 32 in flight.
     let host = MockHost::at(T);
-    api(serde_json::json!({})).write_with(&host, &batch(vec![event(1, None, T)]));
+    api(serde_json::json!({})).write(&host, &batch(vec![event(1, None, T)]));
     assert_eq!(host.http_send_alls(), [(32, 1)]);
 }
 
@@ -300,8 +308,8 @@ fn only_failed_events_are_resent_with_the_same_key() {
         host.push_http(r);
     }
     let b = batch((1..=5).map(|id| event(id, Some(1), T)).collect());
-    let a = api(serde_json::json!({}));
-    assert_eq!(a.write_with(&host, &b), WriteOutcome::Accepted);
+    let mut a = api(serde_json::json!({}));
+    assert_eq!(a.write(&host, &b), WriteOutcome::Accepted);
     assert_eq!(host.http_send_alls(), [(32, 5), (32, 2), (32, 1)]);
     assert_eq!(
         keys(&host),
@@ -320,7 +328,7 @@ fn only_failed_events_are_resent_with_the_same_key() {
 
     // A replay of the batch (the host retrying it) sends the same keys again.
     let again = MockHost::at(T);
-    assert_eq!(a.write_with(&again, &b), WriteOutcome::Accepted);
+    assert_eq!(a.write(&again, &b), WriteOutcome::Accepted);
     assert_eq!(keys(&again), keys(&host)[..5]);
 }
 
@@ -336,7 +344,7 @@ fn retry_after_sets_the_wave_wait() {
         event(3, None, T),
     ]);
     assert_eq!(
-        api(serde_json::json!({})).write_with(&host, &b),
+        api(serde_json::json!({})).write(&host, &b),
         WriteOutcome::Accepted
     );
     assert_eq!(
@@ -351,17 +359,17 @@ fn retry_after_sets_the_wave_wait() {
     // Capped by max_backoff_ms like any wait.
     let host = MockHost::at(T);
     host.push_http_status(429, &[("Retry-After", "3600")]);
-    let a = api(serde_json::json!({"max_backoff_ms": 5000}));
-    assert_eq!(a.write_with(&host, &b), WriteOutcome::Accepted);
+    let mut a = api(serde_json::json!({"max_backoff_ms": 5000}));
+    assert_eq!(a.write(&host, &b), WriteOutcome::Accepted);
     assert_eq!(host.sleeps(), [5_000]);
 }
 
 #[test]
 fn rate_cap_paces_the_requests_across_waves_and_calls() {
     let host = MockHost::at(T);
-    let a = api(serde_json::json!({"max_requests_per_second": 10}));
+    let mut a = api(serde_json::json!({"max_requests_per_second": 10}));
     let b = batch((1..=25).map(|id| event(id, Some(1), T)).collect());
-    assert_eq!(a.write_with(&host, &b), WriteOutcome::Accepted);
+    assert_eq!(a.write(&host, &b), WriteOutcome::Accepted);
     // 10/s: slices of one request, 100 ms apart.
     let waves = host.http_send_alls();
     assert_eq!(waves.len(), 25);
@@ -369,7 +377,7 @@ fn rate_cap_paces_the_requests_across_waves_and_calls() {
     assert_eq!(host.sleeps(), vec![100; 24]);
     // The next call right after waits for its slot too: no burst at a batch boundary.
     let b2 = batch(vec![event(26, Some(1), T)]);
-    assert_eq!(a.write_with(&host, &b2), WriteOutcome::Accepted);
+    assert_eq!(a.write(&host, &b2), WriteOutcome::Accepted);
     assert_eq!(host.sleeps().len(), 25);
     assert_eq!(host.now_micros() - T, 2_500_000, "26 requests at 10/s");
 
@@ -378,12 +386,12 @@ fn rate_cap_paces_the_requests_across_waves_and_calls() {
     for _ in 0..10 {
         host.push_http_status(503, &[]);
     }
-    let a = api(
+    let mut a = api(
         serde_json::json!({"max_requests_per_second": 100, "concurrency": 4,
         "base_backoff_ms": 10, "max_backoff_ms": 10}),
     );
     let b = batch((1..=30).map(|id| event(id, Some(1), T)).collect());
-    assert_eq!(a.write_with(&host, &b), WriteOutcome::Accepted);
+    assert_eq!(a.write(&host, &b), WriteOutcome::Accepted);
     assert_eq!(host.http_send_alls(), vec![(4, 10); 4]);
     let total: u64 = host.sleeps().iter().sum();
     assert!(total >= 300, "40 requests at 100/s take >= 300 ms: {total}");
@@ -395,7 +403,7 @@ fn budget_ends_pacing_and_leaves_the_rest_unattempted() {
     let cfg = serde_json::json!({"policy": "best-effort", "max_requests_per_second": 1,
         "batch_budget_ms": 2500});
     let b = batch((1..=5).map(|id| event(id, Some(1), T)).collect());
-    let WriteOutcome::Rejected(r) = api(cfg).write_with(&host, &b) else {
+    let WriteOutcome::Rejected(r) = api(cfg).write(&host, &b) else {
         panic!("expected rejections")
     };
     // Sent at 0, 1 and 2 s; the slot at 3 s is past the budget.
@@ -409,11 +417,11 @@ fn budget_ends_pacing_and_leaves_the_rest_unattempted() {
 
 #[test]
 fn config_bounds_concurrency() {
-    let c = Config::from_json(serde_json::json!({})).unwrap();
+    let c = config(serde_json::json!({})).unwrap();
     assert_eq!((c.concurrency, c.max_requests_per_second), (32, 0));
-    assert!(Config::from_json(serde_json::json!({"concurrency": 0})).is_err());
-    assert!(Config::from_json(serde_json::json!({"concurrency": 257})).is_err());
-    assert!(Config::from_json(serde_json::json!({"concurrency": 256})).is_ok());
+    assert!(config(serde_json::json!({"concurrency": 0})).is_err());
+    assert!(config(serde_json::json!({"concurrency": 257})).is_err());
+    assert!(config(serde_json::json!({"concurrency": 256})).is_ok());
 }
 
 #[test]
@@ -421,7 +429,7 @@ fn fail_fast_still_rejects_what_no_retry_can_fix() {
     let host = MockHost::at(T);
     host.push_http_status(400, &[]);
     let b = batch(vec![event(1, Some(1), T), event(2, Some(1), T)]);
-    match api(serde_json::json!({})).write_with(&host, &b) {
+    match api(serde_json::json!({})).write(&host, &b) {
         WriteOutcome::Rejected(r) => assert_eq!(r.len(), 1),
         other => panic!("{other:?}"),
     }
@@ -433,7 +441,7 @@ fn not_granted_is_retry_later_under_both_policies() {
         let host = MockHost::at(T);
         host.push_http(Err(CapabilityError::NotGranted("url not in grant".into())));
         let b = batch(vec![event(1, Some(1), T)]);
-        let out = api(serde_json::json!({"policy": policy})).write_with(&host, &b);
+        let out = api(serde_json::json!({"policy": policy})).write(&host, &b);
         assert!(matches!(out, WriteOutcome::RetryLater(_)), "{policy}");
     }
 }
@@ -447,7 +455,7 @@ fn budget_stops_retries_and_dead_letters_the_rest() {
     let b = batch(vec![event(1, Some(1), T), event(2, Some(1), T)]);
     let cfg = serde_json::json!({"policy": "best-effort", "batch_budget_ms": 1000,
         "max_retries": 100, "base_backoff_ms": 200, "max_backoff_ms": 400});
-    match api(cfg).write_with(&host, &b) {
+    match api(cfg).write(&host, &b) {
         WriteOutcome::Rejected(r) => {
             assert_eq!(r.len(), 2);
             for r in &r {
@@ -468,7 +476,7 @@ fn budget_stops_retries_and_dead_letters_the_rest() {
     }
     let cfg = serde_json::json!({"batch_budget_ms": 1000, "max_retries": 100,
         "base_backoff_ms": 200, "max_backoff_ms": 400});
-    let out = api(cfg).write_with(&host, &b);
+    let out = api(cfg).write(&host, &b);
     assert!(
         matches!(&out, WriteOutcome::RetryLater(r) if r.contains("budget") && r.contains("1 more")),
         "{out:?}"
@@ -483,8 +491,8 @@ fn batch_mode_one_post_with_stable_key() {
         event(1, None, T),
         event(2, Some(1), T),
     ]);
-    let a = api(serde_json::json!({"mode": "batch"}));
-    assert!(matches!(a.write_with(&host, &b), WriteOutcome::Accepted));
+    let mut a = api(serde_json::json!({"mode": "batch"}));
+    assert!(matches!(a.write(&host, &b), WriteOutcome::Accepted));
     let p = posts(&host);
     assert_eq!(p.len(), 1);
     let body: serde_json::Value = serde_json::from_str(&p[0].1).unwrap();
@@ -506,8 +514,8 @@ fn batch_mode_one_post_with_stable_key() {
     // Best-effort batch failure dead-letters every event of the request.
     let host = MockHost::at(T);
     host.push_http_status(404, &[]);
-    let a = api(serde_json::json!({"mode": "batch", "policy": "best-effort"}));
-    match a.write_with(&host, &b) {
+    let mut a = api(serde_json::json!({"mode": "batch", "policy": "best-effort"}));
+    match a.write(&host, &b) {
         WriteOutcome::Rejected(r) => assert_eq!(r.len(), 2),
         other => panic!("{other:?}"),
     }

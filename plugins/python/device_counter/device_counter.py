@@ -9,28 +9,34 @@ Config: ``key_prefix`` (default ``pydc:``). Grant: ``redis = { key_prefix = "<ke
 allow_scripts = true }``.
 """
 
-from fanout_sdk import ACCEPTED, CapabilityError, RedisOnce, RetryLater, Sink, command
+from dataclasses import dataclass
+
+from fanout_sdk import ACCEPTED, CapabilityError, RedisOnce, RetryLater, Sink
+
+
+@dataclass
+class Config:
+    """``[plugins.config]``: parsed before ``init``; an unknown key or a wrong type is refused
+    naming it."""
+    key_prefix: str = "pydc:"
 
 
 class DeviceCounter(Sink):
-    def init(self, config):
-        unknown = set(config) - {"key_prefix"}
-        if unknown:
-            raise ValueError("unknown config keys: %s" % ", ".join(sorted(unknown)))
-        self.prefix = config.get("key_prefix", "pydc:")
-        if not isinstance(self.prefix, str):
-            raise ValueError("key_prefix must be a string")
-        self.host.info("device_counter: counting under %sdevcount:*" % self.prefix)
+    Config = Config
 
-    def write(self, batch):
+    def init(self, config, host):
+        self.prefix = config.key_prefix
+        host.info("device_counter: counting under %sdevcount:*" % self.prefix)
+
+    def write(self, host, batch):
         once = RedisOnce(self.prefix + "once:")
         for e in batch.events:
             key = "%sdevcount:%s" % (self.prefix, e.device or "unknown")
-            once.event(e, [command("HINCRBY", key, e.event_type or "unknown", 1)])
+            once.event(e).cmd("HINCRBY", key, e.event_type or "unknown", 1)
         try:
-            applied = once.apply(self.host)
+            applied = once.apply(host)
         except CapabilityError as err:
             return RetryLater(err.describe())
-        self.host.counter_add("events_counted", applied.applied())
-        self.host.counter_add("events_skipped", applied.skipped())
+        host.counter_add("events_counted", applied.applied())
+        host.counter_add("events_skipped", applied.skipped())
         return ACCEPTED

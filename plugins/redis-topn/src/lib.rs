@@ -25,11 +25,11 @@
 use std::collections::BTreeMap;
 
 use fanout_sdk::exactly_once::RedisOnce;
-use fanout_sdk::redis::{Cmd, Command};
+use fanout_sdk::redis::Commands;
 use fanout_sdk::time::{minute_key, minute_start_secs, MICROS_PER_MINUTE, MICROS_PER_SECOND};
 use fanout_sdk::{
     describe, event_json_string, export_sink, format_event_ts, Batch, Event, Host, Level, Sink,
-    WasmHost, WriteOutcome,
+    WriteOutcome,
 };
 use serde::Deserialize;
 
@@ -117,18 +117,16 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn from_json(config: serde_json::Value) -> Result<Self, String> {
-        let cfg: Config =
-            serde_json::from_value(config).map_err(|e| format!("redis-topn config: {e}"))?;
-        if cfg.window_minutes == 0 || cfg.events_per_script == 0 {
-            return Err(
-                "redis-topn config: window_minutes and events_per_script must be > 0".into(),
-            );
+    /// The checks parsing cannot make.
+    pub fn validated(self) -> Result<Self, String> {
+        if self.window_minutes == 0 || self.events_per_script == 0 {
+            return Err("config: window_minutes and events_per_script must be > 0".into());
         }
-        if cfg.backfill_ttl_seconds == 0 || cfg.last_ttl_seconds == 0 || cfg.top_ttl_seconds == 0 {
-            return Err("redis-topn config: TTLs must be > 0".into());
+        if self.backfill_ttl_seconds == 0 || self.last_ttl_seconds == 0 || self.top_ttl_seconds == 0
+        {
+            return Err("config: TTLs must be > 0".into());
         }
-        Ok(cfg)
+        Ok(self)
     }
 
     pub fn seen_key(&self, event_id: i64) -> String {
@@ -151,12 +149,22 @@ impl Config {
         }
     }
 
-    pub fn count_key(&self, content_id: i64) -> String {
-        format!("{}content:count:{}", self.key_prefix, content_id)
+    /// `{key_prefix}content:count:{content_id}`.
+    pub fn count_key(&self, content_id: i64) -> ContentKey<'_> {
+        ContentKey {
+            prefix: &self.key_prefix,
+            kind: "count",
+            content_id,
+        }
     }
 
-    pub fn last_key(&self, content_id: i64) -> String {
-        format!("{}content:last:{}", self.key_prefix, content_id)
+    /// `{key_prefix}content:last:{content_id}`.
+    pub fn last_key(&self, content_id: i64) -> ContentKey<'_> {
+        ContentKey {
+            prefix: &self.key_prefix,
+            kind: "last",
+            content_id,
+        }
     }
 
     /// `top:content:bucket:{YYYYMMDDHHMM}` of the UTC minute containing `micros`.
@@ -198,39 +206,55 @@ impl Config {
     }
 }
 
-/// The commands that apply one event (with content `content_id`) exactly once: `INCR` of its
-/// count, and `ZINCRBY` + `EXPIREAT` of its minute bucket unless that would already be expired.
+/// `{prefix}content:{kind}:{content_id}`: formatted straight into a Redis argument
+/// (`format_args!("{key}")`), or `to_string()`.
+#[derive(Debug, Clone, Copy)]
+pub struct ContentKey<'a> {
+    prefix: &'a str,
+    kind: &'static str,
+    content_id: i64,
+}
+
+impl std::fmt::Display for ContentKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}content:{}:{}",
+            self.prefix, self.kind, self.content_id
+        )
+    }
+}
+
+/// Adds the commands that apply one event (with content `content_id`) exactly once: `INCR` of
+/// its count, and `ZINCRBY` + `EXPIREAT` of its minute bucket unless that would already be
+/// expired.
 pub fn event_commands(
     cfg: &Config,
+    commands: &mut Commands,
     e: &Event<'_>,
     content_id: i64,
     now_micros: i64,
-) -> Vec<Command> {
-    let mut cmds = vec![Cmd::new("INCR")
-        .arg(cfg.count_key(content_id))
-        .into_command()];
+) {
+    commands
+        .cmd("INCR")
+        .arg(format_args!("{}", cfg.count_key(content_id)));
     let expire_at = cfg.bucket_expire_at(e.event_ts_micros(), now_micros);
     if expire_at > 0 {
         let bucket = cfg.bucket_key(e.event_ts_micros());
-        cmds.push(
-            Cmd::new("ZINCRBY")
-                .arg(&bucket)
-                .arg(1i64)
-                .arg(content_id)
-                .into_command(),
-        );
-        cmds.push(
-            Cmd::new("EXPIREAT")
-                .arg(&bucket)
-                .arg(expire_at)
-                .into_command(),
-        );
+        commands
+            .cmd("ZINCRBY")
+            .arg(&bucket)
+            .arg(1)
+            .arg(content_id)
+            .cmd("EXPIREAT")
+            .arg(bucket)
+            .arg(expire_at);
     }
-    cmds
 }
 
-/// The `EVAL` of [`LAST_SCRIPT`] for the newest event of each content in `events`, or None.
-pub fn last_command(cfg: &Config, events: &[(Event<'_>, i64)]) -> Option<Command> {
+/// Adds the `EVAL` of [`LAST_SCRIPT`] for the newest event of each content in `events`
+/// (nothing when `events` is empty).
+pub fn last_command(cfg: &Config, commands: &mut Commands, events: &[(Event<'_>, i64)]) {
     let mut newest: BTreeMap<i64, Event<'_>> = BTreeMap::new();
     for (e, c) in events {
         let slot = newest.entry(*c).or_insert(*e);
@@ -239,40 +263,39 @@ pub fn last_command(cfg: &Config, events: &[(Event<'_>, i64)]) -> Option<Command
         }
     }
     if newest.is_empty() {
-        return None;
+        return;
     }
-    let mut cmd = Cmd::new("EVAL").arg(LAST_SCRIPT).arg(newest.len());
+    commands.cmd("EVAL").arg(LAST_SCRIPT).arg(newest.len());
     for c in newest.keys() {
-        cmd = cmd.arg(cfg.last_key(*c));
+        commands.arg(format_args!("{}", cfg.last_key(*c)));
     }
-    cmd = cmd.arg(cfg.last_ttl_seconds);
+    commands.arg(cfg.last_ttl_seconds);
     for e in newest.values() {
-        cmd = cmd
+        commands
             .arg(format_event_ts(*e))
             .arg(e.event_id())
             .arg(event_json_string(*e));
     }
-    Some(cmd.into_command())
 }
 
-/// The commands after the exactly-once script: `content:last`, then the rebuild of the window.
-pub fn then_commands(cfg: &Config, events: &[(Event<'_>, i64)], now_micros: i64) -> Vec<Command> {
-    let mut commands: Vec<Command> = last_command(cfg, events).into_iter().collect();
+/// Adds the commands after the exactly-once script: `content:last`, then the rebuild of the
+/// window.
+pub fn then_commands(
+    cfg: &Config,
+    commands: &mut Commands,
+    events: &[(Event<'_>, i64)],
+    now_micros: i64,
+) {
+    last_command(cfg, commands, events);
     let buckets = cfg.window_bucket_keys(now_micros);
-    let mut union = Cmd::new("ZUNIONSTORE")
-        .arg(cfg.top_key())
-        .arg(buckets.len());
-    for b in buckets {
-        union = union.arg(b);
-    }
-    commands.push(union.into_command());
-    commands.push(
-        Cmd::new("EXPIRE")
-            .arg(cfg.top_key())
-            .arg(cfg.top_ttl_seconds)
-            .into_command(),
-    );
     commands
+        .cmd("ZUNIONSTORE")
+        .arg(cfg.top_key())
+        .arg(buckets.len())
+        .args(buckets)
+        .cmd("EXPIRE")
+        .arg(cfg.top_key())
+        .arg(cfg.top_ttl_seconds);
 }
 
 /// The plugin.
@@ -284,9 +307,17 @@ impl RedisTopN {
     pub fn new(cfg: Config) -> Self {
         RedisTopN { cfg }
     }
+}
 
-    /// Writes one batch through `host`: one round trip per `events_per_script` events.
-    pub fn write_with(&self, host: &impl Host, batch: &Batch) -> WriteOutcome {
+impl Sink for RedisTopN {
+    type Config = Config;
+
+    fn init(cfg: Config, _host: &impl Host) -> Result<Self, String> {
+        Ok(RedisTopN::new(cfg.validated()?))
+    }
+
+    /// One round trip per `events_per_script` events.
+    fn write(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
         let now = host.now_micros();
         let with_content: Vec<(Event<'_>, i64)> = batch
             .events
@@ -302,16 +333,14 @@ impl RedisTopN {
         for (i, chunk) in chunks.iter().enumerate() {
             let mut once = self.cfg.once();
             for (e, c) in chunk.iter() {
-                once.event(e, event_commands(&self.cfg, e, *c, now));
+                event_commands(&self.cfg, once.event(e), e, *c, now);
             }
             // content:last and the window go with the last round trip, over the whole batch.
-            let then = if i + 1 == chunks.len() {
-                then_commands(&self.cfg, &with_content, now)
-            } else {
-                Vec::new()
-            };
-            match once.apply_then(host, &then) {
-                Ok((applied, _)) => {
+            if i + 1 == chunks.len() {
+                then_commands(&self.cfg, once.then(), &with_content, now);
+            }
+            match once.apply(host) {
+                Ok(applied) => {
                     fresh += applied.applied() as u64;
                     replayed += applied.skipped() as u64;
                 }
@@ -337,16 +366,6 @@ impl RedisTopN {
             ),
         );
         WriteOutcome::Accepted
-    }
-}
-
-impl Sink for RedisTopN {
-    fn init(config: serde_json::Value) -> Result<Self, String> {
-        Ok(RedisTopN::new(Config::from_json(config)?))
-    }
-
-    fn write(&mut self, batch: &Batch) -> WriteOutcome {
-        self.write_with(&WasmHost, batch)
     }
 }
 

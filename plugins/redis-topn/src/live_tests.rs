@@ -3,21 +3,8 @@
 //! unset. Uses keys under a unique prefix and deletes them.
 
 use super::*;
-use fanout_sdk::redis::{reply_int, reply_string, Reply, Scalar};
+use fanout_sdk::redis::Reply;
 use fanout_sdk::testing::{batch, batch_at, event, RedisServerHost};
-
-fn strings(reply: Reply) -> Vec<String> {
-    match reply {
-        Reply::Array(items) => items
-            .iter()
-            .map(|s| match s {
-                Scalar::Data(d) => String::from_utf8_lossy(d).into_owned(),
-                other => format!("{other:?}"),
-            })
-            .collect(),
-        other => panic!("{other:?}"),
-    }
-}
 
 #[test]
 fn scripts_apply_once_keep_the_newest_last_event_and_bounded_bookkeeping() {
@@ -27,8 +14,8 @@ fn scripts_apply_once_keep_the_newest_last_event_and_bounded_bookkeeping() {
         return;
     };
     let prefix = format!("topn-test-{}-{}:", std::process::id(), now);
-    let sink =
-        RedisTopN::new(Config::from_json(serde_json::json!({"key_prefix": prefix})).unwrap());
+    let config = fanout_sdk::config::from_value(serde_json::json!({"key_prefix": prefix})).unwrap();
+    let mut sink = RedisTopN::init(config, &host).unwrap();
     let k = |s: &str| format!("{prefix}{s}");
     // An event the previous version counted: its marker is honoured.
     host.cmd(&["SET", &k("fanout:seen:9"), "1", "EX", "60"]);
@@ -44,13 +31,13 @@ fn scripts_apply_once_keep_the_newest_last_event_and_bounded_bookkeeping() {
         event(5, Some(7), now - 30 * min), // too old for a bucket, still counted
         event(9, Some(7), now),            // counted by the previous version
     ]);
-    assert!(matches!(sink.write_with(&host, &b), WriteOutcome::Accepted));
+    assert!(matches!(sink.write(&host, &b), WriteOutcome::Accepted));
     // Replay, a backfill of the same events, and an out-of-order older event arriving later.
-    assert!(matches!(sink.write_with(&host, &b), WriteOutcome::Accepted));
+    assert!(matches!(sink.write(&host, &b), WriteOutcome::Accepted));
     let evs: Vec<_> = (1..=5).map(|id| event(id, Some(7), now)).collect();
     let backfill = batch_at(evs.iter().map(|e| (e, None)));
     assert!(matches!(
-        sink.write_with(&host, &backfill),
+        sink.write(&host, &backfill),
         WriteOutcome::Accepted
     ));
     // (offsets follow Kafka's order: after the first batch's)
@@ -63,41 +50,42 @@ fn scripts_apply_once_keep_the_newest_last_event_and_bounded_bookkeeping() {
             offset: 10,
         }),
     )]);
-    assert!(matches!(
-        sink.write_with(&host, &late),
-        WriteOutcome::Accepted
-    ));
+    assert!(matches!(sink.write(&host, &late), WriteOutcome::Accepted));
 
-    assert_eq!(
-        reply_int(&host.cmd(&["GET", &k("content:count:7")])),
-        Some(4)
-    );
-    assert_eq!(
-        reply_int(&host.cmd(&["GET", &k("content:count:8")])),
-        Some(1)
-    );
-    let last = reply_string(&host.cmd(&["GET", &k("content:last:7")])).unwrap();
+    assert_eq!(host.cmd(&["GET", &k("content:count:7")]).as_int(), Some(4));
+    assert_eq!(host.cmd(&["GET", &k("content:count:8")]).as_int(), Some(1));
+    let last = host
+        .cmd(&["GET", &k("content:last:7")])
+        .as_string()
+        .unwrap();
     let last: serde_json::Value = serde_json::from_str(&last).unwrap();
     assert_eq!(last["event_id"], 9, "{last}");
-    let last8 = reply_string(&host.cmd(&["GET", &k("content:last:8")])).unwrap();
+    let last8 = host
+        .cmd(&["GET", &k("content:last:8")])
+        .as_string()
+        .unwrap();
     assert!(last8.contains("\"event_id\":3"), "{last8}");
-    let ttl = reply_int(&host.cmd(&["TTL", &k("content:last:7")])).unwrap();
+    let ttl = host.cmd(&["TTL", &k("content:last:7")]).as_int().unwrap();
     assert!(ttl > 3500 && ttl <= 3600, "{ttl}");
-    let top = strings(host.cmd(&["ZRANGE", &k("top:content:10m"), "0", "-1", "WITHSCORES"]));
+    let top = host
+        .cmd(&["ZRANGE", &k("top:content:10m"), "0", "-1", "WITHSCORES"])
+        .as_strings();
     assert_eq!(
         top,
         vec!["8", "1", "7", "3"],
         "content 7: 3 events in the window (1, 2, 6; 9 was the old version's)"
     );
-    let ttl = reply_int(&host.cmd(&["TTL", &k("top:content:10m")])).unwrap();
+    let ttl = host.cmd(&["TTL", &k("top:content:10m")]).as_int().unwrap();
     assert!(ttl > 100 && ttl <= 120, "{ttl}");
     let old_bucket = sink.cfg.bucket_key(now - 30 * min);
     assert_eq!(host.cmd(&["EXISTS", &old_bucket]), Reply::Integer(0));
 
     // Bookkeeping: one partition field and min_live_event_id; no marker per event.
-    let marks = strings(host.cmd(&["HGETALL", &k("fanout:once:marks")]));
+    let marks = host.cmd(&["HGETALL", &k("fanout:once:marks")]).as_strings();
     assert_eq!(marks, vec!["test/0", "10", "min_live_event_id", "1"]);
-    let seen = strings(host.cmd(&["KEYS", &format!("{prefix}fanout:seen:*")]));
+    let seen = host
+        .cmd(&["KEYS", &format!("{prefix}fanout:seen:*")])
+        .as_strings();
     assert_eq!(seen, vec![k("fanout:seen:9")], "no new markers");
 
     host.delete_prefix(&prefix);

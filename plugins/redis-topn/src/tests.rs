@@ -1,12 +1,22 @@
 use super::*;
+use fanout_sdk::redis::Command;
 use fanout_sdk::testing::{batch, event, Call, MockHost};
 use fanout_sdk::CapabilityError;
 
 /// 2026-01-08T14:21:52Z
 const T: i64 = 1_767_882_112 * MICROS_PER_SECOND;
 
+/// The config of `json` as the host passes it, through `init`'s checks.
+fn config(json: serde_json::Value) -> Result<Config, String> {
+    fanout_sdk::config::parse::<Config>(&json.to_string())?.validated()
+}
+
 fn cfg() -> Config {
-    Config::from_json(serde_json::json!({})).unwrap()
+    config(serde_json::json!({})).unwrap()
+}
+
+fn sink(cfg: Config) -> RedisTopN {
+    RedisTopN::init(cfg, &MockHost::new()).unwrap()
 }
 
 #[test]
@@ -14,11 +24,22 @@ fn config_defaults_and_validation() {
     let c = cfg();
     assert_eq!(c, Config::default());
     assert_eq!(c.seen_key(16), "fanout:seen:16");
-    let c = Config::from_json(serde_json::json!({"key_prefix": "t1:"})).unwrap();
-    assert_eq!(c.count_key(1), "t1:content:count:1");
+    let c = config(serde_json::json!({"key_prefix": "t1:"})).unwrap();
+    assert_eq!(c.count_key(1).to_string(), "t1:content:count:1");
     assert_eq!(c.top_key(), "t1:top:content:10m");
-    assert!(Config::from_json(serde_json::json!({"key_prefx": "x"})).is_err());
-    assert!(Config::from_json(serde_json::json!({"window_minutes": 0})).is_err());
+    let e = config(serde_json::json!({"key_prefx": "x"})).unwrap_err();
+    assert!(e.contains("unknown field `key_prefx`"), "{e}");
+    let e = config(serde_json::json!({"window_minutes": "ten"})).unwrap_err();
+    assert!(e.starts_with("config: window_minutes: invalid type"), "{e}");
+    assert!(config(serde_json::json!({"window_minutes": 0})).is_err());
+    assert!(RedisTopN::init(
+        Config {
+            top_ttl_seconds: 0,
+            ..cfg()
+        },
+        &MockHost::new()
+    )
+    .is_err());
 }
 
 #[test]
@@ -33,7 +54,7 @@ fn bucket_key_is_utc_minute_of_event_time() {
         c.bucket_key(T + 8 * MICROS_PER_SECOND),
         "top:content:bucket:202601081422"
     );
-    assert_eq!(c.last_key(1), "content:last:1");
+    assert_eq!(c.last_key(1).to_string(), "content:last:1");
 }
 
 #[test]
@@ -67,9 +88,12 @@ fn event_commands_count_and_bucket() {
         event(16, Some(1), T),
         event(17, Some(1), T - 20 * MICROS_PER_MINUTE),
     ]);
-    let text = |cmds: Vec<Command>| -> Vec<Vec<String>> {
-        cmds.iter()
-            .map(|c| {
+    let text = |e: Event<'_>| -> Vec<Vec<String>> {
+        let mut cmds = Commands::new();
+        event_commands(&c, &mut cmds, &e, 1, T);
+        cmds.as_slice()
+            .iter()
+            .map(|c: &Command| {
                 c.iter()
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .collect()
@@ -77,7 +101,7 @@ fn event_commands_count_and_bucket() {
             .collect()
     };
     assert_eq!(
-        text(event_commands(&c, &b.events.get(0).unwrap(), 1, T)),
+        text(b.events.get(0).unwrap()),
         vec![
             vec!["INCR".to_string(), "content:count:1".into()],
             vec![
@@ -95,7 +119,7 @@ fn event_commands_count_and_bucket() {
     );
     // 20 minutes old: counted, no bucket.
     assert_eq!(
-        text(event_commands(&c, &b.events.get(1).unwrap(), 1, T)),
+        text(b.events.get(1).unwrap()),
         vec![vec!["INCR".to_string(), "content:count:1".into()]]
     );
 }
@@ -116,8 +140,10 @@ fn last_command_sends_the_newest_event_of_each_content() {
         .iter()
         .map(|e| (e, e.content_id().unwrap()))
         .collect();
-    let cmd = last_command(&c, &events).unwrap();
-    let text: Vec<String> = cmd
+    let mut cmds = Commands::new();
+    last_command(&c, &mut cmds, &events);
+    assert_eq!(cmds.len(), 1);
+    let text: Vec<String> = cmds.as_slice()[0]
         .iter()
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
@@ -134,7 +160,9 @@ fn last_command_sends_the_newest_event_of_each_content() {
     );
     assert_eq!(text[10], "4");
     assert_eq!(text.len(), 12);
-    assert!(last_command(&c, &[]).is_none());
+    let mut none = Commands::new();
+    last_command(&c, &mut none, &[]);
+    assert!(none.is_empty());
 }
 
 fn once_outcomes(host: &MockHost) -> Vec<Vec<(i64, fanout_sdk::Outcome)>> {
@@ -150,15 +178,15 @@ fn once_outcomes(host: &MockHost) -> Vec<Vec<(i64, fanout_sdk::Outcome)>> {
 #[test]
 fn a_replayed_batch_counts_nothing_twice_and_the_pipeline_is_one_round_trip() {
     let host = MockHost::at(T);
-    let sink = RedisTopN::new(cfg());
+    let mut sink = sink(cfg());
     let b = batch(vec![
         event(1, Some(1), T),
         event(2, None, T),
         event(3, Some(2), T),
         event(4, Some(1), T),
     ]);
-    assert!(matches!(sink.write_with(&host, &b), WriteOutcome::Accepted));
-    assert!(matches!(sink.write_with(&host, &b), WriteOutcome::Accepted));
+    assert!(matches!(sink.write(&host, &b), WriteOutcome::Accepted));
+    assert!(matches!(sink.write(&host, &b), WriteOutcome::Accepted));
     assert_eq!(host.counter("events_new"), 3);
     assert_eq!(host.counter("events_replayed"), 3);
     assert_eq!(host.counter("events_without_content_id"), 2);
@@ -197,13 +225,10 @@ fn a_replayed_batch_counts_nothing_twice_and_the_pipeline_is_one_round_trip() {
 
 #[test]
 fn chunks_are_round_trips_and_the_window_goes_last() {
-    let c = Config::from_json(serde_json::json!({"events_per_script": 2})).unwrap();
+    let c = config(serde_json::json!({"events_per_script": 2})).unwrap();
     let host = MockHost::at(T);
     let b = batch((1..=5).map(|id| event(id, Some(1), T)).collect());
-    assert!(matches!(
-        RedisTopN::new(c).write_with(&host, &b),
-        WriteOutcome::Accepted
-    ));
+    assert!(matches!(sink(c).write(&host, &b), WriteOutcome::Accepted));
     let sizes: Vec<usize> = once_outcomes(&host).iter().map(Vec::len).collect();
     assert_eq!(sizes, [2, 2, 1]);
     let plain = host
@@ -219,7 +244,7 @@ fn chunks_are_round_trips_and_the_window_goes_last() {
     let host = MockHost::at(T);
     let b = batch(vec![event(9, None, T)]);
     assert!(matches!(
-        RedisTopN::new(cfg()).write_with(&host, &b),
+        sink(cfg()).write(&host, &b),
         WriteOutcome::Accepted
     ));
     assert!(
@@ -233,14 +258,13 @@ fn old_seen_markers_count_as_applied_until_turned_off() {
     host.insert_key("fanout:seen:2");
     let b = batch(vec![event(1, Some(1), T), event(2, Some(1), T)]);
     assert!(matches!(
-        RedisTopN::new(cfg()).write_with(&host, &b),
+        sink(cfg()).write(&host, &b),
         WriteOutcome::Accepted
     ));
     assert_eq!(host.counter("events_new"), 1);
     assert_eq!(host.counter("events_replayed"), 1);
     let off =
-        Config::from_json(serde_json::json!({"honour_seen_markers": false, "key_prefix": "p:"}))
-            .unwrap();
+        config(serde_json::json!({"honour_seen_markers": false, "key_prefix": "p:"})).unwrap();
     assert!(off.once().legacy_marker_key(2).is_none());
     assert_eq!(
         cfg().once().legacy_marker_key(2).as_deref(),
@@ -252,17 +276,17 @@ fn old_seen_markers_count_as_applied_until_turned_off() {
 #[test]
 fn backfilled_events_over_the_live_range_count_nothing_twice() {
     let host = MockHost::at(T);
-    let sink = RedisTopN::new(cfg());
+    let mut sink = sink(cfg());
     let evs: Vec<_> = (1..=6).map(|id| event(id, Some(1), T)).collect();
     // Live from event 4 on.
     assert!(matches!(
-        sink.write_with(&host, &batch(evs[3..].to_vec())),
+        sink.write(&host, &batch(evs[3..].to_vec())),
         WriteOutcome::Accepted
     ));
     let backfill = fanout_sdk::testing::batch_at(evs.iter().map(|e| (e, None)));
     for _ in 0..2 {
         assert!(matches!(
-            sink.write_with(&host, &backfill),
+            sink.write(&host, &backfill),
             WriteOutcome::Accepted
         ));
     }
@@ -276,15 +300,15 @@ fn backfilled_events_over_the_live_range_count_nothing_twice() {
 
 #[test]
 fn write_retries_later_on_failure() {
-    let sink = RedisTopN::new(cfg());
+    let mut sink = sink(cfg());
     let b = batch(vec![event(1, Some(1), T)]);
     let host = MockHost::at(T);
     host.push_redis(Err(CapabilityError::Failed("connection refused".into())));
-    match sink.write_with(&host, &b) {
+    match sink.write(&host, &b) {
         WriteOutcome::RetryLater(reason) => assert!(reason.contains("connection refused")),
         other => panic!("{other:?}"),
     }
     // Nothing was applied: the retry applies it.
-    assert!(matches!(sink.write_with(&host, &b), WriteOutcome::Accepted));
+    assert!(matches!(sink.write(&host, &b), WriteOutcome::Accepted));
     assert_eq!(host.counter("events_new"), 1);
 }

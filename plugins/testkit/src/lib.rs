@@ -18,11 +18,8 @@
 //!           each sent through the ClickHouse capability; one JSON report per attempt is pushed
 //!           to `key`: {"sql" | "insert": ..., "ok": body | null, "error": "<capability error>" | null}) }
 
-use fanout_sdk::redis::command;
 use fanout_sdk::serde_json::{self, Value};
-use fanout_sdk::{
-    event_json_string, export_sink, Batch, Host, Rejection, Sink, WasmHost, WriteOutcome,
-};
+use fanout_sdk::{event_json_string, export_sink, Batch, Host, Rejection, Sink, WriteOutcome};
 
 pub struct Testkit {
     key: String,
@@ -99,7 +96,10 @@ fn redis_hostile_attempts(outside: &str) -> Vec<(&'static str, Vec<&str>)> {
 }
 
 impl Sink for Testkit {
-    fn init(config: Value) -> Result<Self, String> {
+    // Untyped on purpose: every mode reads its own settings, and `raw` keeps them all.
+    type Config = Value;
+
+    fn init(config: Value, _host: &impl Host) -> Result<Self, String> {
         let text = |k: &str, default: &str| {
             config
                 .get(k)
@@ -148,8 +148,7 @@ impl Sink for Testkit {
         })
     }
 
-    fn write(&mut self, batch: &Batch) -> WriteOutcome {
-        let host = WasmHost;
+    fn write(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
         match self.mode.as_str() {
             "trap" => panic!("testkit: asked to trap"),
             // Time attacks: each must be stopped at the call's deadline, its instance dropped.
@@ -162,12 +161,12 @@ impl Sink for Testkit {
                 // Keeps calling the capability whatever it answers: after the deadline no
                 // request may leave any more.
                 std::hint::black_box(&self.hold);
-                let _ = fanout_sdk::http::post_json_on(&host, &self.url, "{}", &[], 60_000);
+                let _ = fanout_sdk::http::post_json(host, &self.url, "{}", &[], 60_000);
             },
             "log-flood" => {
                 let line = "x".repeat(8 << 20);
                 loop {
-                    fanout_sdk::log::log(fanout_sdk::Level::Info, &line);
+                    host.log(fanout_sdk::Level::Info, &line);
                 }
             }
             "loop" => {
@@ -185,25 +184,25 @@ impl Sink for Testkit {
             }
             "ungranted" => {
                 // Both must be refused: record the errors for the test to read.
-                let http = fanout_sdk::http::post_json_on(
-                    &host,
+                let http = fanout_sdk::http::post_json(
+                    host,
                     "http://127.0.0.1:1/forbidden",
                     "{}",
                     &[],
                     1000,
                 );
-                let redis = host.redis_pipeline(&[command(&["SET", "outside:prefix", "1"])], false);
+                let redis = host.redis().cmd("SET").arg("outside:prefix").arg(1).send();
                 let report = serde_json::json!({
                     "http": format!("{:?}", http.err()),
                     "redis": format!("{:?}", redis.err()),
                 });
-                self.push(&host, &[report.to_string()])
+                self.push(host, &[report.to_string()])
             }
             "reject-odd" => {
                 let (odd, even): (Vec<_>, Vec<_>) =
                     batch.events.iter().partition(|e| e.event_id() % 2 != 0);
                 let rows: Vec<String> = even.iter().map(|e| event_json_string(*e)).collect();
-                match self.push(&host, &rows) {
+                match self.push(host, &rows) {
                     WriteOutcome::Accepted => WriteOutcome::Rejected(
                         odd.iter()
                             .map(|e| Rejection {
@@ -229,7 +228,7 @@ impl Sink for Testkit {
                         .map(|()| String::new());
                     reports.push(report("insert", serde_json::json!([db, table]), r));
                 }
-                self.push(&host, &reports)
+                self.push(host, &reports)
             }
             // A hostile plugin granted scripts: every way out of its key prefix it can try, one
             // JSON report per attempt pushed to `key` (sandbox_redis.rs reads them).
@@ -238,7 +237,11 @@ impl Sink for Testkit {
                     .into_iter()
                     .map(|(name, cmd)| {
                         let started = host.now_micros();
-                        let r = host.redis_pipeline(&[command(&cmd)], false);
+                        let mut p = host.redis();
+                        if let Some((name, args)) = cmd.split_first() {
+                            p.cmd(name).args(args.iter().copied());
+                        }
+                        let r = p.send();
                         let ms = (host.now_micros() - started) / 1000;
                         let (ok, error) = match r {
                             Ok(replies) => (Value::String(format!("{replies:?}")), Value::Null),
@@ -248,7 +251,7 @@ impl Sink for Testkit {
                             .to_string()
                     })
                     .collect();
-                self.push(&host, &reports)
+                self.push(host, &reports)
             }
             // Output attacks (sandbox_outputs.rs): what a plugin hands back to the host.
             "http-probe" => {
@@ -256,9 +259,9 @@ impl Sink for Testkit {
                     .raw
                     .get("requests")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().map(|r| http_probe(&host, r)).collect())
+                    .map(|a| a.iter().map(|r| http_probe(host, r)).collect())
                     .unwrap_or_default();
-                self.push(&host, &reports)
+                self.push(host, &reports)
             }
             "huge-reason" => WriteOutcome::Rejected(
                 batch
@@ -275,7 +278,7 @@ impl Sink for Testkit {
             ),
             "foreign-rejection" => {
                 let rows: Vec<String> = batch.events.iter().map(event_json_string).collect();
-                match self.push(&host, &rows) {
+                match self.push(host, &rows) {
                     WriteOutcome::Accepted => WriteOutcome::Rejected(vec![Rejection {
                         event_id: 1_000_000_000_000 + batch.events.len() as i64,
                         reason: "an event this batch never had".into(),
@@ -285,11 +288,11 @@ impl Sink for Testkit {
             }
             "log-forge" => {
                 let forged = "2026-01-01T00:00:00.000000Z  INFO fanout: FORGED host line";
-                fanout_sdk::log::log(fanout_sdk::Level::Warn, &format!("plugin line\n{forged}\r\u{1b}[2J"));
-                fanout_sdk::log::log(fanout_sdk::Level::Info, &"L".repeat(1 << 20));
+                host.log(fanout_sdk::Level::Warn, &format!("plugin line\n{forged}\r\u{1b}[2J"));
+                host.log(fanout_sdk::Level::Info, &"L".repeat(1 << 20));
                 eprintln!("stderr line\n{forged}");
                 println!("stdout line\n{forged}");
-                self.record(&host, batch)
+                self.record(host, batch)
             }
             "stderr-flood" => {
                 use std::io::Write;
@@ -305,7 +308,7 @@ impl Sink for Testkit {
                 let _ = err.write_all(b"\nend of flood\n");
                 let out = vec![b'o'; 1 << 20];
                 let _ = std::io::stdout().write_all(&out);
-                self.record(&host, batch)
+                self.record(host, batch)
             }
             "metric-flood" => {
                 for i in 0..20_000 {
@@ -313,22 +316,21 @@ impl Sink for Testkit {
                 }
                 host.counter_add("Bad-Name\"} 1\nfanout_healthy", 1);
                 host.gauge_set(&"g".repeat(10_000), 1.0);
-                self.record(&host, batch)
+                self.record(host, batch)
             }
             // Takes the batch and does nothing: the cost of the Wasm boundary alone.
             "noop" => WriteOutcome::Accepted,
             // Capability overhead (BENCHMARKS.md): the same work the bench does natively, with
             // nothing computed in the plugin beyond building the call.
             "cap-redis" => {
-                let commands: Vec<_> = batch
-                    .events
-                    .iter()
-                    .map(|e| {
-                        let key = format!("{}:{}", self.key, e.event_id());
-                        command(&["SET", key.as_str(), "x"])
-                    })
-                    .collect();
-                match host.redis_pipeline(&commands, false) {
+                let mut redis = host.redis();
+                for e in batch.events.iter() {
+                    redis
+                        .cmd("SET")
+                        .arg(format_args!("{}:{}", self.key, e.event_id()))
+                        .arg("x");
+                }
+                match redis.send() {
                     Ok(_) => WriteOutcome::Accepted,
                     Err(e) => WriteOutcome::RetryLater(fanout_sdk::describe(&e)),
                 }
@@ -386,7 +388,7 @@ impl Sink for Testkit {
             }
             _ => {
                 let rows: Vec<String> = batch.events.iter().map(event_json_string).collect();
-                self.push(&host, &rows)
+                self.push(host, &rows)
             }
         }
     }
@@ -403,9 +405,13 @@ impl Testkit {
         if rows.is_empty() {
             return WriteOutcome::Accepted;
         }
-        let mut args: Vec<&str> = vec!["RPUSH", self.key.as_str()];
-        args.extend(rows.iter().map(String::as_str));
-        match host.redis_pipeline(&[command(&args)], false) {
+        let sent = host
+            .redis()
+            .cmd("RPUSH")
+            .arg(&self.key)
+            .args(rows.iter().map(String::as_str))
+            .send();
+        match sent {
             Ok(_) => WriteOutcome::Accepted,
             Err(e) => WriteOutcome::RetryLater(format!("redis: {e:?}")),
         }

@@ -6,9 +6,9 @@ componentize`` must hold a class named ``PackedSink``:
     PackedSink = export_sink(MySink)
 """
 
-import json
 import traceback
 
+from . import config as config_
 from .host import WasmHost
 from .packed import PackedError, PackedEvents
 from .sink import Accepted, Batch, Rejected, RetryLater, SourceRange
@@ -23,6 +23,7 @@ def export_sink(sink_class):
     from wit_world.imports import clickhouse, errors, http, log, metrics, redis, types  # noqa: F401
 
     state = {}
+    host = WasmHost()
 
     def outcome(o):
         if isinstance(o, Accepted):
@@ -37,10 +38,12 @@ def export_sink(sink_class):
     class PackedSink(exports.PackedSink):
         def init(self, config):
             try:
-                cfg = json.loads(config) if config else {}
+                cfg = config_.parse(sink_class.Config, config)
+            except config_.ConfigError as e:
+                raise Err(str(e))
+            try:
                 sink = sink_class()
-                sink.host = WasmHost()
-                sink.init(cfg if cfg is not None else {})
+                sink.init(cfg, host)
             except Exception as e:  # a configuration the plugin cannot run with
                 raise Err("%s: %s" % (type(e).__name__, e))
             state["sink"] = sink
@@ -57,11 +60,11 @@ def export_sink(sink_class):
                       [SourceRange(s.topic, s.partition, s.first_offset, s.last_offset)
                        for s in batch.sources])
             try:
-                return outcome(sink.write(b))
+                return outcome(sink.write(host, b))
             except Exception as e:
                 tb = traceback.format_exc(limit=4)
                 try:
-                    sink.host.error("write raised %s: %s\n%s" % (type(e).__name__, e, tb))
+                    host.error("write raised %s: %s\n%s" % (type(e).__name__, e, tb))
                 except Exception:
                     pass
                 return types.WriteOutcome_RetryLater("%s: %s" % (type(e).__name__, e))

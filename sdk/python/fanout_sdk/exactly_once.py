@@ -6,12 +6,13 @@ the bookkeeping rules: per-partition offset marks in ``{scope}marks`` for live e
 
     once = RedisOnce("myplugin:once:")
     for e in batch.events:
-        once.event(e, [command("HINCRBY", key, field, 1)])
-    applied = once.apply(host)   # one EVAL, atomic
+        once.event(e).cmd("HINCRBY", key, field, 1)
+    once.then().cmd("EXPIRE", key, 3600)   # optional: ordinary commands, same round trip
+    applied = once.apply(host)            # one EVAL, atomic; applied.replies: the then replies
 """
 
 from ._once_script import SCRIPT
-from .host import CapabilityError, Failed, NotGranted, Status, arg_bytes
+from .host import CapabilityError, Commands, Failed, NotGranted, Status, send_commands
 
 DEFAULT_BACKFILL_TTL_SECONDS = 7 * 24 * 3600
 IDS_PER_BITMAP = 1 << 16
@@ -58,10 +59,12 @@ def key_mask(cmd):
 
 
 class Applied:
-    """One (event_id, outcome letter) per event, in the order they were added."""
+    """One (event_id, outcome letter) per event, in the order they were added, and the replies
+    to the :meth:`RedisOnce.then` commands."""
 
-    def __init__(self, events):
+    def __init__(self, events, replies=()):
         self.events = events
+        self.replies = list(replies)
 
     def applied(self):
         return sum(1 for _, o in self.events if o == APPLIED)
@@ -79,20 +82,28 @@ class RedisOnce:
         self.scope = scope
         self.backfill_ttl_seconds = max(1, int(backfill_ttl_seconds))
         self.legacy_marker_prefix = legacy_marker_prefix
-        self.events = []  # (event_id, position or None, [command])
+        self.events = []  # (event_id, position or None, Commands)
+        self._then = Commands()
 
     def __len__(self):
         return len(self.events)
 
-    def event(self, e, commands):
-        """Adds an event (an :class:`Event` view) with the commands that apply it."""
-        return self.event_at(e.event_id, e.position(), commands)
+    def event(self, e):
+        """Adds an event (an :class:`Event` view); returns its :class:`Commands` to fill:
+        ``once.event(e).cmd("HINCRBY", key, field, 1)`` (any number of commands, none too)."""
+        return self.event_at(e.event_id, e.position())
 
-    def event_at(self, event_id, position, commands):
-        """``position``: (topic, partition, offset) or None (backfilled)."""
-        cmds = [[arg_bytes(a) for a in c] for c in commands]
+    def event_at(self, event_id, position):
+        """:meth:`event` from an id and ``position``: (topic, partition, offset) or None
+        (backfilled)."""
+        cmds = Commands()
         self.events.append((event_id, None if position is None else tuple(position), cmds))
-        return self
+        return cmds
+
+    def then(self):
+        """Ordinary commands sent after the script in the same round trip (idempotent ones that
+        need no bookkeeping); their replies are :attr:`Applied.replies`."""
+        return self._then
 
     def marks_key(self):
         return self.scope + "marks"
@@ -125,7 +136,7 @@ class RedisOnce:
                 legacy = index(("%s%d" % (self.legacy_marker_prefix, event_id)).encode())
             argv.append(str(legacy).encode())
             argv.append(str(len(cmds)).encode())
-            for c in cmds:
+            for c in cmds.commands:
                 mask = key_mask(c)
                 argv.append(str(len(c)).encode())
                 argv.append(b"".join(b"k" if k else b"v" for k in mask))
@@ -152,20 +163,16 @@ class RedisOnce:
             out.append((event_id, c))
         return Applied(out)
 
-    def apply(self, host, then=()):
-        """Applies the events' commands exactly once (one EVAL), then ``then`` (ordinary
-        commands) in the same pipeline. Returns :class:`Applied` (and with ``then``, the
-        replies to it: ``(applied, replies)``)."""
+    def apply(self, host):
+        """Applies the events' commands exactly once (one EVAL), then the :meth:`then`
+        commands, in one round trip. Returns :class:`Applied`; raises
+        :class:`CapabilityError`."""
         commands = [self.eval_command()] if self.events else []
-        commands += list(then)
-        if not commands:
-            return (Applied([]), []) if then else Applied([])
-        replies = host.redis_pipeline(commands, False)
-        if len(replies) != len(commands):
-            raise Failed("redis: %d replies for %d commands" % (len(replies), len(commands)))
-        applied = self.parse_reply(replies[0]) if self.events else Applied([])
-        rest = replies[1:] if self.events else replies
-        return (applied, rest) if then else applied
+        commands += self._then.commands
+        replies = send_commands(host, commands, False)
+        if not self.events:
+            return Applied([], replies)
+        return Applied(self.parse_reply(replies[0]).events, replies[1:])
 
 
 __all__ = ["RedisOnce", "Applied", "key_mask", "SCRIPT", "SCRIPT_COMMANDS", "CapabilityError",

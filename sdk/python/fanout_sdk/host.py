@@ -4,11 +4,18 @@
 generated ``wit_world`` bindings, imported only when a call is made, so everything else in
 the SDK runs under plain CPython). :class:`MockHost` records calls for unit tests.
 
-Redis replies: nil -> ``None``, integer -> ``int``, data -> ``bytes``, status -> :class:`Status`
-(a ``str``), array -> ``list``. Command arguments may be ``str``, ``bytes`` or ``int``.
+Redis, one way: ``host.redis().cmd("INCR", key).cmd("EXPIRE", key, 60).send()`` (one round
+trip, one reply per command; a single command is a pipeline of one). Arguments may be ``str``,
+``bytes``, ``int`` or ``float``. Replies: nil -> ``None``, integer -> ``int``, data -> ``bytes``,
+status -> :class:`Status` (a ``str``), array -> ``list``.
+
+Metrics appear on the host's /metrics as ``fanout_plugin_counter_total{plugin,name}`` and
+``fanout_plugin_gauge{plugin,name}``; names are ``[a-z_][a-z0-9_]*``, at most 64 bytes and 100
+per plugin (:func:`valid_metric_name`): the host drops others, :class:`MockHost` raises.
 """
 
 import json
+import re
 
 
 class CapabilityError(Exception):
@@ -65,15 +72,77 @@ def arg_bytes(a):
     return str(a).encode("utf-8")
 
 
-def command(*args):
-    """A Redis command as the host takes it: a list of bytes."""
-    return [arg_bytes(a) for a in args]
+class Commands:
+    """Redis commands under construction, each a list of bytes as the host takes it:
+    ``cmds.cmd("HINCRBY", key, field, 1)``. Used by :class:`Pipeline` and by
+    :meth:`fanout_sdk.RedisOnce.event`."""
+
+    def __init__(self):
+        self.commands = []
+
+    def cmd(self, name, *args):
+        """Adds command ``name`` with its arguments; returns ``self`` for chaining."""
+        self.commands.append([arg_bytes(name)] + [arg_bytes(a) for a in args])
+        return self
+
+    def __len__(self):
+        return len(self.commands)
+
+
+class Pipeline(Commands):
+    """Commands for one round trip to Redis: ``host.redis()``, then ``cmd(...)``, then
+    :meth:`send`."""
+
+    def __init__(self, host):
+        super().__init__()
+        self.host = host
+        self.is_atomic = False
+
+    def atomic(self):
+        """Runs the commands inside ``MULTI``/``EXEC``."""
+        self.is_atomic = True
+        return self
+
+    def send(self):
+        """Sends the commands in one round trip and empties the pipeline: one reply per
+        command, in order (nothing is sent for no command). Raises :class:`CapabilityError`."""
+        commands, self.commands = self.commands, []
+        return send_commands(self.host, commands, self.is_atomic)
+
+
+def send_commands(host, commands, atomic=False):
+    """``host.redis_pipeline`` with the reply count checked."""
+    if not commands:
+        return []
+    replies = host.redis_pipeline(commands, atomic)
+    if len(replies) != len(commands):
+        raise Failed("redis: %d replies for %d commands" % (len(replies), len(commands)))
+    return replies
+
+
+METRIC_NAME_MAX_LEN = 64
+METRIC_NAMES_MAX = 100
+_METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")
+
+
+def valid_metric_name(name):
+    """Whether the host records a metric of this name: ``[a-z_][a-z0-9_]*``, at most 64 bytes
+    (the host's ``valid_metric_name``, host/src/metrics.rs)."""
+    return (isinstance(name, str) and len(name.encode()) <= METRIC_NAME_MAX_LEN
+            and _METRIC_NAME.match(name) is not None)
 
 
 class Host:
-    """What a sink can call. Subclasses implement the ``_``-less primitives."""
+    """What a sink can call; ``init`` and ``write`` receive it. Subclasses implement the
+    primitives (``redis_pipeline`` is the transport under :meth:`redis`)."""
+
+    def redis(self):
+        """A :class:`Pipeline`: ``host.redis().cmd("SET", key, value).send()``."""
+        return Pipeline(self)
 
     def redis_pipeline(self, commands, atomic=False):
+        """The transport under :meth:`redis`: ``commands`` are lists of bytes. Implement it;
+        call :meth:`redis`."""
         raise NotImplementedError
 
     def http_send(self, method, url, headers=(), body=b"", timeout_ms=10_000):
@@ -100,10 +169,6 @@ class Host:
         raise NotImplementedError
 
     # Conveniences over the primitives.
-    def redis(self, *args):
-        """One Redis command, one round trip; its reply."""
-        return self.redis_pipeline([command(*args)])[0]
-
     def post_json(self, url, body, headers=(), timeout_ms=10_000):
         text = body if isinstance(body, (bytes, str)) else json.dumps(body, separators=(",", ":"))
         if isinstance(text, str):
@@ -158,7 +223,7 @@ class WasmHost(Host):
         from componentize_py_types import Err
         from wit_world.imports import redis
 
-        cmds = [c if all(isinstance(a, bytes) for a in c) else command(*c) for c in commands]
+        cmds = [[arg_bytes(a) for a in c] for c in commands]
         try:
             return [_reply(r) for r in redis.pipeline(cmds, atomic)]
         except Err as e:
@@ -229,7 +294,8 @@ class WasmHost(Host):
 
 class MockHost(Host):
     """Records every call; Redis is answered by ``redis_handler(commands, atomic)`` when given
-    (e.g. a real Redis in tests), else with ``None`` per command."""
+    (e.g. a real Redis in tests), else with ``None`` per command. Metric names the host would
+    drop raise ``ValueError``."""
 
     def __init__(self, redis_handler=None):
         self.redis_handler = redis_handler
@@ -242,7 +308,7 @@ class MockHost(Host):
         self.gauges = {}
 
     def redis_pipeline(self, commands, atomic=False):
-        cmds = [command(*c) for c in commands]
+        cmds = [[arg_bytes(a) for a in c] for c in commands]
         self.redis_calls.append((cmds, atomic))
         if self.redis_handler is None:
             return [None] * len(cmds)
@@ -275,8 +341,20 @@ class MockHost(Host):
     def log(self, level, message):
         self.logs.append((level, message))
 
+    def _check_metric(self, name):
+        # The host drops these (the series never appears): fail the test instead.
+        if not valid_metric_name(name):
+            raise ValueError("metric name %r would be refused by the host: names are "
+                             "[a-z_][a-z0-9_]*, at most %d bytes" % (name, METRIC_NAME_MAX_LEN))
+        if name not in self.counters and name not in self.gauges and \
+                len(self.counters) + len(self.gauges) >= METRIC_NAMES_MAX:
+            raise ValueError("metric %r would be refused by the host: at most %d names per plugin"
+                             % (name, METRIC_NAMES_MAX))
+
     def counter_add(self, name, value=1):
+        self._check_metric(name)
         self.counters[name] = self.counters.get(name, 0) + value
 
     def gauge_set(self, name, value):
+        self._check_metric(name)
         self.gauges[name] = value

@@ -1,5 +1,7 @@
-"""The sink API: subclass :class:`Sink`, implement ``init(config)`` and ``write(batch)``."""
+"""The sink API: subclass :class:`Sink`, declare its ``Config`` dataclass, implement
+``init(config, host)`` and ``write(host, batch)``."""
 
+from .config import NoConfig
 from .packed import PackedEvents
 
 
@@ -64,18 +66,22 @@ class Batch:
 class Sink:
     """Base class of a Python sink plugin.
 
-    ``init(config)`` gets the plugin's ``[plugins.config]`` table as a dict; raise
-    ``ValueError`` (or any exception) for a configuration the plugin cannot run with.
-    ``write(batch)`` returns :data:`ACCEPTED`, :class:`RetryLater` or :class:`Rejected`; an
-    exception escaping it is answered as ``RetryLater``. It must be idempotent by event id.
-    ``self.host`` is the host's capabilities (:class:`fanout_sdk.host.WasmHost` in the
-    component, a :class:`fanout_sdk.host.MockHost` in tests).
+    ``Config``: the dataclass the ``[plugins.config]`` table is parsed into before ``init``
+    (:mod:`fanout_sdk.config`; a bad key is refused naming it). :class:`NoConfig` (the default)
+    takes no settings; ``dict`` takes the table untyped.
+
+    ``init(config, host)`` gets the parsed config; raise ``ValueError`` (or any exception) for
+    a configuration the plugin cannot run with. ``write(host, batch)`` returns
+    :data:`ACCEPTED`, :class:`RetryLater` or :class:`Rejected`; an exception escaping it is
+    answered as ``RetryLater``. It must be idempotent by event id. ``host`` is the host's
+    capabilities: :class:`fanout_sdk.host.WasmHost` in the component, a
+    :class:`fanout_sdk.host.MockHost` when a test calls ``write``.
     """
 
-    host = None
+    Config = NoConfig
 
-    def init(self, config):
+    def init(self, config, host):
         pass
 
-    def write(self, batch):
+    def write(self, host, batch):
         raise NotImplementedError

@@ -14,8 +14,9 @@ import pytest
 
 import fanout_sdk
 from fanout_sdk import (ACCEPTED, Batch, MockHost, PackedError, PackedEvents, PackedWriter,
-                        Position, RedisOnce, RetryLater, command, event_json_string)
+                        Position, RedisOnce, RetryLater, event_json_string)
 from fanout_sdk.exactly_once import SCRIPT, key_mask
+from fanout_sdk.host import arg_bytes
 from fanout_sdk.packed import ROW
 
 FIX = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -125,11 +126,15 @@ def test_once_script_is_the_rust_sdks_byte_for_byte():
     assert subprocess.run([sys.executable, str(SDK / "sync_once_script.py"), "--check"]).returncode == 0
 
 
+def command(*args):
+    return [arg_bytes(a) for a in args]
+
+
 def _once_for(ev):
     once = RedisOnce("pydc:once:")
     for e in ev:
-        once.event(e, [command("HINCRBY", "pydc:devcount:" + (e.device or "unknown"),
-                               e.event_type or "unknown", 1)])
+        once.event(e).cmd("HINCRBY", "pydc:devcount:" + (e.device or "unknown"),
+                          e.event_type or "unknown", 1)
     return once
 
 
@@ -174,23 +179,21 @@ def test_device_counter_counts_each_event_once_on_a_real_redis():
     r, handle = _redis_handler()
     prefix = "pytest-dc-%d-%d:" % (os.getpid(), id(r))
     try:
+        host = MockHost(handle)
         sink = DeviceCounter()
-        sink.host = MockHost(handle)
-        sink.init({"key_prefix": prefix})
+        sink.init(fanout_sdk.config.from_value(DeviceCounter.Config, {"key_prefix": prefix}), host)
         w = PackedWriter()
         for i in range(1, 7):
             w.push(i, 0, device=("ios" if i % 2 else None), event_type="play",
                    position=(TOPIC, 0, 100 + i))
         w.push(0, 0, device="ios", event_type="pause")  # backfilled (no position), below the live ids
         batch = Batch("t/0:101-106", w.finish())
-        assert sink.write(batch) == ACCEPTED
-        assert sink.write(batch) == ACCEPTED  # the replay
+        assert sink.write(host, batch) == ACCEPTED
+        assert sink.write(host, batch) == ACCEPTED  # the replay
         assert r.hgetall(prefix + "devcount:ios") == {b"play": b"3", b"pause": b"1"}
         assert r.hgetall(prefix + "devcount:unknown") == {b"play": b"3"}
-        assert sink.host.counters == {"events_counted": 7, "events_skipped": 7}
+        assert host.counters == {"events_counted": 7, "events_skipped": 7}
         assert r.hget(prefix + "once:marks", TOPIC + "/0") == b"106"
-        with pytest.raises(ValueError):
-            DeviceCounter().init({"nope": 1})
     finally:
         for k in r.scan_iter(match=prefix + "*", count=10000):
             r.delete(k)
@@ -201,8 +204,94 @@ def test_device_counter_retries_when_redis_fails():
 
     def fail(cmds, atomic):
         raise fanout_sdk.Failed("connection refused")
+    host = MockHost(fail)
     sink = DeviceCounter()
-    sink.host = MockHost(fail)
-    sink.init({})
-    out = sink.write(Batch("b", PackedWriter().push(1, 0).finish()))
+    sink.init(DeviceCounter.Config(), host)
+    out = sink.write(host, Batch("b", PackedWriter().push(1, 0).finish()))
     assert out == RetryLater("failed: connection refused")
+
+
+def test_device_counter_config_errors_name_the_field():
+    from device_counter import DeviceCounter
+
+    parse = fanout_sdk.config.parse
+    assert parse(DeviceCounter.Config, "").key_prefix == "pydc:"
+    assert parse(DeviceCounter.Config, '{"key_prefix": "x:"}').key_prefix == "x:"
+    with pytest.raises(fanout_sdk.ConfigError, match=r"^config: unknown field `nope`"):
+        parse(DeviceCounter.Config, '{"nope": 1}')
+    with pytest.raises(fanout_sdk.ConfigError, match=r"^config: key_prefix: expected str, got int 3"):
+        parse(DeviceCounter.Config, '{"key_prefix": 3}')
+
+
+def test_typed_config_nested_optional_lists_and_missing_fields():
+    import dataclasses
+    import typing
+
+    @dataclasses.dataclass
+    class Inner:
+        ttl: int = 60
+
+    @dataclasses.dataclass
+    class Cfg:
+        url: str
+        inner: Inner = dataclasses.field(default_factory=Inner)
+        ratio: float = 0.5
+        tags: typing.List[str] = dataclasses.field(default_factory=list)
+        limit: typing.Optional[int] = None
+        on: bool = True
+
+    c = fanout_sdk.config.from_value(Cfg, {"url": "u", "inner": {"ttl": 5}, "ratio": 1,
+                                            "tags": ["a"], "limit": None, "on": False})
+    assert c == Cfg("u", Inner(5), 1.0, ["a"], None, False)
+    bad = [
+        ({}, r"^config: missing field `url`"),
+        ({"url": "u", "inner": {"ttl": "5"}}, r"^config: inner\.ttl: expected int, got str '5'"),
+        ({"url": "u", "inner": {"tll": 5}}, r"^config: inner: unknown field `tll`"),
+        ({"url": "u", "tags": ["a", 1]}, r"^config: tags\[1\]: expected str"),
+        ({"url": "u", "on": 1}, r"^config: on: expected bool"),
+        ({"url": "u", "limit": True}, r"^config: limit: expected int"),
+    ]
+    for value, msg in bad:
+        with pytest.raises(fanout_sdk.ConfigError, match=msg):
+            fanout_sdk.config.from_value(Cfg, value)
+    assert fanout_sdk.config.parse(fanout_sdk.NoConfig, " ") == fanout_sdk.NoConfig()
+    with pytest.raises(fanout_sdk.ConfigError, match="unknown field `a`"):
+        fanout_sdk.config.parse(fanout_sdk.NoConfig, '{"a": 1}')
+    assert fanout_sdk.config.parse(dict, '{"a": 1}') == {"a": 1}
+
+
+def test_one_redis_call_style_and_then_commands():
+    host = MockHost(lambda cmds, atomic: [len(c) for c in cmds])
+    p = host.redis().cmd("INCR", "k").cmd("EXPIRE", "k", 60)
+    assert p.send() == [2, 3]
+    assert p.send() == [] and len(host.redis_calls) == 1, "sent commands are gone"
+    assert host.redis().cmd("GET", "k").atomic().send() == [2]
+    assert host.redis_calls[-1] == ([[b"GET", b"k"]], True)
+    with pytest.raises(fanout_sdk.Failed, match="0 replies for 1 commands"):
+        MockHost(lambda cmds, atomic: []).redis().cmd("GET", "k").send()
+    # RedisOnce: the then commands follow the EVAL in the same pipeline.
+    w = PackedWriter().push(1, 0, position=(TOPIC, 0, 1)).finish()
+    once = RedisOnce("s:once:")
+    once.event(PackedEvents(w)[0]).cmd("INCR", "s:n")
+    once.then().cmd("EXPIRE", "s:n", 60)
+    replies = {}
+
+    def handle(cmds, atomic):
+        replies["cmds"] = cmds
+        return [b"a", 1]
+    applied = once.apply(MockHost(handle))
+    assert (applied.applied(), applied.replies) == (1, [1])
+    assert replies["cmds"][0][0] == b"EVAL" and replies["cmds"][1] == [b"EXPIRE", b"s:n", b"60"]
+
+
+def test_mock_host_refuses_metric_names_the_host_drops():
+    host = MockHost()
+    host.counter_add("rows_inserted", 2)
+    for bad in ["Rows", "rows-inserted", "9x", "", "a" * 65]:
+        with pytest.raises(ValueError, match="would be refused"):
+            host.counter_add(bad)
+    for i in range(99):
+        host.gauge_set("g%d" % i, 1.0)
+    with pytest.raises(ValueError, match="at most 100 names"):
+        host.counter_add("one_too_many")
+    assert fanout_sdk.valid_metric_name("a" * 64) and not fanout_sdk.valid_metric_name("a" * 65)
