@@ -27,8 +27,7 @@ use std::collections::{HashMap, HashSet};
 use api::{Answer, Target};
 use fanout_sdk::http::{Request, Response, MAX_IN_FLIGHT};
 use fanout_sdk::{
-    describe, export_sink, Batch, Event, Host, Level, PackedEvents, Rejection, Sink, WasmHost,
-    WriteOutcome,
+    describe, export_sink, Batch, Event, Host, Level, PackedEvents, Rejection, Sink, WriteOutcome,
 };
 use serde::Deserialize;
 
@@ -108,9 +107,17 @@ fn valid_name(name: &str, extra: &[char]) -> bool {
 }
 
 impl Config {
+    /// The config read from JSON and [`Config::validated`] (for tests and tools; the host's
+    /// config arrives parsed through [`Sink::Config`]).
     pub fn from_json(config: serde_json::Value) -> Result<Self, String> {
         let cfg: Config =
             serde_json::from_value(config).map_err(|e| format!("bigquery config: {e}"))?;
+        cfg.validated()
+    }
+
+    /// Checks what parsing cannot: URL scheme, names that go into URLs and SQL, sizes.
+    pub fn validated(self) -> Result<Self, String> {
+        let cfg = self;
         if !(cfg.url.starts_with("http://") || cfg.url.starts_with("https://")) {
             return Err(format!("bigquery config: url {:?} is not http(s)", cfg.url));
         }
@@ -600,11 +607,13 @@ impl BigQuerySink {
 }
 
 impl Sink for BigQuerySink {
-    fn init(config: serde_json::Value) -> Result<Self, String> {
-        let mut sink = BigQuerySink::new(Config::from_json(config)?);
+    type Config = Config;
+
+    fn init(cfg: Config, host: &impl Host) -> Result<Self, String> {
+        let mut sink = BigQuerySink::new(cfg.validated()?);
         // One attempt each, no waiting: a BigQuery that is down does not hold up the start.
-        let deadline = WasmHost.now_micros();
-        match sink.ensure_schema(&WasmHost, deadline) {
+        let deadline = host.now_micros();
+        match sink.ensure_schema(host, deadline) {
             Ok(()) => Ok(sink),
             Err(Failure::Setup(m)) if m.starts_with("not granted") => {
                 // A missing grant will not fix itself: refuse to start.
@@ -613,16 +622,17 @@ impl Sink for BigQuerySink {
             Err(Failure::Setup(m) | Failure::Exhausted(m) | Failure::Invalid(m)) => {
                 // BigQuery may be down at start, or the token not valid yet: the first batch
                 // tries again.
-                fanout_sdk::warn!(
-                    "bigquery: schema not created yet ({m}); retrying on the first batch"
+                host.log(
+                    Level::Warn,
+                    &format!("bigquery: schema not created yet ({m}); retrying on the first batch"),
                 );
                 Ok(sink)
             }
         }
     }
 
-    fn write(&mut self, batch: &Batch) -> WriteOutcome {
-        self.write_with(&WasmHost, batch)
+    fn write(&mut self, host: &impl Host, batch: &Batch) -> WriteOutcome {
+        self.write_with(host, batch)
     }
 }
 
