@@ -155,6 +155,8 @@ pub async fn run(
                 event_ts_micros: row.try_get(4)?,
                 duration_ms: row.try_get(5)?,
                 device: row.try_get(6)?,
+                // Rows read back long after their commit: no age to measure.
+                source_ts_ms: None,
             };
             pending.record_offset(SOURCE, 0, event.id);
             let origin = Origin {

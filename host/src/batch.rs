@@ -36,6 +36,8 @@ pub struct PendingBatch {
     /// Source timestamp (ms since the epoch) of the oldest message in the batch: how far
     /// behind the lane is while this batch is not yet taken.
     oldest_ms: Option<i64>,
+    /// When each event was committed in the source (ms), where known: the events' ages.
+    committed_ms: Vec<i64>,
 }
 
 impl PendingBatch {
@@ -60,7 +62,16 @@ impl PendingBatch {
     }
 
     pub fn push_event(&mut self, event: RawEvent, origin: Origin) {
+        if let Some(ms) = event.source_ts_ms {
+            self.committed_ms.push(ms);
+        }
         self.events.push((event, origin));
+    }
+
+    /// When the batch's events were committed in the source (ms since the epoch), for those
+    /// whose time is known.
+    pub fn take_committed_ms(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.committed_ms)
     }
 
     pub fn push_dead_letter(&mut self, letter: DeadLetter) {

@@ -28,6 +28,10 @@ pub struct RawEvent {
     pub event_ts_micros: i64,
     pub duration_ms: Option<i32>,
     pub device: Option<String>,
+    /// When the row was committed in the source database (Debezium `source.ts_ms`, ms since
+    /// the epoch) when the envelope says; the lane falls back to the Kafka record's time.
+    /// What an event's age is measured from.
+    pub source_ts_ms: Option<i64>,
 }
 
 /// A content row, the dimension events are enriched with.
@@ -141,6 +145,7 @@ pub fn decode_event(
             .ok_or(DecodeError::Missing("event_ts"))?,
         duration_ms: int32(after, C::DurationMs)?,
         device: text(after, C::Device)?,
+        source_ts_ms: payload.source_ts_ms,
     }))
 }
 
@@ -252,6 +257,8 @@ struct Payload<'a> {
     /// `None` unless an object.
     after: Option<Row<'a>>,
     before: Option<Row<'a>>,
+    /// `source.ts_ms` when an integer.
+    source_ts_ms: Option<i64>,
 }
 
 /// A message is read into these slots in place (a payload is some 600 bytes: moving it up
@@ -598,7 +605,7 @@ struct TopSeed<'m, 'de> {
     msg: &'m mut Message<'de>,
 }
 
-const TOP_KEYS: &[&str] = &["schema", "payload", "op", "after", "before"];
+const TOP_KEYS: &[&str] = &["schema", "payload", "op", "after", "before", "source"];
 
 impl<'de> Shape<'de> for TopSeed<'_, 'de> {
     type Out = Top;
@@ -631,7 +638,7 @@ impl<'de> Shape<'de> for TopSeed<'_, 'de> {
     }
 }
 
-const PAYLOAD_KEYS: &[&str] = &["op", "after", "before"];
+const PAYLOAD_KEYS: &[&str] = &["op", "after", "before", "source"];
 
 /// The value of `key` (an index of `PAYLOAD_KEYS`) into `payload`.
 fn payload_entry<'de, A: MapAccess<'de>>(
@@ -642,9 +649,40 @@ fn payload_entry<'de, A: MapAccess<'de>>(
     match key {
         0 => payload.op = map.next_value()?,
         1 => map.next_value_seed(Any(RowSeed(&mut payload.after)))?,
-        _ => map.next_value_seed(Any(RowSeed(&mut payload.before)))?,
+        2 => map.next_value_seed(Any(RowSeed(&mut payload.before)))?,
+        _ => payload.source_ts_ms = map.next_value_seed(Any(SourceTsSeed))?,
     }
     Ok(())
+}
+
+/// `source` of a payload: its `ts_ms` when an integer; anything else is no time (the
+/// metadata is informative, never a reason to refuse an event).
+struct SourceTsSeed;
+
+const SOURCE_KEYS: &[&str] = &["ts_ms"];
+
+impl<'de> Shape<'de> for SourceTsSeed {
+    type Out = Option<i64>;
+    fn other(self) -> Option<i64> {
+        None
+    }
+    fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<i64>, A::Error> {
+        let mut ts = None;
+        while let Some(key) = map.next_key_seed(Key(SOURCE_KEYS))? {
+            match key {
+                Some(_) => {
+                    ts = match map.next_value::<Col<'de>>()? {
+                        Col::Num(n) => n.as_i64(),
+                        _ => None,
+                    }
+                }
+                None => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(ts)
+    }
 }
 
 /// The value of a `payload` key, read into the given slot.
@@ -1150,6 +1188,11 @@ mod equivalence {
                     .ok_or(DecodeError::Missing("event_ts"))?,
                 duration_ms: int32(after, "duration_ms")?,
                 device: text(after, "device")?,
+                source_ts_ms: env
+                    .payload
+                    .get("source")
+                    .and_then(|s| s.get("ts_ms"))
+                    .and_then(Value::as_i64),
             }))
         }
 

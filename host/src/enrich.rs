@@ -184,6 +184,7 @@ mod tests {
             event_ts_micros: 1_767_882_112_000_000,
             duration_ms,
             device: Some("web".into()),
+            source_ts_ms: None,
         }
     }
 
@@ -349,6 +350,7 @@ mod bench {
                 event_ts_micros: 1_767_882_112_000_000,
                 duration_ms: Some(7000),
                 device: Some("web".into()),
+                source_ts_ms: None,
             })
             .collect();
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -125,13 +125,13 @@ impl Delivery {
         self.metrics.histograms.plugin(self.plugin.name())
     }
 
-    /// Records the age of a delivered batch's events: `events` events whose oldest source
-    /// timestamp is `oldest_ms`, all taken now. Counted at the oldest one's age (an upper
-    /// bound by at most the batch's `max_wait_ms`): a few atomic adds per batch.
-    pub fn record_taken(&self, oldest_ms: Option<i64>, events: usize) {
-        if let Some(ts) = oldest_ms {
-            let age = (chrono::Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0;
-            self.timings().event_age.observe_n(age, events as u64);
+    /// Records the age of a delivered batch's events, all taken now: now minus each one's
+    /// commit time in the source (`committed_ms`). A few atomic adds per event.
+    pub fn record_taken(&self, committed_ms: &[i64]) {
+        let now = chrono::Utc::now().timestamp_millis();
+        let ages = self.timings().event_age;
+        for ms in committed_ms {
+            ages.observe((now - ms).max(0) as f64 / 1000.0);
         }
     }
 

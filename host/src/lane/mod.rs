@@ -89,7 +89,7 @@ impl Lane {
                     return;
                 }
             }
-            let pending = match filled {
+            let mut pending = match filled {
                 Ok(p) => p,
                 Err(Stop::Shutdown) => {
                     info!(lane = %self.name, "shutdown: abandoning the batch being filled (it is not committed)");
@@ -102,7 +102,7 @@ impl Lane {
                 }
             };
             self.commit(false);
-            let oldest_ms = pending.oldest_ms();
+            let committed_ms = pending.take_committed_ms();
             let ready = enrich_batch(
                 pending,
                 &self.content,
@@ -115,7 +115,7 @@ impl Lane {
             in_flight = Some(tokio::spawn(async move {
                 let result = delivery.deliver(&ready, &stop).await;
                 if result.is_ok() {
-                    delivery.record_taken(oldest_ms, ready.plugin_batch.wit.events.len());
+                    delivery.record_taken(&committed_ms);
                 }
                 (ready, result)
             }));
@@ -251,7 +251,8 @@ impl Lane {
     fn accept(&self, pending: &mut PendingBatch, m: &BorrowedMessage<'_>) {
         self.counters.messages_consumed.inc();
         pending.record_offset(m.topic(), m.partition(), m.offset());
-        if let Some(ts) = m.timestamp().to_millis() {
+        let published_ms = m.timestamp().to_millis();
+        if let Some(ts) = published_ms {
             pending.record_timestamp(ts);
         }
         let decoded = self.decoded.get(m);
@@ -269,7 +270,9 @@ impl Lane {
         match &decoded.outcome {
             Ok(EventMessage::Insert(event)) => {
                 self.counters.events_decoded.inc();
-                pending.push_event(event.clone(), origin());
+                let mut event = event.clone();
+                event.source_ts_ms = event.source_ts_ms.or(published_ms);
+                pending.push_event(event, origin());
             }
             Ok(EventMessage::Skip(reason)) => {
                 debug!(lane = %self.name, reason = reason.as_str(), offset = m.offset(), "skipped");

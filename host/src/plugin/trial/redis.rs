@@ -1396,7 +1396,7 @@ mod tests {
                     ]],
                 );
             }
-            let expected = mock.redis_once(&once, &[]).expect("mock").0;
+            let expected = mock.redis_once(once.clone()).expect("mock");
             let reply = match fake.execute(&once.eval_command().expect("eval")) {
                 Ok(RedisValue::Bulk(b)) => Reply::Data(b),
                 other => panic!("{other:?}"),
