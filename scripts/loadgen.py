@@ -484,14 +484,16 @@ batch_budget_ms = 40000
     def generator(self) -> None:
         """Inserts at the profile's rate with COPY, in ticks of 50 ms; publishes content."""
         conn = psycopg.connect(self.db_url)
-        sent, last_publish, tick = 0.0, self.t0, 0.05
+        sent, last_publish, tick, last = 0.0, self.t0, 0.05, self.t0
         while not self.stop_event.is_set():
             now = time.time()
             t = now - self.t0
             if t >= self.args.duration:
                 break
-            # Target count: the integral of the rate, so ramps and bursts come out exact.
-            sent += self.profile.rate(t, self.args.duration) * tick
+            # Target count: the integral of the rate over the time that really passed (a tick
+            # on a busy machine takes longer than 50 ms), so ramps and bursts come out exact.
+            sent += self.profile.rate(t, self.args.duration) * (now - last)
+            last = now
             n = int(sent) - self.inserted
             if n > 0:
                 rows = self.event_rows(min(n, 20_000))
