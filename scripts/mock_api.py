@@ -19,6 +19,9 @@ so that tests running at the same time do not see each other's requests:
                                max_in_flight = most requests of the namespace being
                                answered at the same time (shows a client's concurrency)
   POST /reset, /ns/{ns}/reset  forget requests and behaviour of the namespace
+  GET  /ns/{ns}/seen?after=N   compact record of every request since the N-th (load tests):
+                               {"next": M, "items": [[received_at_ms, status, key, [ids]]]},
+                               ids = the event_id of each event in the JSON body
   GET  /healthz                liveness
   GET  /log                    recent requests of all namespaces, for humans
                                (text/plain; ?format=json for JSON)
@@ -53,6 +56,9 @@ class Control(BaseModel):
     fail_status: Optional[int] = None
     fail_count: Optional[int] = None
     retry_after: Optional[int] = None
+    # False: keep only the compact record (/seen), not headers and bodies: a load test sends
+    # millions of requests.
+    record_bodies: bool = True
 
 
 @dataclass
@@ -64,6 +70,14 @@ class Namespace:
     seq: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    # [received_at_ms, status, idempotency key, [event ids]] per request, in arrival order.
+    seen: list[list[Any]] = field(default_factory=list)
+
+
+def _event_ids(body: Any) -> list[Any]:
+    """The event_id of every event in a request body (one event or a list of them)."""
+    events = body if isinstance(body, list) else [body]
+    return [e.get("event_id") for e in events if isinstance(e, dict)]
 
 
 app = FastAPI(title="external API mock")
@@ -112,8 +126,12 @@ async def _handle_event(ns_name: str, request: Request) -> JSONResponse:
     entry["failed"] = fail
     entry["status"] = ctl.fail_status if fail else 200
     # Record at arrival, so a slow answer is still visible while pending.
-    ns.received.append(entry)
+    if ctl.record_bodies:
+        ns.received.append(entry)
     recent.append(entry)
+    ns.seen.append(
+        [entry["received_at_ms"], entry["status"], entry["idempotency_key"], _event_ids(body)]
+    )
     # Single event loop: no lock needed around the counters.
     ns.in_flight += 1
     ns.max_in_flight = max(ns.max_in_flight, ns.in_flight)
@@ -199,6 +217,12 @@ async def stats_default() -> dict[str, Any]:
 @app.get("/ns/{ns}/stats")
 async def stats(ns: str) -> dict[str, Any]:
     return _stats(ns)
+
+
+@app.get("/ns/{ns}/seen")
+async def seen(ns: str, after: int = 0, limit: int = 50000) -> dict[str, Any]:
+    items = namespaces[ns].seen[after : after + limit]
+    return {"next": after + len(items), "items": items}
 
 
 def _reset(ns_name: str) -> dict[str, Any]:
