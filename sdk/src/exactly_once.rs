@@ -27,13 +27,21 @@
 //! ## The rules
 //!
 //! All bookkeeping lives under the scope prefix given to [`RedisOnce::new`] (the plugin's grant
-//! must cover it): the hash `{scope}marks` and the bitmaps `{scope}backfilled:{n}`.
+//! must cover it): the hash `{scope}marks` and the bitmaps `{scope}backfilled:{n}` and
+//! `{scope}live:{n}`.
 //!
 //! - **Live events** (with a Kafka [`Position`]): the hash has one field per partition,
 //!   `{topic}/{partition}`, holding the highest offset applied. An event is applied iff its
-//!   offset is above that mark (and it is not a backfilled event, below); the mark then moves
-//!   to the highest offset applied. The hash also keeps `min_live_event_id`, the smallest
-//!   event id the live stream delivered.
+//!   offset is above that mark, it is not a backfilled event (below) and its event id is not
+//!   in the live bitmap; the mark then moves to the highest offset applied. The hash also
+//!   keeps `min_live_event_id`, the smallest event id the live stream delivered.
+//! - **Re-sends**: an at-least-once producer (Debezium after a broker restart) may write an
+//!   event a second time, at a new offset above the mark. Every live event applied sets its
+//!   bit in `{scope}live:{id / 65536}` (bit `id % 65536`, the layout of the backfill bitmaps),
+//!   and a live event whose bit is set is skipped as [`Outcome::Resent`]. Each write refreshes
+//!   the bitmap's TTL (24 h unless [`RedisOnce::live_ttl_seconds`] says otherwise): re-sends
+//!   are recognised within that window. Memory: 1 bit per event id over the window, at most
+//!   8 KiB per key: about 21 MB a day at 2,000 events/s, 1 MB at 100/s.
 //! - **Backfilled events** (no position, read from PostgreSQL): applied iff their id is below
 //!   `min_live_event_id` (or the field is unset) and their bit in
 //!   `{scope}backfilled:{id / 65536}` (bit `id % 65536`, at most 8 KiB per key) is clear;
@@ -71,7 +79,10 @@ use crate::{CapabilityError, Event, Host, Position};
 /// Default TTL of the backfill bitmaps: 7 days.
 pub const DEFAULT_BACKFILL_TTL_SECONDS: u64 = 7 * 24 * 3600;
 
-/// Event ids per backfill bitmap key (8 KiB of bits).
+/// Default TTL of the live bitmaps (the window that catches a producer's re-sends): 24 h.
+pub const DEFAULT_LIVE_TTL_SECONDS: u64 = 24 * 3600;
+
+/// Event ids per bitmap key, backfill or live (8 KiB of bits).
 pub const IDS_PER_BITMAP: i64 = 1 << 16;
 
 /// The Redis commands the script runs itself (besides the authors' commands): a grant with
@@ -96,6 +107,9 @@ pub enum Outcome {
     CoveredByLive,
     /// A marker of the previous per-event scheme exists ([`RedisOnce::legacy_markers`]).
     LegacyMarker,
+    /// A live event above its partition's mark whose event id was applied before at another
+    /// offset: a producer re-send (at-least-once CDC after a broker restart). Skipped.
+    Resent,
 }
 
 impl Outcome {
@@ -107,6 +121,7 @@ impl Outcome {
             Outcome::AppliedByBackfill => b'b',
             Outcome::CoveredByLive => b'l',
             Outcome::LegacyMarker => b'm',
+            Outcome::Resent => b'd',
         }
     }
 
@@ -118,6 +133,7 @@ impl Outcome {
             b'b' => Outcome::AppliedByBackfill,
             b'l' => Outcome::CoveredByLive,
             b'm' => Outcome::LegacyMarker,
+            b'd' => Outcome::Resent,
             _ => return None,
         })
     }
@@ -142,7 +158,7 @@ impl Applied {
             .count()
     }
 
-    /// Events skipped because they were applied before (by any path).
+    /// Events skipped because they were applied before (by any path, re-sends included).
     pub fn skipped(&self) -> usize {
         self.events.len() - self.applied()
     }
@@ -184,6 +200,7 @@ pub struct OnceEvent {
 pub struct RedisOnce {
     scope: String,
     backfill_ttl_seconds: u64,
+    live_ttl_seconds: u64,
     legacy_marker_prefix: Option<String>,
     events: Vec<OnceEvent>,
     then: Commands,
@@ -196,6 +213,7 @@ impl RedisOnce {
         RedisOnce {
             scope: scope.into(),
             backfill_ttl_seconds: DEFAULT_BACKFILL_TTL_SECONDS,
+            live_ttl_seconds: DEFAULT_LIVE_TTL_SECONDS,
             legacy_marker_prefix: None,
             events: Vec::new(),
             then: Commands::new(),
@@ -206,6 +224,15 @@ impl RedisOnce {
     /// second backfill over the same pre-stream range later than that applies it again.
     pub fn backfill_ttl_seconds(mut self, seconds: u64) -> Self {
         self.backfill_ttl_seconds = seconds.max(1);
+        self
+    }
+
+    /// How long the live bitmaps (`{scope}live:{n}`) are kept after their last write (default
+    /// 24 h): the window within which a producer's re-send of an event at a new offset is
+    /// recognised by its event id ([`Outcome::Resent`]). Costs 1 bit per event id over the
+    /// window (about 21 MB a day at 2,000 events/s).
+    pub fn live_ttl_seconds(mut self, seconds: u64) -> Self {
+        self.live_ttl_seconds = seconds.max(1);
         self
     }
 
@@ -293,6 +320,16 @@ impl RedisOnce {
         )
     }
 
+    /// `{scope}live:{event_id / 65536}`: the bitmap of event ids the live stream applied.
+    pub fn live_bitmap_key(&self, event_id: i64) -> String {
+        format!("{}live:{}", self.scope, event_id.div_euclid(IDS_PER_BITMAP))
+    }
+
+    /// The TTL of the live bitmaps, seconds.
+    pub fn live_ttl(&self) -> u64 {
+        self.live_ttl_seconds
+    }
+
     /// The old marker of an event, when [`RedisOnce::legacy_markers`] is set.
     pub fn legacy_marker_key(&self, event_id: i64) -> Option<String> {
         self.legacy_marker_prefix
@@ -318,8 +355,9 @@ impl RedisOnce {
         let events = std::mem::take(&mut self.events);
         let mut keys = Keys::default();
         keys.index(self.marks_key().into_bytes());
-        let mut argv: Vec<Vec<u8>> = Vec::with_capacity(2 + events.len() * 12);
+        let mut argv: Vec<Vec<u8>> = Vec::with_capacity(3 + events.len() * 13);
         argv.push(number(self.backfill_ttl_seconds));
+        argv.push(number(self.live_ttl_seconds));
         argv.push(number(events.len()));
         for e in events {
             argv.push(number(e.event_id));
@@ -335,6 +373,12 @@ impl RedisOnce {
             }
             argv.push(number(keys.index(self.bitmap_key(e.event_id).into_bytes())));
             argv.push(number(e.event_id.rem_euclid(IDS_PER_BITMAP)));
+            // Backfilled events never read or write the live bitmap: no key for them.
+            let live = match e.position {
+                Some(_) => keys.index(self.live_bitmap_key(e.event_id).into_bytes()),
+                None => 0,
+            };
+            argv.push(number(live));
             let legacy = self
                 .legacy_marker_key(e.event_id)
                 .map_or(0, |k| keys.index(k.into_bytes()));
@@ -514,34 +558,41 @@ fn mask_letters(command: &Command) -> Result<Vec<u8>, CapabilityError> {
 /// The script of [`RedisOnce::eval_command`].
 ///
 /// `KEYS[1]` = `{scope}marks`; the other keys (deduplicated) are bitmaps, old markers and the
-/// commands' keys. `ARGV[1]` = bitmap TTL (s), `ARGV[2]` = number of events, then per event:
-/// event_id, marks field (`""`: backfilled), offset, bitmap key index, bit, old marker key
-/// index (0: none), number of commands; per command: number of arguments, a mask (`k` key,
-/// `v` value per argument), the arguments (keys as KEYS indexes). Returns one outcome letter
-/// per event (`a` applied, `r` replayed, `b` applied by a backfill, `l` covered by the live
-/// stream, `m` old marker), or an error after marking the events before a failed command.
+/// commands' keys. `ARGV[1]` = backfill bitmap TTL (s), `ARGV[2]` = live bitmap TTL (s),
+/// `ARGV[3]` = number of events, then per event: event_id, marks field (`""`: backfilled),
+/// offset, backfill bitmap key index, bit (in both bitmaps), live bitmap key index (0 for a
+/// backfilled event), old marker key index (0: none), number of commands; per command: number
+/// of arguments, a mask (`k` key, `v` value per argument), the arguments (keys as KEYS
+/// indexes). Returns one outcome letter per event (`a` applied, `r` replayed, `b` applied by a
+/// backfill, `d` re-sent by the producer at another offset, `l` covered by the live stream,
+/// `m` old marker), or an error after marking the events before a failed command. Live
+/// events settled `a`, `m` or `b` set their bit in the live bitmap, whose TTL each write
+/// refreshes.
 pub const SCRIPT: &str = r#"
 local marks = KEYS[1]
 local ttl = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
+local live_ttl = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local min_live = tonumber(redis.call('HGET', marks, 'min_live_event_id'))
 local min_text = nil
-local start, top, top_text, done, touched = {}, {}, {}, {}, {}
+local start, top, top_text, done, touched, live_touched = {}, {}, {}, {}, {}, {}
 local out = {}
 local function flush()
   for field, off in pairs(top_text) do redis.call('HSET', marks, field, off) end
   if min_text then redis.call('HSET', marks, 'min_live_event_id', min_text) end
   for key in pairs(touched) do redis.call('EXPIRE', key, ttl) end
+  for key in pairs(live_touched) do redis.call('EXPIRE', key, live_ttl) end
 end
-local a = 3
+local a = 4
 for i = 1, n do
   local id_text = ARGV[a]
   local id = tonumber(id_text)
   local field, offset = ARGV[a + 1], ARGV[a + 2]
   local bitmap, bit = KEYS[tonumber(ARGV[a + 3])], tonumber(ARGV[a + 4])
-  local legacy = tonumber(ARGV[a + 5])
-  local ncmds = tonumber(ARGV[a + 6])
-  a = a + 7
+  local live = KEYS[tonumber(ARGV[a + 5])]
+  local legacy = tonumber(ARGV[a + 6])
+  local ncmds = tonumber(ARGV[a + 7])
+  a = a + 8
   local status
   local off
   if field ~= '' then
@@ -558,6 +609,8 @@ for i = 1, n do
       done[seen] = true
       if redis.call('GETBIT', bitmap, bit) == 1 then
         status = 'b'
+      elseif redis.call('GETBIT', live, bit) == 1 then
+        status = 'd'
       elseif legacy > 0 and redis.call('EXISTS', KEYS[legacy]) == 1 then
         status = 'm'
       else
@@ -594,6 +647,10 @@ for i = 1, n do
   end
   if field ~= '' then
     if status ~= 'r' then
+      if status ~= 'd' then
+        redis.call('SETBIT', live, bit, 1)
+        live_touched[live] = true
+      end
       if (top[field] or start[field]) < off then
         top[field] = off
         top_text[field] = offset
@@ -702,7 +759,8 @@ mod tests {
         assert_eq!(host.once_mark(SCOPE, "t", 1), Some(3));
         assert_eq!(host.once_mark(SCOPE, "u", 0), Some(1));
         // Offset 2 of partition t/0 is below its mark; offset 4 of t/1 is above its own.
-        let b = batch_at([(&evs[0], at("t", 0, 2)), (&evs[1], at("t", 1, 4))]);
+        let next = event(5, None, 0);
+        let b = batch_at([(&evs[0], at("t", 0, 2)), (&next, at("t", 1, 4))]);
         assert_eq!(deliver(&host, &b), vec![Replayed, Applied]);
     }
 
@@ -750,6 +808,45 @@ mod tests {
         let out = deliver(&host, &batch_at([(&late, at("test", 0, 7))]));
         assert_eq!(out, vec![AppliedByBackfill]);
         assert_eq!(host.once_min_live(SCOPE), Some(2));
+    }
+
+    /// Debezium (at-least-once) re-sends event 7239 after a broker restart at a new offset: the
+    /// offset is above the mark, the event id says it was applied.
+    #[test]
+    fn a_producer_resend_at_a_new_offset_is_not_applied_again() {
+        let host = MockHost::new();
+        let e = event(7239, None, 0);
+        let out = deliver(&host, &batch_at([(&e, at("t", 3, 10))]));
+        assert_eq!(out, vec![Outcome::Applied]);
+        let resent = deliver(&host, &batch_at([(&e, at("t", 3, 11))]));
+        assert_eq!(resent, vec![Outcome::Resent]);
+        assert_eq!(
+            effects(&host),
+            vec![7239],
+            "the re-send's commands did not run"
+        );
+        assert_eq!(
+            host.once_mark(SCOPE, "t", 3),
+            Some(11),
+            "the mark moves past it"
+        );
+        // Both copies in one call, and a re-send on another partition: applied once.
+        let f = event(7240, None, 0);
+        let mut once = RedisOnce::new(SCOPE);
+        for (p, o) in [(3, 12), (3, 13), (1, 5)] {
+            once.event_at(f.event_id, at("t", p, o), vec![])
+                .cmd("INCRBY")
+                .arg("dc:n")
+                .arg(f.event_id);
+        }
+        let applied = once.apply(&host).unwrap();
+        use Outcome::*;
+        assert_eq!(
+            applied.events,
+            vec![(7240, Applied), (7240, Resent), (7240, Resent)]
+        );
+        assert_eq!((applied.applied(), applied.skipped()), (1, 2));
+        assert_eq!(effects(&host), vec![7239, 7240]);
     }
 
     #[test]
@@ -837,6 +934,7 @@ mod tests {
             [
                 "dc:once:marks",
                 "dc:once:backfilled:1",
+                "dc:once:live:1",
                 "old:70000",
                 "dc:h",
                 "dc:a",
@@ -846,15 +944,22 @@ mod tests {
             ]
         );
         let argv = &text[3 + n..];
-        assert_eq!(&argv[..2], ["60", "2"]);
-        // Event 1: id, field, offset, bitmap index, bit, old marker index, commands.
+        assert_eq!(&argv[..3], ["60", "86400", "2"]);
+        // Event 1: id, field, offset, backfill bitmap index, bit, live bitmap index, old marker
+        // index, commands.
         assert_eq!(
-            &argv[2..9],
-            ["70000", "test/0", "70000", "2", "4464", "3", "3"]
+            &argv[3..11],
+            ["70000", "test/0", "70000", "2", "4464", "3", "4", "3"]
         );
-        assert_eq!(&argv[9..15], ["4", "vkvv", "HINCRBY", "4", "f", "1"]);
-        assert_eq!(&argv[15..22], ["5", "vkvkv", "MSET", "5", "1", "6", "2"]);
-        assert_eq!(argv[23], "vkvkkvvv");
+        assert_eq!(&argv[11..17], ["4", "vkvv", "HINCRBY", "5", "f", "1"]);
+        assert_eq!(&argv[17..24], ["5", "vkvkv", "MSET", "6", "1", "7", "2"]);
+        assert_eq!(argv[25], "vkvkkvvv");
+        // A backfilled event names no live bitmap.
+        let mut back = RedisOnce::new(SCOPE);
+        back.event_at(5, None, Commands::new());
+        let cmd = back.eval_command().unwrap();
+        assert_eq!(cmd[2], b"2", "marks and the backfill bitmap only");
+        assert_eq!(cmd[5 + 3 + 5], b"0");
         assert_eq!(
             key_mask(&command(&["DEL", "a", "b"])).unwrap(),
             [false, true, true]
@@ -881,6 +986,7 @@ mod tests {
             Outcome::AppliedByBackfill,
             Outcome::CoveredByLive,
             Outcome::LegacyMarker,
+            Outcome::Resent,
         ] {
             assert_eq!(Outcome::from_code(o.code()), Some(o));
         }
@@ -904,6 +1010,7 @@ mod tests {
         mock.insert_key(&format!("{scope}old:{}", 3));
         redis.cmd(&["SET", &format!("{scope}old:{}", 3), "1"]);
         let evs: Vec<_> = (1..=12).map(|id| event(id, None, 0)).collect();
+        let resend = event(13, None, 0);
         let live = |ids: std::ops::RangeInclusive<usize>| {
             batch_at(evs[ids].iter().map(|e| (e, at("t", 0, e.event_id * 10))))
         };
@@ -916,6 +1023,14 @@ mod tests {
             back(0..=11), // 1, 2 predate the stream (min live 3); the rest is covered
             back(0..=11), // again: nothing
             live(9..=11), // the rest of the stream
+            // Producer re-sends at new offsets: 4 (applied live), 5 (its backfill bit answers),
+            // 12 on another partition; 13 is new.
+            batch_at([
+                (&evs[3], at("t", 0, 130)),
+                (&evs[4], at("t", 0, 140)),
+                (&evs[11], at("t", 2, 1)),
+                (&resend, at("t", 2, 2)),
+            ]),
         ];
         let run = |host: &dyn Host, b: &Batch| {
             let mut once = RedisOnce::new(scope.clone()).legacy_markers(format!("{scope}old:"));
@@ -927,15 +1042,28 @@ mod tests {
             }
             host.redis_once(once).expect("apply").events
         };
+        let mut last = Vec::new();
         for (i, b) in deliveries.iter().enumerate() {
-            assert_eq!(run(&redis, b), run(&mock, b), "delivery {i}");
+            last = run(&redis, b);
+            assert_eq!(last, run(&mock, b), "delivery {i}");
         }
+        use Outcome::*;
+        assert_eq!(
+            last,
+            vec![
+                (4, Resent),
+                (5, AppliedByBackfill),
+                (12, Resent),
+                (13, Applied)
+            ],
+            "a backfill's bit answers first (5), the live bit catches the re-sends"
+        );
         let log = redis.cmd(&["LRANGE", &format!("{scope}log"), "0", "-1"]);
         let ids = log.as_ints();
         assert_eq!(
             ids,
-            vec![5, 6, 7, 8, 4, 9, 1, 2, 10, 11, 12],
-            "each event once, not 3"
+            vec![5, 6, 7, 8, 4, 9, 1, 2, 10, 11, 12, 13],
+            "each event once, not 3, re-sends not again"
         );
         let marks = redis.cmd(&["HGETALL", &format!("{scope}marks")]);
         let text: Vec<String> = match marks {
@@ -952,13 +1080,16 @@ mod tests {
             .chunks(2)
             .map(|p| (p[0].clone(), p[1].clone()))
             .collect();
-        assert_eq!(fields.len(), 2, "{fields:?}");
-        assert_eq!(fields["t/0"], "120");
+        assert_eq!(fields.len(), 3, "{fields:?}");
+        assert_eq!(fields["t/0"], "140");
+        assert_eq!(fields["t/2"], "2");
         assert_eq!(fields[MIN_LIVE_FIELD], "3");
         let ttl = redis
             .cmd(&["TTL", &format!("{scope}backfilled:0")])
             .as_int();
         assert!(ttl.is_some_and(|t| t > 600_000), "{ttl:?}");
+        let ttl = redis.cmd(&["TTL", &format!("{scope}live:0")]).as_int();
+        assert!(ttl.is_some_and(|t| t > 80_000 && t <= 86_400), "{ttl:?}");
         // A failing command: the events before it stay applied and marked, the call fails.
         redis.cmd(&["SET", &format!("{scope}str"), "x"]);
         let mut once = RedisOnce::new(scope.clone());

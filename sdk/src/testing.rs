@@ -76,7 +76,7 @@ pub enum Call {
 /// [`crate::metrics::MAX_NAMES`]): a name the host would drop panics, failing the test.
 ///
 /// [`Host::redis_once`] runs the rules of [`crate::exactly_once`] in memory (marks,
-/// `min_live_event_id`, backfill bits, and the keys [`MockHost::insert_key`] made exist for
+/// `min_live_event_id`, backfill and live bits, and the keys [`MockHost::insert_key`] made exist for
 /// old markers; no TTLs): it takes one entry of the Redis queue, as one round trip would: an
 /// `Err` fails the call before anything is applied, `Ok` replies answer its `then` commands.
 #[derive(Default)]
@@ -101,6 +101,8 @@ struct OnceState {
     min_live: HashMap<String, i64>,
     /// (bitmap key, event id) set by backfilled events.
     bits: HashSet<(String, i64)>,
+    /// (live bitmap key, event id) set by live events applied (a re-send is then skipped).
+    live_bits: HashSet<(String, i64)>,
     /// Keys that exist (for `EXISTS` on old markers).
     keys: HashSet<String>,
 }
@@ -295,13 +297,19 @@ impl MockHost {
                     if p.offset <= mark || !done.insert((field.clone(), p.offset)) {
                         Outcome::Replayed
                     } else {
+                        let live_bit = (once.live_bitmap_key(e.event_id), e.event_id);
                         let o = if state.bits.contains(&bit) {
                             Outcome::AppliedByBackfill
+                        } else if state.live_bits.contains(&live_bit) {
+                            Outcome::Resent
                         } else if legacy {
                             Outcome::LegacyMarker
                         } else {
                             Outcome::Applied
                         };
+                        if o != Outcome::Resent {
+                            state.live_bits.insert(live_bit);
+                        }
                         let t = top.entry(field).or_insert(mark);
                         *t = (*t).max(p.offset);
                         min_live = Some(min_live.map_or(e.event_id, |m| m.min(e.event_id)));

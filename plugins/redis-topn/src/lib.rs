@@ -342,6 +342,7 @@ impl Sink for RedisTopN {
             match once.apply(host) {
                 Ok(applied) => {
                     fresh += applied.applied() as u64;
+                    // Skipped: replays, backfill overlaps and producer re-sends (Resent).
                     replayed += applied.skipped() as u64;
                 }
                 Err(e) => {

@@ -90,3 +90,53 @@ fn scripts_apply_once_keep_the_newest_last_event_and_bounded_bookkeeping() {
 
     host.delete_prefix(&prefix);
 }
+
+/// Debezium (at-least-once) re-sent an event after a broker restart at a new offset (partition
+/// 3, offsets 1814 and 1815): the count goes up once, the re-send is counted as replayed.
+#[test]
+fn a_producer_resend_at_a_new_offset_counts_once() {
+    let now = fanout_sdk::time::now_micros();
+    let Some(host) = RedisServerHost::from_env(now) else {
+        eprintln!("FANOUT_TEST_REDIS unset: skipped");
+        return;
+    };
+    let prefix = format!("topn-resend-{}-{}:", std::process::id(), now);
+    let config = fanout_sdk::config::from_value(serde_json::json!({"key_prefix": prefix})).unwrap();
+    let mut sink = RedisTopN::init(config, &host).unwrap();
+    let k = |s: &str| format!("{prefix}{s}");
+    let e = event(7239, Some(42), now);
+    let at = |offset| {
+        batch_at([(
+            &e,
+            Some(fanout_sdk::Position {
+                topic: "dbserver1.public.engagement_events",
+                partition: 3,
+                offset,
+            }),
+        )])
+    };
+    assert!(matches!(
+        sink.write(&host, &at(1814)),
+        WriteOutcome::Accepted
+    ));
+    assert!(matches!(
+        sink.write(&host, &at(1815)),
+        WriteOutcome::Accepted
+    ));
+    assert_eq!(host.cmd(&["GET", &k("content:count:42")]).as_int(), Some(1));
+    let top = host
+        .cmd(&["ZRANGE", &k("top:content:10m"), "0", "-1", "WITHSCORES"])
+        .as_strings();
+    assert_eq!(top, vec!["42", "1"]);
+    let marks = host.cmd(&["HGETALL", &k("fanout:once:marks")]).as_strings();
+    assert_eq!(
+        marks,
+        vec![
+            "dbserver1.public.engagement_events/3",
+            "1815",
+            "min_live_event_id",
+            "7239"
+        ]
+    );
+    host.delete_prefix(&prefix);
+}

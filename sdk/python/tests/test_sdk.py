@@ -199,6 +199,45 @@ def test_device_counter_counts_each_event_once_on_a_real_redis():
             r.delete(k)
 
 
+def test_a_producer_resend_at_a_new_offset_applies_once_on_a_real_redis():
+    # Debezium (at-least-once) re-sent event 7239 after a broker restart at a new offset.
+    from fanout_sdk.exactly_once import APPLIED, RESENT
+
+    r, handle = _redis_handler()
+    scope = "pytest-resend-%d-%d:" % (os.getpid(), id(r))
+    try:
+        host = MockHost(handle)
+        outcomes = []
+        for offset in (1814, 1815):
+            once = RedisOnce(scope)
+            w = PackedWriter().push(7239, 0, position=(TOPIC, 3, offset)).finish()
+            once.event(PackedEvents(w)[0]).cmd("INCR", scope + "n")
+            applied = once.apply(host)
+            outcomes.append(applied.events)
+        assert outcomes == [[(7239, APPLIED)], [(7239, RESENT)]]
+        assert applied.skipped() == 1 and applied.applied() == 0
+        assert r.get(scope + "n") == b"1"
+        assert r.hget(scope + "marks", TOPIC + "/3") == b"1815"
+        assert 80_000 < r.ttl(scope + "live:0") <= 24 * 3600
+    finally:
+        for k in r.scan_iter(match=scope + "*", count=10000):
+            r.delete(k)
+
+
+def test_resent_is_an_outcome_counted_as_skipped():
+    from fanout_sdk.exactly_once import RESENT
+
+    once = RedisOnce("s:once:")
+    once.event_at(1, ("t", 0, 1))
+    once.event_at(1, ("t", 0, 2))
+    applied = once.parse_reply(b"ad")
+    assert applied.events == [(1, "a"), (1, RESENT)]
+    assert (applied.applied(), applied.skipped()) == (1, 1)
+    cmd = once.eval_command()
+    keys = cmd[3:3 + int(cmd[2])]
+    assert keys == [b"s:once:marks", b"s:once:backfilled:0", b"s:once:live:0"]
+
+
 def test_device_counter_retries_when_redis_fails():
     from device_counter import DeviceCounter
 

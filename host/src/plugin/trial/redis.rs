@@ -1378,6 +1378,8 @@ mod tests {
             back(1..=12),
             back(1..=12),
             live(10..=12),
+            // A producer re-send of 4 at a new offset (skipped by its id), then 13.
+            vec![(4, Some(130)), (13, Some(140))],
         ] {
             let mut once = RedisOnce::new("o:");
             for (id, offset) in &delivery {
@@ -1418,10 +1420,10 @@ mod tests {
             other => panic!("{other:?}"),
         };
         log.sort();
-        assert_eq!(log, (1..=12).collect::<Vec<_>>(), "each event once");
+        assert_eq!(log, (1..=13).collect::<Vec<_>>(), "each event once");
         assert_eq!(
             cmd(&mut fake, &["HGET", "o:marks", "t/0"]),
-            Ok(RedisValue::bulk("120"))
+            Ok(RedisValue::bulk("140"))
         );
     }
 
