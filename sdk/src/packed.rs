@@ -223,6 +223,23 @@ fn i64_at(b: &[u8], at: usize) -> i64 {
 }
 
 impl PackedEvents {
+    /// The events with one copy per event_id (the last one), in first-seen order: what a sink
+    /// that keys rows by event id writes (a batch may hold a replayed copy).
+    pub fn unique_by_event_id(&self) -> Vec<Event<'_>> {
+        let mut index: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+        let mut out: Vec<Event<'_>> = Vec::with_capacity(self.len());
+        for e in self.iter() {
+            match index.get(&e.event_id()) {
+                Some(&i) => out[i] = e,
+                None => {
+                    index.insert(e.event_id(), out.len());
+                    out.push(e);
+                }
+            }
+        }
+        out
+    }
+
     /// Checks the header, sizes, string table and every row's string indices, so that
     /// reading an event afterwards cannot fail.
     pub fn new(buf: Vec<u8>) -> Result<Self, PackedError> {

@@ -22,13 +22,11 @@
 
 pub mod api;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use api::{Answer, Target};
 use fanout_sdk::http::{Request, Response, MAX_IN_FLIGHT};
-use fanout_sdk::{
-    describe, export_sink, Batch, Event, Host, Level, PackedEvents, Rejection, Sink, WriteOutcome,
-};
+use fanout_sdk::{describe, export_sink, Batch, Event, Host, Level, Rejection, Sink, WriteOutcome};
 use serde::Deserialize;
 
 /// What happens to rows that still fail after their retries.
@@ -183,22 +181,6 @@ pub fn backoff_ms(retry: u32, cfg: &Config, retry_after_secs: Option<u64>, seed:
     *seed ^= *seed << 17;
     let half = exp / 2;
     half + *seed % (exp - half + 1)
-}
-
-/// The events of a batch with one copy per event_id (the last one), in first-seen order.
-pub fn dedup_by_event_id(events: &PackedEvents) -> Vec<Event<'_>> {
-    let mut index: HashMap<i64, usize> = HashMap::new();
-    let mut out: Vec<Event<'_>> = Vec::with_capacity(events.len());
-    for e in events.iter() {
-        match index.get(&e.event_id()) {
-            Some(&i) => out[i] = e,
-            None => {
-                index.insert(e.event_id(), out.len());
-                out.push(e);
-            }
-        }
-    }
-    out
 }
 
 /// Why a step gave up.
@@ -398,7 +380,7 @@ impl BigQuerySink {
             .unwrap_or(i64::MAX)
             .saturating_mul(1000);
         let deadline = host.now_micros().saturating_add(budget);
-        let events = dedup_by_event_id(&batch.events);
+        let events = batch.events.unique_by_event_id();
         let mut rejections: Vec<Rejection> = Vec::new();
         let reject_all = |rejections: &mut Vec<Rejection>, events: &[Event<'_>], reason: &str| {
             rejections.extend(events.iter().map(|e| Rejection {

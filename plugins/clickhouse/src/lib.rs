@@ -12,12 +12,12 @@
 //! 3. the table is a `ReplacingMergeTree` ordered by event_id, so duplicates that race past the
 //!    lookup (two writers at once) are merged away, and `... FINAL` dedups at query time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use fanout_sdk::clickhouse::quote_ident;
 use fanout_sdk::{
-    describe, event_json_string, export_sink, Batch, CapabilityError, Event, Host, Level,
-    PackedEvents, Sink, WriteOutcome,
+    describe, event_json_string, export_sink, Batch, CapabilityError, Host, Level, Sink,
+    WriteOutcome,
 };
 use serde::Deserialize;
 
@@ -115,22 +115,6 @@ impl Config {
     }
 }
 
-/// The events of a batch with one copy per event_id (the last one), in first-seen order.
-pub fn dedup_by_event_id(events: &PackedEvents) -> Vec<Event<'_>> {
-    let mut index: HashMap<i64, usize> = HashMap::new();
-    let mut out: Vec<Event<'_>> = Vec::with_capacity(events.len());
-    for e in events.iter() {
-        match index.get(&e.event_id()) {
-            Some(&i) => out[i] = e,
-            None => {
-                index.insert(e.event_id(), out.len());
-                out.push(e);
-            }
-        }
-    }
-    out
-}
-
 /// Event ids in a `TabSeparated` answer of [`Config::lookup_sql`].
 pub fn parse_ids(body: &str) -> Result<HashSet<i64>, String> {
     body.lines()
@@ -180,7 +164,7 @@ impl ClickHouseSink {
                 describe(&e)
             ));
         }
-        let events = dedup_by_event_id(&batch.events);
+        let events = batch.events.unique_by_event_id();
         let mut existing = HashSet::new();
         if self.cfg.skip_existing && !events.is_empty() {
             let ids: Vec<i64> = events.iter().map(|e| e.event_id()).collect();

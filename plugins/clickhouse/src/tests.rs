@@ -80,7 +80,7 @@ fn dedups_within_batch_keeping_last_copy() {
     let mut late = event(1, Some(9), 0);
     late.device = Some("ios".into());
     let b = batch(vec![event(1, Some(1), 0), event(2, None, 0), late]);
-    let d = dedup_by_event_id(&b.events);
+    let d = b.events.unique_by_event_id();
     assert_eq!(d.len(), 2);
     assert_eq!(d[0].device(), Some("ios"));
     assert_eq!(d[1].event_id(), 2);
