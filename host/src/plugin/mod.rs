@@ -503,6 +503,10 @@ pub fn engine_with(fuel: bool) -> Result<Engine, PluginError> {
     let mut cfg = wasmtime::Config::new();
     cfg.consume_fuel(fuel);
     cfg.epoch_interruption(true);
+    // scripts/profile: name plugin functions for `perf` (/tmp/perf-<pid>.map).
+    if std::env::var_os("FANOUT_WASM_PERFMAP").is_some_and(|v| v == "1") {
+        cfg.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = Engine::new(&cfg).map_err(|e| PluginError::Load {
         path: "<engine>".into(),
         message: e.to_string(),
