@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::content::{ContentError, ContentTable};
@@ -25,6 +25,18 @@ use crate::reload::Reloader;
 /// [`crate::lane::decoded`]): lanes of a live stream are within a batch or two of each other,
 /// and each lane's own prefetch queue is 16 MiB. About 1.5 KiB per Debezium envelope.
 const SHARED_DECODE_OFFSETS: usize = 4096;
+
+/// [`SHARED_DECODE_OFFSETS`], or `FANOUT_SHARED_DECODE_OFFSETS` when set (0 turns sharing
+/// off): for measuring what sharing saves (scripts/bench) and for an operator's tuning.
+fn shared_decode_offsets() -> usize {
+    match std::env::var("FANOUT_SHARED_DECODE_OFFSETS") {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            warn!(value = %v, "FANOUT_SHARED_DECODE_OFFSETS is not a number; using {SHARED_DECODE_OFFSETS}");
+            SHARED_DECODE_OFFSETS
+        }),
+        Err(_) => SHARED_DECODE_OFFSETS,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -206,7 +218,7 @@ impl App {
             &cfg.kafka.events_topic,
             cfg.kafka.include_snapshot_reads,
             if self.plugins.len() > 1 {
-                SHARED_DECODE_OFFSETS
+                shared_decode_offsets()
             } else {
                 0
             },

@@ -2,11 +2,17 @@
 //! reason, as Kafka headers. Sending is awaited: a batch is only committed once its dead
 //! letters are durable too.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::client::ClientContext;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
+use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::batch::Origin;
@@ -52,8 +58,90 @@ pub struct DeadLetter {
     pub origin: Origin,
 }
 
+/// Completes each letter's send when librdkafka reports its delivery.
+struct LetterContext;
+
+impl ClientContext for LetterContext {}
+
+impl ProducerContext for LetterContext {
+    type DeliveryOpaque = Box<oneshot::Sender<Result<(), KafkaError>>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, done: Self::DeliveryOpaque) {
+        // The sender may have stopped waiting (its task was cancelled): nothing to tell.
+        let _ = done.send(result.as_ref().map(|_| ()).map_err(|(e, _)| e.clone()));
+    }
+}
+
+/// A producer whose delivery reports are served by a thread of its own.
+///
+/// Not rdkafka's `FutureProducer`: its thread polls with a 100 ms timeout, and the last
+/// millisecond of every poll rounds down to a zero timeout that spins, about 1% of a core for
+/// a topic that is written to only when something goes wrong. This thread waits up to a
+/// second per poll (woken at once by a delivery report) and ends with the queue.
+struct LetterProducer {
+    producer: Arc<BaseProducer<LetterContext>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LetterProducer {
+    fn new(cfg: &ClientConfig) -> Result<Self, KafkaError> {
+        let producer: Arc<BaseProducer<LetterContext>> =
+            Arc::new(cfg.create_with_context(LetterContext)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (poller, stopping) = (Arc::clone(&producer), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("dead-letter-poll".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::Relaxed) {
+                    poller.poll(Duration::from_secs(1));
+                }
+            })
+            .map_err(|e| KafkaError::ClientCreation(format!("dead-letter poll thread: {e}")))?;
+        Ok(LetterProducer { producer, stop })
+    }
+
+    /// Sends one record and waits for its delivery report (librdkafka retries until
+    /// `message.timeout.ms`); a full local queue is waited out like `FutureProducer` does.
+    async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: OwnedHeaders,
+    ) -> Result<(), KafkaError> {
+        let (tx, rx) = oneshot::channel();
+        let mut record: BaseRecord<'_, [u8], [u8], _> =
+            BaseRecord::with_opaque_to(topic, Box::new(tx)).headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        rx.await.unwrap_or(Err(KafkaError::Canceled))
+    }
+}
+
+impl Drop for LetterProducer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // What is still queued gets its chance to be delivered before the client goes.
+        let _ = self.producer.flush(Duration::from_secs(5));
+    }
+}
+
 pub struct DeadLetterQueue {
-    producer: FutureProducer,
+    producer: LetterProducer,
     topic: String,
     metrics: Metrics,
     /// The producer's `message.max.bytes`: every letter is made to fit it.
@@ -109,7 +197,7 @@ impl DeadLetterQueue {
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
         Ok(DeadLetterQueue {
-            producer: cfg.create()?,
+            producer: LetterProducer::new(&cfg)?,
             topic: topic.to_string(),
             metrics,
             max_message_bytes,
@@ -169,8 +257,6 @@ impl DeadLetterQueue {
     }
 
     async fn send(&self, letter: &DeadLetter) -> Result<(), rdkafka::error::KafkaError> {
-        use rdkafka::error::KafkaError;
-        use rdkafka::types::RDKafkaErrorCode;
         let reason = escape_truncate(&letter.reason, MAX_REASON_BYTES);
         let key = letter.origin.key.as_deref();
         let payload = letter.origin.payload.as_deref();
@@ -281,19 +367,7 @@ impl DeadLetterQueue {
                 value: Some(note.as_bytes()),
             });
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.topic).headers(headers);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        if let Some(p) = payload {
-            record = record.payload(p);
-        }
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e)
+        self.producer.send(&self.topic, key, payload, headers).await
     }
 }
 

@@ -88,6 +88,9 @@ pub struct PackedWriter {
     /// Distinct strings in first-seen order. A batch has a handful, so a linear scan beats
     /// hashing.
     strings: Vec<String>,
+    /// Per string column (event type, device, content type, topic): the index it interned
+    /// last, tried first (the topic and often the others repeat from one event to the next).
+    last: [u32; 4],
 }
 
 impl PackedWriter {
@@ -96,6 +99,7 @@ impl PackedWriter {
             rows: Vec::with_capacity(events * ROW_BYTES),
             count: 0,
             strings: Vec::new(),
+            last: [NO_STRING; 4],
         }
     }
 
@@ -107,13 +111,21 @@ impl PackedWriter {
         self.count == 0
     }
 
-    fn intern(&mut self, s: Option<&str>) -> u32 {
+    fn intern(&mut self, column: usize, s: Option<&str>) -> u32 {
         let Some(s) = s else { return NO_STRING };
-        if let Some(i) = self.strings.iter().position(|k| k == s) {
-            return i as u32;
+        let last = self.last[column];
+        if self.strings.get(last as usize).is_some_and(|k| k == s) {
+            return last;
         }
-        self.strings.push(s.to_owned());
-        (self.strings.len() - 1) as u32
+        let i = match self.strings.iter().position(|k| k == s) {
+            Some(i) => i as u32,
+            None => {
+                self.strings.push(s.to_owned());
+                (self.strings.len() - 1) as u32
+            }
+        };
+        self.last[column] = i;
+        i
     }
 
     pub fn push(&mut self, e: &EventFields<'_>) {
@@ -130,10 +142,10 @@ impl PackedWriter {
         flag(e.engagement_seconds.is_some(), F_ENGAGEMENT_SECONDS);
         flag(e.engagement_pct.is_some(), F_ENGAGEMENT_PCT);
         flag(e.position.is_some(), F_POSITION);
-        let event_type = self.intern(e.event_type);
-        let device = self.intern(e.device);
-        let content_type = self.intern(e.content_type);
-        let topic = self.intern(e.position.map(|p| p.topic));
+        let event_type = self.intern(0, e.event_type);
+        let device = self.intern(1, e.device);
+        let content_type = self.intern(2, e.content_type);
+        let topic = self.intern(3, e.position.map(|p| p.topic));
         let (partition, offset) = e.position.map_or((0, 0), |p| (p.partition, p.offset));
         let r = &mut self.rows;
         r.extend_from_slice(&e.event_id.to_le_bytes());

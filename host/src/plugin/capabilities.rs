@@ -790,7 +790,7 @@ impl clickhouse::Host for PluginState {
         )?;
         // Deny by default on a parse tree; the ClickHouse user the host connects with is the
         // second fence (docs/architecture.md).
-        let checked = clickhouse_sql::check_statement(&sql, grant).map_err(|reason| {
+        let checked = self.checked_sql.check(&sql, grant).map_err(|reason| {
             warn!(plugin = %caps.plugin, %reason, "clickhouse statement refused");
             CapabilityError::NotGranted(reason)
         });

@@ -103,6 +103,136 @@ pub const FORMATS: &[&str] = &[
     "Values",
 ];
 
+/// Statements of one plugin checked already: the verdict by the statement's [`shape`].
+///
+/// A sink repeats a few statements with other constants: the clickhouse plugin looks up the
+/// ids of every batch with `... WHERE event_id IN (<500 ids>)`, whose parse cost about 200 µs
+/// a batch. The shape of such a statement, its integer lists collapsed, is the same every
+/// time, and so is its verdict: the check reads tables, functions and clauses, never how many
+/// integers a list holds.
+#[derive(Debug, Default)]
+pub struct CheckedStatements {
+    verdicts: std::collections::HashMap<String, Result<(), String>>,
+}
+
+/// Distinct shapes remembered per plugin; past that the memo starts over (a plugin that
+/// builds ever new statements gains nothing from it, and must not grow the host's memory).
+const MEMO_SHAPES: usize = 256;
+
+impl CheckedStatements {
+    /// [`check_statement`], remembered by shape.
+    pub fn check(&mut self, sql: &str, grant: &ClickHouseGrant) -> Result<(), String> {
+        // The screen runs on the text itself: a collapsed list can hide nothing it refuses.
+        screen_text(sql)?;
+        let shape = shape(sql);
+        if let Some(verdict) = self.verdicts.get(shape.as_ref()) {
+            return verdict.clone();
+        }
+        let verdict = check_statement(&shape, grant);
+        if self.verdicts.len() >= MEMO_SHAPES {
+            self.verdicts.clear();
+        }
+        self.verdicts.insert(shape.into_owned(), verdict.clone());
+        verdict
+    }
+}
+
+/// `sql` with every `IN (<integer>, <integer>, ...)` list outside quotes written as `IN (0)`.
+/// Only digits, signs, commas and whitespace are removed, so no quote, bracket or word of the
+/// statement changes: it parses to the same tree but for the constants of those lists.
+fn shape(sql: &str) -> std::borrow::Cow<'_, str> {
+    let b = sql.as_bytes();
+    let mut out: Option<String> = None;
+    let (mut i, mut copied) = (0, 0);
+    while i < b.len() {
+        match b[i] {
+            q @ (b'\'' | b'"' | b'`') => i = skip_quoted(b, i, q),
+            c if (c == b'I' || c == b'i')
+                && b.get(i + 1).is_some_and(|n| n.eq_ignore_ascii_case(&b'n'))
+                && (i == 0 || !is_word_byte(b[i - 1])) =>
+            {
+                match integer_list(b, i + 2) {
+                    Some((open, close)) => {
+                        let out = out.get_or_insert_with(|| String::with_capacity(sql.len()));
+                        out.push_str(&sql[copied..=open]);
+                        out.push('0');
+                        copied = close;
+                        i = close;
+                    }
+                    None => i += 2,
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    match out {
+        Some(mut out) => {
+            out.push_str(&sql[copied..]);
+            std::borrow::Cow::Owned(out)
+        }
+        None => std::borrow::Cow::Borrowed(sql),
+    }
+}
+
+fn is_word_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+/// Past the quoted text opening at `at` (a doubled quote or a backslash escapes, as in
+/// ClickHouse); the end of the text when it never closes (the parser then refuses it).
+fn skip_quoted(b: &[u8], at: usize, quote: u8) -> usize {
+    let mut i = at + 1;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            i += 2;
+        } else if b[i] == quote {
+            if b.get(i + 1) == Some(&quote) {
+                i += 2;
+            } else {
+                return i + 1;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    b.len()
+}
+
+/// After the `IN` ending before `from`: whitespace, `(`, one or more optionally signed
+/// integers separated by commas, `)`. The positions of the `(` and the `)`.
+fn integer_list(b: &[u8], from: usize) -> Option<(usize, usize)> {
+    let ws = |mut i: usize| {
+        while b.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        i
+    };
+    let open = ws(from);
+    if b.get(open) != Some(&b'(') {
+        return None;
+    }
+    let mut i = open + 1;
+    loop {
+        i = ws(i);
+        if matches!(b.get(i), Some(b'-' | b'+')) {
+            i += 1;
+        }
+        let digits = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == digits {
+            return None;
+        }
+        i = ws(i);
+        match b.get(i) {
+            Some(b',') => i += 1,
+            Some(b')') => return Some((open, i)),
+            _ => return None,
+        }
+    }
+}
+
 /// Checks one statement a plugin wants `clickhouse.execute` to run. Err carries the reason
 /// given to the plugin (`not-granted`).
 pub fn check_statement(sql: &str, grant: &ClickHouseGrant) -> Result<(), String> {
@@ -519,8 +649,14 @@ mod tests {
         }
     }
 
+    /// The verdict, which the memo by shape must give too (fresh and remembered).
     fn check(sql: &str) -> Result<(), String> {
-        check_statement(sql, &grant(&["engagement", "db1"]))
+        let g = grant(&["engagement", "db1"]);
+        let verdict = check_statement(sql, &g);
+        let mut memo = CheckedStatements::default();
+        assert_eq!(memo.check(sql, &g), verdict, "memo, first time: {sql}");
+        assert_eq!(memo.check(sql, &g), verdict, "memo, remembered: {sql}");
+        verdict
     }
 
     /// Config::ddl() and Config::lookup_sql() of plugins/clickhouse, verbatim (the plugin is
@@ -678,6 +814,70 @@ mod tests {
             let r = check(sql);
             assert!(r.is_err(), "must be refused: {sql}");
         }
+    }
+
+    #[test]
+    fn shapes_collapse_integer_lists_outside_quotes_only() {
+        let cases = [
+            (
+                "SELECT a FROM db1.t WHERE a IN (1, -2,3) AND b NOT in(4)",
+                "SELECT a FROM db1.t WHERE a IN (0) AND b NOT in(0)",
+            ),
+            // Not integer lists, or not an IN: left as they are.
+            (
+                "SELECT a FROM db1.t WHERE a IN (1.5, 2)",
+                "SELECT a FROM db1.t WHERE a IN (1.5, 2)",
+            ),
+            (
+                "SELECT a FROM db1.t WHERE a IN (x, 2)",
+                "SELECT a FROM db1.t WHERE a IN (x, 2)",
+            ),
+            (
+                "SELECT JOIN(1, 2) FROM db1.t",
+                "SELECT JOIN(1, 2) FROM db1.t",
+            ),
+            ("SELECT min(1,2) FROM db1.t", "SELECT min(1,2) FROM db1.t"),
+            // Inside quotes nothing changes, escapes and doubled quotes included.
+            (
+                "SELECT 'a IN (1,2)', `b IN (3)`, \"c\"\"IN (4)\", 'd\\' IN (5)' FROM db1.t",
+                "SELECT 'a IN (1,2)', `b IN (3)`, \"c\"\"IN (4)\", 'd\\' IN (5)' FROM db1.t",
+            ),
+            (
+                "SELECT 'x' IN (7,8) FROM db1.t",
+                "SELECT 'x' IN (0) FROM db1.t",
+            ),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(shape(sql), want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn remembered_verdicts_equal_fresh_ones() {
+        let g = grant(&["engagement", "db1"]);
+        let mut memo = CheckedStatements::default();
+        let mut statements = plugin_statements();
+        statements.extend(
+            [
+                "SELECT a FROM db1.t WHERE a IN (1,2,3)",
+                "SELECT a FROM db1.t WHERE a IN (4,5)",
+                "SELECT a FROM system.tables WHERE a IN (1,2,3)",
+                "SELECT a FROM db1.t WHERE a IN (SELECT b FROM system.users)",
+                "SELECT a FROM db1.t WHERE a IN (1) -- IN (2)",
+                "SELECT url('x') FROM db1.t WHERE a IN (1,2)",
+                "SELECT a FROM db1.t WHERE a GLOBAL IN (1,2)",
+            ]
+            .map(String::from),
+        );
+        for _ in 0..2 {
+            for sql in &statements {
+                assert_eq!(memo.check(sql, &g), check_statement(sql, &g), "{sql}");
+            }
+        }
+        assert!(
+            memo.verdicts.len() < statements.len(),
+            "equal shapes share a verdict"
+        );
     }
 
     #[test]

@@ -163,6 +163,8 @@ pub struct PluginState {
     limiter: MemoryLimiter,
     caps: Arc<Capabilities>,
     deadline: Instant,
+    /// `clickhouse.execute` verdicts by statement shape.
+    checked_sql: clickhouse_sql::CheckedStatements,
 }
 
 impl WasiView for PluginState {
@@ -195,6 +197,7 @@ impl PluginState {
             limiter: MemoryLimiter::new(memory_bytes),
             caps,
             deadline,
+            checked_sql: clickhouse_sql::CheckedStatements::default(),
         }
     }
 
