@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::config::Config;
 use crate::content::{ContentError, ContentTable};
@@ -20,23 +20,6 @@ use crate::metrics::Metrics;
 use crate::plugin::capabilities::{Services, ServicesError};
 use crate::plugin::{self, Plugin, PluginError};
 use crate::reload::Reloader;
-
-/// Offsets per partition kept decoded for the lanes behind the first (see
-/// [`crate::lane::decoded`]): lanes of a live stream are within a batch or two of each other,
-/// and each lane's own prefetch queue is 16 MiB. About 1.5 KiB per Debezium envelope.
-const SHARED_DECODE_OFFSETS: usize = 4096;
-
-/// [`SHARED_DECODE_OFFSETS`], or `FANOUT_SHARED_DECODE_OFFSETS` when set (0 turns sharing
-/// off): for measuring what sharing saves (scripts/bench) and for an operator's tuning.
-fn shared_decode_offsets() -> usize {
-    match std::env::var("FANOUT_SHARED_DECODE_OFFSETS") {
-        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-            warn!(value = %v, "FANOUT_SHARED_DECODE_OFFSETS is not a number; using {SHARED_DECODE_OFFSETS}");
-            SHARED_DECODE_OFFSETS
-        }),
-        Err(_) => SHARED_DECODE_OFFSETS,
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -218,7 +201,7 @@ impl App {
             &cfg.kafka.events_topic,
             cfg.kafka.include_snapshot_reads,
             if self.plugins.len() > 1 {
-                shared_decode_offsets()
+                cfg.kafka.shared_decode_offsets
             } else {
                 0
             },
