@@ -226,6 +226,9 @@ struct Run {
     cpu_events: f64,
     cpu: CpuUse,
     peak_kib: u64,
+    /// With several plugins: (messages decoded, messages taken already decoded by another
+    /// lane), from the host's log at its stop.
+    decoded: Option<(u64, u64)>,
 }
 
 impl Run {
@@ -502,6 +505,7 @@ async fn bare_consumer(label: &str, brokers: &str, topic: &str, n: usize) -> Run
             cpu_events: n as f64,
             cpu,
             peak_kib: 0,
+            decoded: None,
         }
     })
     .await
@@ -681,6 +685,7 @@ mode = "noop"
         cpu_events: (n - d0) as f64,
         cpu,
         peak_kib: 0,
+        decoded: None,
     }
 }
 
@@ -851,6 +856,17 @@ async fn drain(
         .collect();
     eprintln!("bench {name}: events/s per lane {plugins:?}: {lane_rates:.0?}");
     let rate = lane_rates.iter().copied().fold(f64::INFINITY, f64::min);
+    // Stopped (after the window) with SIGTERM: the host logs how often lanes shared decoding.
+    let mut host = host;
+    let decoded = if plugins.len() > 1 {
+        host.proc.terminate(Duration::from_secs(30));
+        decode_counts(&host.proc.log)
+    } else {
+        None
+    };
+    if let Some((decoded, shared)) = decoded {
+        eprintln!("bench {name}: {decoded} messages decoded, {shared} taken already decoded");
+    }
     let run = Run {
         label: label.to_string(),
         events: n,
@@ -858,6 +874,7 @@ async fn drain(
         cpu_events,
         cpu,
         peak_kib: peak,
+        decoded,
     };
     eprintln!(
         "bench {name}: {:.0} events/s, {:.2} CPU-s, {:.0} events per CPU-second",
@@ -866,6 +883,24 @@ async fn drain(
         run.per_cpu_second()
     );
     run
+}
+
+/// (decoded, shared) from the host's stop line "messages decoded, and taken already decoded
+/// by another lane decoded=N shared=M".
+fn decode_counts(log: &std::path::Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("taken already decoded"))?;
+    let field = |key: &str| -> Option<u64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((field("decoded=")?, field("shared=")?))
 }
 
 /// The plain Python consumer on the same topic, with the same sinks (its own resources).
@@ -946,6 +981,7 @@ async fn python_consumer(t: &Tansu<'_>, ch_table: &str, prefix: &str, ns: &str) 
             groups,
         },
         peak_kib: peak,
+        decoded: None,
     };
     eprintln!(
         "bench python: {:.0} events/s, {:.2} CPU-s, {:.0} events per CPU-second",
@@ -1005,6 +1041,7 @@ async fn tansu_section(
         None
     };
     let mut three_cpu: Option<CpuUse> = None;
+    let mut three_decoded: Option<(u64, u64)> = None;
     let mut noop_cpu: Option<CpuUse> = None;
     if selected("noop") {
         let r = drain(
@@ -1129,6 +1166,7 @@ async fn tansu_section(
             wall: r.cpu.wall,
             groups: r.cpu.groups.clone(),
         });
+        three_decoded = r.decoded;
         runs.push(r);
         mock_reset(stack, &ns).await;
     }
@@ -1270,6 +1308,15 @@ async fn tansu_section(
         );
         groups_table(out, cpu);
         let _ = writeln!(out);
+        if let Some((decoded, shared)) = three_decoded {
+            let _ = writeln!(
+                out,
+                "Decoding shared by the three lanes (`kafka.shared_decode_offsets`, host log at \
+                 its stop): {decoded} messages decoded, {shared} taken already decoded by \
+                 another lane ({:.2} decodes per message of the topic).\n",
+                decoded as f64 / n as f64
+            );
+        }
     }
     if let Some(cpu) = &noop_cpu {
         let _ = writeln!(out, "The same for the no-op plugin:\n");
