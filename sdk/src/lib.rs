@@ -1,6 +1,6 @@
 //! # fanout-sdk: write a sink plugin for the fanout host
 //!
-//! A sink plugin is a WebAssembly component of the world `fanout:sink/packed-sink-plugin@0.1.2`
+//! A sink plugin is a WebAssembly component of the world `fanout:sink/packed-sink-plugin@0.1.3`
 //! (`wit/sink.wit`). The host calls `init` once with the plugin's JSON config, then `write`
 //! for every enriched batch, its events packed in one buffer that [`Batch::events`] reads in
 //! place ([`packed`]). This crate turns that into a small Rust trait:

@@ -438,7 +438,15 @@ impl wit_redis::Host for PluginState {
         commands: Vec<wit_redis::Command>,
         atomic: bool,
     ) -> Result<Vec<wit_redis::Reply>, CapabilityError> {
-        redis_access::pipeline(self, commands, atomic)
+        redis_access::pipeline(self, &commands, atomic)
+    }
+
+    fn pipeline_resp(
+        &mut self,
+        commands: Vec<u8>,
+        atomic: bool,
+    ) -> Result<Vec<wit_redis::Reply>, CapabilityError> {
+        redis_access::pipeline_resp(self, &commands, atomic)
     }
 }
 

@@ -76,10 +76,10 @@ fn command_granted(grant: &RedisGrant, name: &str) -> bool {
 
 /// Checks one command against the grant. Err carries the reason given to the plugin.
 /// Redis checks it again as the plugin's ACL user (scripts included); this is the first fence.
-pub fn check_redis_command(grant: &RedisGrant, args: &[Vec<u8>]) -> Result<(), String> {
+pub fn check_redis_command<A: AsRef<[u8]>>(grant: &RedisGrant, args: &[A]) -> Result<(), String> {
     let name = args
         .first()
-        .map(|n| String::from_utf8_lossy(n).to_ascii_uppercase())
+        .map(|n| String::from_utf8_lossy(n.as_ref()).to_ascii_uppercase())
         .ok_or("empty command")?;
     let positions = key_positions(&name)
         .ok_or_else(|| format!("command {name} is not available to plugins"))?;
@@ -91,7 +91,7 @@ pub fn check_redis_command(grant: &RedisGrant, args: &[Vec<u8>]) -> Result<(), S
     if !command_granted(grant, &name) {
         return Err(format!("command {name} is not in the grant's `commands`"));
     }
-    let keys: Vec<&Vec<u8>> = match positions {
+    let keys: Vec<&A> = match positions {
         KeyPositions::None => vec![],
         KeyPositions::First => args.get(1).into_iter().collect(),
         KeyPositions::All => args.iter().skip(1).collect(),
@@ -109,6 +109,7 @@ pub fn check_redis_command(grant: &RedisGrant, args: &[Vec<u8>]) -> Result<(), S
         }
     };
     for key in keys {
+        let key = key.as_ref();
         let mut prefixes = grant.key_prefix.iter().chain(&grant.key_prefixes);
         if !prefixes.any(|p| key.starts_with(p.as_bytes())) {
             return Err(format!(
@@ -121,10 +122,10 @@ pub fn check_redis_command(grant: &RedisGrant, args: &[Vec<u8>]) -> Result<(), S
     Ok(())
 }
 
-fn num_keys(args: &[Vec<u8>], at: usize, name: &str) -> Result<usize, String> {
+fn num_keys<A: AsRef<[u8]>>(args: &[A], at: usize, name: &str) -> Result<usize, String> {
     let n: usize = args
         .get(at)
-        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| std::str::from_utf8(v.as_ref()).ok())
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("{name}: argument {at} must be the number of keys"))?;
     if args.len() < at + 1 + n {

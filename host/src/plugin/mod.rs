@@ -64,6 +64,9 @@ use bindings::SinkPlugin;
 use packed_bindings::PackedSinkPlugin;
 pub use packing::{EventPosition, PluginBatch};
 
+/// The version of the WIT package this host serves (wit/sink.wit's `package` line).
+pub const WIT_VERSION: &str = "0.1.3";
+
 /// Interface name prefix of the packed export; any 0.1.x from 0.1.2 on.
 const PACKED_EXPORT_PREFIX: &str = "fanout:sink/packed-sink@";
 
@@ -480,7 +483,7 @@ pub struct Plugin {
     /// sha256 of the `.wasm` file this version was compiled from, hex.
     pub sha256: String,
     /// The sink interface the component exports, with its WIT version
-    /// (`fanout:sink/packed-sink@0.1.2`).
+    /// (`fanout:sink/packed-sink@0.1.3`).
     pub wit_export: String,
     prepared: Arc<Prepared>,
     worker: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
@@ -822,7 +825,7 @@ pub fn check(path: &std::path::Path) -> Result<String, PluginError> {
         })
         .unwrap_or_default();
     Ok(format!(
-        "ok: {} exports {}, compatible with this host's fanout:sink@0.1.2\ndefines: {shape}\nimports: {}",
+        "ok: {} exports {}, compatible with this host's fanout:sink@{WIT_VERSION}\ndefines: {shape}\nimports: {}",
         path.display(),
         kind.export_name(),
         imports.join(", ")
@@ -832,6 +835,15 @@ pub fn check(path: &std::path::Path) -> Result<String, PluginError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wit_version_is_the_packages() {
+        let wit = include_str!("../../../wit/sink.wit");
+        assert!(
+            wit.contains(&format!("\npackage fanout:sink@{WIT_VERSION};")),
+            "WIT_VERSION {WIT_VERSION} is not wit/sink.wit's package version"
+        );
+    }
 
     /// A store of core Wasm under the plugin limiter with `mib` of budget.
     fn limited_store(mib: usize) -> Store<MemoryLimiter> {

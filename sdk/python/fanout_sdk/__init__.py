@@ -1,5 +1,5 @@
 """fanout_sdk: write fanout sink plugins in Python (componentize-py components of the world
-``fanout:sink/packed-sink-plugin@0.1.2``). See docs/plugin-authoring.md, "Python"."""
+``fanout:sink/packed-sink-plugin@0.1.3``). See docs/plugin-authoring.md, "Python"."""
 
 from .config import ConfigError, NoConfig
 from .event import event_json_string, event_record, format_datetime, minute_key

@@ -1,5 +1,5 @@
 """Exports a :class:`fanout_sdk.Sink` subclass as the component's ``packed-sink`` interface
-(world ``fanout:sink/packed-sink-plugin@0.1.2``). The app module of ``componentize-py
+(world ``fanout:sink/packed-sink-plugin@0.1.3``). The app module of ``componentize-py
 componentize`` must hold a class named ``PackedSink``:
 
     from fanout_sdk.component import export_sink

@@ -179,21 +179,21 @@ fn random_password() -> std::io::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn is_script(command: &[Vec<u8>]) -> bool {
+fn is_script<A: AsRef<[u8]>>(command: &[A]) -> bool {
     command.first().is_some_and(|n| {
-        let n = String::from_utf8_lossy(n).to_ascii_uppercase();
+        let n = String::from_utf8_lossy(n.as_ref()).to_ascii_uppercase();
         grants::REDIS_SCRIPT_COMMANDS.contains(&n.as_str())
     })
 }
 
 /// A pipeline as text for `plugin test`'s report: each command's name and first argument.
-fn describe(commands: &[wit_redis::Command]) -> String {
+fn describe<A: AsRef<[u8]>>(commands: &[Vec<A>]) -> String {
     let parts: Vec<String> = commands
         .iter()
         .map(|c| {
             c.iter()
                 .take(2)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .map(|a| String::from_utf8_lossy(a.as_ref()).into_owned())
                 .collect::<Vec<_>>()
                 .join(" ")
         })
@@ -201,27 +201,97 @@ fn describe(commands: &[wit_redis::Command]) -> String {
     format!("redis {}", parts.join("; "))
 }
 
-/// The `pipeline` capability call.
-pub(super) fn pipeline(
+/// The commands as the WIT's `command` lists (what the trial's fakes take).
+fn owned<A: AsRef<[u8]>>(commands: &[Vec<A>]) -> Vec<wit_redis::Command> {
+    commands
+        .iter()
+        .map(|c| c.iter().map(|a| a.as_ref().to_vec()).collect())
+        .collect()
+}
+
+/// The `pipeline-resp` capability call: the commands of `buf` (RESP), then as `pipeline`.
+pub(super) fn pipeline_resp(
     state: &PluginState,
-    commands: Vec<wit_redis::Command>,
+    buf: &[u8],
+    atomic: bool,
+) -> Result<Vec<wit_redis::Reply>, CapabilityError> {
+    crate::plugin::check_args_size("redis", buf.len())?;
+    let commands = parse_resp(buf)
+        .map_err(|e| CapabilityError::Failed(format!("redis: pipeline-resp: {e}")))?;
+    pipeline(state, &commands, atomic)
+}
+
+/// Commands written as RESP arrays of bulk strings, back to back: their arguments borrowed
+/// from `buf`. Nothing else is accepted (no inline commands, no other types, no leading zeros).
+pub(crate) fn parse_resp(buf: &[u8]) -> Result<Vec<Vec<&[u8]>>, String> {
+    let mut commands = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        let (count, mut next) = resp_length(buf, at, b'*')?;
+        if count == 0 {
+            return Err(format!("empty command at byte {at}"));
+        }
+        // Every argument takes 6 bytes at least (`$0\r\n\r\n`): no capacity beyond the buffer.
+        let mut args = Vec::with_capacity(count.min((buf.len() - next) / 6));
+        for _ in 0..count {
+            let (len, start) = resp_length(buf, next, b'$')?;
+            let end = start
+                .checked_add(len)
+                .filter(|end| buf.get(*end..end + 2) == Some(b"\r\n"))
+                .ok_or_else(|| {
+                    format!("argument at byte {next} does not end with CRLF where its length says")
+                })?;
+            args.push(&buf[start..end]);
+            next = end + 2;
+        }
+        commands.push(args);
+        at = next;
+    }
+    Ok(commands)
+}
+
+/// `<kind><decimal>\r\n` at `at`: the number, and where what follows it starts.
+fn resp_length(buf: &[u8], at: usize, kind: u8) -> Result<(usize, usize), String> {
+    let bad = || format!("expected `{}<length>\\r\\n` at byte {at}", kind as char);
+    if buf.get(at) != Some(&kind) {
+        return Err(bad());
+    }
+    let digits = &buf[at + 1..];
+    let n = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    if n == 0 || n > 10 || (n > 1 && digits[0] == b'0') || digits.get(n..n + 2) != Some(b"\r\n") {
+        return Err(bad());
+    }
+    let value = std::str::from_utf8(&digits[..n])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((value, at + 1 + n + 2))
+}
+
+/// The `pipeline` capability call (and `pipeline-resp`'s, with borrowed arguments).
+pub(super) fn pipeline<A: AsRef<[u8]>>(
+    state: &PluginState,
+    commands: &[Vec<A>],
     atomic: bool,
 ) -> Result<Vec<wit_redis::Reply>, CapabilityError> {
     let caps = &state.caps;
     if let Some(fakes) = state.unchecked_fakes() {
-        return fakes.redis(&commands, atomic);
+        return fakes.redis(&owned(commands), atomic);
     }
     let grant = state.note_refusal(
-        || describe(&commands),
+        || describe(commands),
         granted(&caps.grants.redis, "redis", &caps.plugin),
     )?;
-    crate::plugin::check_args_size("redis", commands.iter().flatten().map(Vec::len).sum())?;
-    for c in &commands {
+    crate::plugin::check_args_size(
+        "redis",
+        commands.iter().flatten().map(|a| a.as_ref().len()).sum(),
+    )?;
+    for c in commands {
         let checked = grants::check_redis_command(grant, c).map_err(CapabilityError::NotGranted);
         state.note_refusal(|| describe(std::slice::from_ref(c)), checked)?;
     }
     if let Some(fakes) = state.fakes() {
-        return fakes.redis(&commands, atomic);
+        return fakes.redis(&owned(commands), atomic);
     }
     let access = caps
         .services
@@ -233,10 +303,14 @@ pub(super) fn pipeline(
     if atomic {
         pipe.atomic();
     }
-    for c in &commands {
-        let mut cmd = ::redis::cmd(&String::from_utf8_lossy(&c[0]));
-        for arg in &c[1..] {
-            cmd.arg(arg.as_slice());
+    for c in commands {
+        // Checked above: no command is empty.
+        let Some((name, args)) = c.split_first() else {
+            continue;
+        };
+        let mut cmd = ::redis::cmd(&String::from_utf8_lossy(name.as_ref()));
+        for arg in args {
+            cmd.arg(arg.as_ref());
         }
         pipe.add_command(cmd);
     }
@@ -332,4 +406,103 @@ fn to_reply(v: ::redis::Value) -> Result<wit_redis::Reply, CapabilityError> {
             wit_redis::Scalar::Status(s) => R::Status(s),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RESP of `commands`, as the SDK writes it.
+    fn resp(commands: &[&[&str]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in commands {
+            out.extend_from_slice(format!("*{}\r\n", c.len()).as_bytes());
+            for a in *c {
+                out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn resp_reads_back_to_back_arrays_of_bulk_strings() {
+        let buf = resp(&[
+            &["INCR", "t1:count"],
+            &["SET", "k", ""],
+            &["EVAL", "a\r\nb", "0"],
+        ]);
+        let commands = parse_resp(&buf).expect("parses");
+        let as_text: Vec<Vec<String>> = commands
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            as_text,
+            [
+                vec!["INCR", "t1:count"],
+                vec!["SET", "k", ""],
+                vec!["EVAL", "a\r\nb", "0"]
+            ]
+        );
+        assert_eq!(parse_resp(b"").expect("empty"), Vec::<Vec<&[u8]>>::new());
+    }
+
+    #[test]
+    fn what_the_sdk_writes_reads_back_the_same() {
+        // The SDK's encoder (what every Rust plugin sends), with lengths of 1 to 5 digits, an
+        // empty argument and CRLF inside one, and the exactly-once script's own EVAL.
+        let mut once = fanout_sdk::RedisOnce::new("t1:once:");
+        once.event_at(
+            7,
+            Some(fanout_sdk::Position {
+                topic: "events",
+                partition: 3,
+                offset: 41,
+            }),
+            fanout_sdk::redis::Commands::new(),
+        )
+        .cmd("INCR")
+        .arg("t1:count");
+        let commands: Vec<Vec<Vec<u8>>> = vec![
+            vec![b"SET".to_vec(), b"k".to_vec(), Vec::new()],
+            vec![b"SET".to_vec(), b"k2".to_vec(), vec![b'x'; 12_345]],
+            vec![b"EVAL".to_vec(), b"a\r\nb".to_vec(), b"0".to_vec()],
+            once.eval_command().expect("eval"),
+        ];
+        let buf = fanout_sdk::host::resp(&commands);
+        let read = parse_resp(&buf).expect("parses");
+        let read: Vec<Vec<Vec<u8>>> = read
+            .iter()
+            .map(|c| c.iter().map(|a| a.to_vec()).collect())
+            .collect();
+        assert_eq!(read, commands);
+    }
+
+    #[test]
+    fn anything_but_strict_resp_is_refused() {
+        let good = resp(&[&["INCR", "t1:count"]]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("inline command", b"INCR t1:count\r\n".to_vec()),
+            ("empty array", b"*0\r\n".to_vec()),
+            ("length past the end", b"*1\r\n$9\r\nINCR\r\n".to_vec()),
+            ("length short of the CRLF", b"*1\r\n$3\r\nINCR\r\n".to_vec()),
+            (
+                "fewer arguments than counted",
+                b"*2\r\n$4\r\nINCR\r\n".to_vec(),
+            ),
+            ("leading zero", b"*01\r\n$4\r\nINCR\r\n".to_vec()),
+            ("negative length", b"*1\r\n$-1\r\n".to_vec()),
+            ("integer instead of bulk", b"*1\r\n:1\r\n".to_vec()),
+            ("LF only", b"*1\n$4\nINCR\n".to_vec()),
+            ("huge count", b"*9999999999\r\n$4\r\nINCR\r\n".to_vec()),
+            ("trailing bytes", [good.as_slice(), b"x"].concat()),
+        ];
+        for (what, buf) in cases {
+            assert!(parse_resp(&buf).is_err(), "{what} was accepted");
+        }
+    }
 }
