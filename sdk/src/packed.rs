@@ -226,7 +226,8 @@ impl PackedEvents {
     /// The events with one copy per event_id (the last one), in first-seen order: what a sink
     /// that keys rows by event id writes (a batch may hold a replayed copy).
     pub fn unique_by_event_id(&self) -> Vec<Event<'_>> {
-        let mut index: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+        let mut index: rustc_hash::FxHashMap<i64, usize> =
+            rustc_hash::FxHashMap::with_capacity_and_hasher(self.len(), Default::default());
         let mut out: Vec<Event<'_>> = Vec::with_capacity(self.len());
         for e in self.iter() {
             match index.get(&e.event_id()) {
