@@ -71,6 +71,7 @@
 //! `{prefix}{event_id}` key (`EXISTS`) as applied, for the time the old markers live.
 
 use std::hash::BuildHasher;
+use std::sync::Arc;
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
@@ -175,7 +176,8 @@ impl Applied {
 /// A Kafka position owned by a [`RedisOnce`] (the batch's [`Position`] borrows the batch).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OwnedPosition {
-    pub topic: String,
+    /// Shared by the events of one topic (one allocation per call, not per event).
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
 }
@@ -260,13 +262,21 @@ impl RedisOnce {
         position: Option<Position<'_>>,
         commands: impl Into<Commands>,
     ) -> &mut Commands {
-        self.events.push(OnceEvent {
-            event_id,
-            position: position.map(|p| OwnedPosition {
-                topic: p.topic.to_owned(),
+        let position = position.map(|p| {
+            // Events of a call mostly share one topic: the previous event's copy serves.
+            let topic = match self.events.last().and_then(|e| e.position.as_ref()) {
+                Some(q) if *q.topic == *p.topic => Arc::clone(&q.topic),
+                _ => Arc::from(p.topic),
+            };
+            OwnedPosition {
+                topic,
                 partition: p.partition,
                 offset: p.offset,
-            }),
+            }
+        });
+        self.events.push(OnceEvent {
+            event_id,
+            position,
             commands: commands.into(),
         });
         let last = self.events.len() - 1;
@@ -362,7 +372,7 @@ impl RedisOnce {
         argv.push(number(events.len()));
         // Consecutive events mostly share a partition and a bitmap (65,536 ids each): their
         // marks field and bitmap key indexes are made once and reused.
-        let mut fields: Vec<(String, i32, Vec<u8>)> = Vec::new();
+        let mut fields: Vec<(Arc<str>, i32, Vec<u8>)> = Vec::new();
         let mut bitmap: Option<(i64, usize)> = None;
         let mut live_bitmap: Option<(i64, usize)> = None;
         for e in events {
@@ -377,7 +387,7 @@ impl RedisOnce {
                         Some((_, _, f)) => f.clone(),
                         None => {
                             let f = p.field().into_bytes();
-                            fields.push((p.topic.clone(), p.partition, f.clone()));
+                            fields.push((Arc::clone(&p.topic), p.partition, f.clone()));
                             f
                         }
                     };
@@ -391,7 +401,7 @@ impl RedisOnce {
             }
             let at = match bitmap {
                 Some((m, at)) if m == n => at,
-                _ => keys.index(self.bitmap_key(id).into_bytes()),
+                _ => keys.index(self.bitmap_key(id).into_bytes()).0,
             };
             bitmap = Some((n, at));
             argv.push(number(at));
@@ -401,7 +411,7 @@ impl RedisOnce {
                 (None, _) => 0,
                 (Some(_), Some((m, at))) if m == n => at,
                 (Some(_), _) => {
-                    let at = keys.index(self.live_bitmap_key(id).into_bytes());
+                    let at = keys.index(self.live_bitmap_key(id).into_bytes()).0;
                     live_bitmap = Some((n, at));
                     at
                 }
@@ -412,7 +422,7 @@ impl RedisOnce {
                     let mut key = Vec::with_capacity(prefix.len() + 20);
                     key.extend_from_slice(prefix.as_bytes());
                     key.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
-                    keys.index(key)
+                    keys.index(key).0
                 }
                 None => 0,
             };
@@ -424,7 +434,13 @@ impl RedisOnce {
                 argv.push(mask_letters(&c)?);
                 for (j, arg) in c.into_iter().enumerate() {
                     let is_key = argv[mask_at][j] == b'k';
-                    argv.push(if is_key { number(keys.index(arg)) } else { arg });
+                    argv.push(if is_key {
+                        // A key seen before hands its buffer back for its index.
+                        let (at, spare) = keys.index(arg);
+                        number_in(at, spare)
+                    } else {
+                        arg
+                    });
                 }
             }
         }
@@ -482,6 +498,20 @@ fn number(n: impl itoa::Integer) -> Vec<u8> {
     itoa::Buffer::new().format(n).as_bytes().to_vec()
 }
 
+/// [`number`] written into `buf` when there is one (saves an allocation and a free).
+fn number_in(n: impl itoa::Integer, buf: Option<Vec<u8>>) -> Vec<u8> {
+    let mut digits = itoa::Buffer::new();
+    let text = digits.format(n).as_bytes();
+    match buf {
+        Some(mut buf) => {
+            buf.clear();
+            buf.extend_from_slice(text);
+            buf
+        }
+        None => text.to_vec(),
+    }
+}
+
 /// The default [`Host::redis_once`]: the `EVAL` and the `then` commands in one pipeline.
 pub fn apply_by_script(
     host: &(impl Host + ?Sized),
@@ -525,15 +555,15 @@ impl Keys {
         }
     }
 
-    /// The index of `key`, added if new.
-    fn index(&mut self, key: Vec<u8>) -> usize {
+    /// The index of `key`, added if new; a key already there is handed back.
+    fn index(&mut self, key: Vec<u8>) -> (usize, Option<Vec<u8>>) {
         let h = FxBuildHasher.hash_one(&key);
         match self.at.get(&h) {
-            Some(&i) if self.list[i - 1] == key => return i,
+            Some(&i) if self.list[i - 1] == key => return (i, Some(key)),
             // Two keys with one hash: rare enough for a scan.
             Some(_) => {
                 if let Some(p) = self.list.iter().position(|k| *k == key) {
-                    return p + 1;
+                    return (p + 1, Some(key));
                 }
             }
             None => {}
@@ -541,7 +571,7 @@ impl Keys {
         self.list.push(key);
         let i = self.list.len();
         self.at.entry(h).or_insert(i);
-        i
+        (i, None)
     }
 }
 

@@ -29,9 +29,10 @@ use std::cell::Cell;
 
 use fanout_sdk::http::{header, json_post_request, Request, Response, MAX_IN_FLIGHT};
 use fanout_sdk::{
-    describe, event_json_string, export_sink, Batch, CapabilityError, Event, Host, Level,
-    Rejection, Sink, WriteOutcome,
+    describe, event_json_string, export_sink, write_event_json, Batch, CapabilityError, Event,
+    Host, Level, Rejection, Sink, WriteOutcome,
 };
+use rustc_hash::FxHashSet;
 use serde::Deserialize;
 
 /// What happens when an event still fails after its retries.
@@ -215,6 +216,32 @@ pub fn batch_key(events: &[Event<'_>]) -> String {
     format!("batch-{}", key.trim_start_matches("fanout-"))
 }
 
+/// The events of a batch with one copy per event id (the first), in order.
+pub fn first_by_event_id<'b>(batch: &'b Batch) -> Vec<Event<'b>> {
+    let mut seen = FxHashSet::with_capacity_and_hasher(batch.events.len(), Default::default());
+    batch
+        .events
+        .iter()
+        .filter(|e| seen.insert(e.event_id()))
+        .collect()
+}
+
+/// The body of a batch request: the JSON array of the events' SPEC-4 records, written into one
+/// buffer.
+pub fn json_array(events: &[Event<'_>]) -> String {
+    // About 250 bytes a record: one allocation for most batches.
+    let mut body = String::with_capacity(2 + events.len() * 280);
+    body.push('[');
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        write_event_json(*e, &mut body);
+    }
+    body.push(']');
+    body
+}
+
 /// The outcome of delivering one request with its retries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
@@ -344,25 +371,11 @@ impl ExternalApi {
         match self.cfg.mode {
             Mode::PerEvent => return self.write_per_event(host, batch, deadline),
             Mode::Batch => {
-                let events: Vec<Event<'_>> = {
-                    let mut seen = std::collections::HashSet::new();
-                    batch
-                        .events
-                        .iter()
-                        .filter(|e| seen.insert(e.event_id()))
-                        .collect()
-                };
+                let events = first_by_event_id(batch);
                 if events.is_empty() {
                     return WriteOutcome::Accepted;
                 }
-                let body = format!(
-                    "[{}]",
-                    events
-                        .iter()
-                        .map(|e| event_json_string(*e))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                );
+                let body = json_array(&events);
                 let key = batch_key(&events);
                 let seed = events[0].event_id() as u64;
                 match self.deliver(host, &body, &key, seed, deadline) {
@@ -392,11 +405,8 @@ impl ExternalApi {
     /// waves of only the events that failed retriably, after the longest of their backoffs,
     /// until they are delivered, out of retries, or out of budget.
     fn write_per_event(&self, host: &impl Host, batch: &Batch, deadline: i64) -> WriteOutcome {
-        let mut seen = std::collections::HashSet::new();
-        let mut pending: Vec<Pending> = batch
-            .events
-            .iter()
-            .filter(|e| seen.insert(e.event_id()))
+        let mut pending: Vec<Pending> = first_by_event_id(batch)
+            .into_iter()
             .enumerate()
             .map(|(index, e)| Pending {
                 index,
