@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::Event;
+use crate::{packed, Event};
 
 /// The JSON record of one enriched event. Field order is the SPEC's; absent values are
 /// `null` (never omitted); `event_ts` is `YYYY-MM-DD HH:MM:SS` UTC, whole seconds.
@@ -76,15 +76,15 @@ pub fn write_event_json(e: Event<'_>, out: &mut String) {
     out.push_str(",\"user_id\":");
     push_opt_int(out, e.user_id());
     out.push_str(",\"event_type\":");
-    push_opt_str(out, e.event_type());
+    push_opt_json(out, e.json_str_at(packed::EVENT_TYPE_AT));
     out.push_str(",\"event_ts\":\"");
     crate::time::write_datetime(e.event_ts_micros(), out);
     out.push_str("\",\"duration_ms\":");
     push_opt_int(out, e.duration_ms().map(i64::from));
     out.push_str(",\"device\":");
-    push_opt_str(out, e.device());
+    push_opt_json(out, e.json_str_at(packed::DEVICE_AT));
     out.push_str(",\"content_type\":");
-    push_opt_str(out, e.content_type());
+    push_opt_json(out, e.json_str_at(packed::CONTENT_TYPE_AT));
     out.push_str(",\"length_seconds\":");
     push_opt_int(out, e.length_seconds().map(i64::from));
     out.push_str(",\"engagement_seconds\":");
@@ -105,40 +105,24 @@ fn push_opt_int(out: &mut String, v: Option<i64>) {
     }
 }
 
-/// A float as serde_json writes it (its formatter: shortest exact form, `7.0`); a non-finite
-/// one (never sent by the host) as `null`, like [`EventRecord`].
+/// A float as serde_json writes it (shortest exact form, `7.0`, by zmij); a non-finite one
+/// (never sent by the host) as `null`, like [`EventRecord`].
 fn push_opt_f64(out: &mut String, v: Option<f64>) {
-    use serde_json::ser::Formatter as _;
-    let Some(v) = v.filter(|v| v.is_finite()) else {
-        out.push_str("null");
-        return;
-    };
-    // The longest shortest-form double is 24 characters.
-    let mut buf = [0u8; 40];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let written = serde_json::ser::CompactFormatter
-        .write_f64(&mut cursor, v)
-        .map(|()| cursor.position() as usize);
-    match written
-        .ok()
-        .and_then(|n| std::str::from_utf8(&buf[..n]).ok())
-    {
-        Some(text) => out.push_str(text),
-        // Unreachable with 40 bytes of room; the serde path stays correct if it ever is.
-        None => out.push_str(&serde_json::Value::from(v).to_string()),
-    }
-}
-
-fn push_opt_str(out: &mut String, v: Option<&str>) {
-    match v {
-        Some(v) => push_json_str(out, v),
+    match v.filter(|v| v.is_finite()) {
+        // What serde_json's formatter calls (the tests hold the two to the same bytes).
+        Some(v) => out.push_str(zmij::Buffer::new().format_finite(v)),
         None => out.push_str("null"),
     }
 }
 
+/// A string already quoted and escaped (once per batch, by [`crate::PackedEvents`]), or `null`.
+fn push_opt_json(out: &mut String, v: Option<&str>) {
+    out.push_str(v.unwrap_or("null"));
+}
+
 /// A JSON string with serde_json's escapes: `\"`, `\\`, `\b \t \n \f \r`, other control
 /// characters as `\u00xx` (lowercase hex); everything else as it is.
-fn push_json_str(out: &mut String, v: &str) {
+pub(crate) fn push_json_str(out: &mut String, v: &str) {
     out.push('"');
     let mut start = 0;
     for (i, b) in v.bytes().enumerate() {
