@@ -27,7 +27,7 @@
 
 use std::cell::Cell;
 
-use fanout_sdk::http::{header, json_post_request, Request, Response, MAX_IN_FLIGHT};
+use fanout_sdk::http::{header, json_post_request_owned, Request, Response, MAX_IN_FLIGHT};
 use fanout_sdk::{
     describe, event_json_string, export_sink, write_event_json, Batch, CapabilityError, Event,
     Host, Level, Rejection, Sink, WriteOutcome,
@@ -282,22 +282,28 @@ impl ExternalApi {
         }
     }
 
-    fn request(&self, body: &str, key: &str) -> Request {
-        let mut headers: Vec<(&str, &str)> = vec![("Idempotency-Key", key)];
+    fn request(&self, body: String, key: &str) -> Request {
+        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(1 + self.cfg.headers.len());
+        headers.push(("Idempotency-Key", key));
         headers.extend(
             self.cfg
                 .headers
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str())),
         );
-        json_post_request(&self.cfg.url, body, &headers, self.cfg.timeout_ms)
+        json_post_request_owned(
+            &self.cfg.url,
+            body.into_bytes(),
+            &headers,
+            self.cfg.timeout_ms,
+        )
     }
 
     /// Sends one request (body + idempotency key) with retries, within `deadline_micros`.
     pub fn deliver(
         &self,
         host: &impl Host,
-        body: &str,
+        body: String,
         key: &str,
         seed: u64,
         deadline_micros: i64,
@@ -378,7 +384,7 @@ impl ExternalApi {
                 let body = json_array(&events);
                 let key = batch_key(&events);
                 let seed = events[0].event_id() as u64;
-                match self.deliver(host, &body, &key, seed, deadline) {
+                match self.deliver(host, body, &key, seed, deadline) {
                     Delivery::Delivered => delivered += events.len() as u64,
                     Delivery::Failed {
                         not_granted: true,
@@ -411,7 +417,7 @@ impl ExternalApi {
             .map(|(index, e)| Pending {
                 index,
                 event_id: e.event_id(),
-                request: self.request(&event_json_string(e), &format!("event-{}", e.event_id())),
+                request: self.request(event_json_string(e), &format!("event-{}", e.event_id())),
                 jitter: Jitter::new(e.event_id() as u64),
                 reason: String::new(),
             })
@@ -423,7 +429,7 @@ impl ExternalApi {
         let mut gave_up: Vec<(usize, i64, String)> = Vec::new();
         let mut retry = 0u32;
         while !pending.is_empty() {
-            let answers = self.send_wave(host, &pending, deadline);
+            let answers = self.send_wave(host, &mut pending, deadline);
             let mut again: Vec<Pending> = Vec::new();
             let mut wait = 0u64;
             let mut rest = pending.into_iter();
@@ -522,13 +528,32 @@ impl ExternalApi {
     fn send_wave(
         &self,
         host: &impl Host,
-        pending: &[Pending],
+        pending: &mut [Pending],
         deadline: i64,
     ) -> Vec<Result<Response, CapabilityError>> {
-        let requests: Vec<Request> = pending.iter().map(|p| p.request.clone()).collect();
+        // The requests move out for the call and back after it (a retry sends them again):
+        // no copy of bodies and headers per wave.
+        let requests: Vec<Request> = pending
+            .iter_mut()
+            .map(|p| std::mem::replace(&mut p.request, empty_request()))
+            .collect();
+        let answers = self.send_requests(host, &requests, deadline);
+        for (p, r) in pending.iter_mut().zip(requests) {
+            p.request = r;
+        }
+        answers
+    }
+
+    /// [`ExternalApi::send_wave`]'s calls: all at once, or paced.
+    fn send_requests(
+        &self,
+        host: &impl Host,
+        requests: &[Request],
+        deadline: i64,
+    ) -> Vec<Result<Response, CapabilityError>> {
         let rate = self.cfg.max_requests_per_second;
         if rate == 0 {
-            return host.http_send_all(&requests, self.cfg.concurrency);
+            return host.http_send_all(requests, self.cfg.concurrency);
         }
         // About ten slices a second, each started only when the rate allows it.
         let slice = (rate / 10).max(1) as usize;
@@ -599,6 +624,17 @@ impl ExternalApi {
         );
         host.log(Level::Warn, &msg);
         WriteOutcome::RetryLater(msg)
+    }
+}
+
+/// A placeholder while a request is lent to the host (allocates nothing).
+fn empty_request() -> Request {
+    Request {
+        method: String::new(),
+        url: String::new(),
+        headers: Vec::new(),
+        body: Vec::new(),
+        timeout_ms: 0,
     }
 }
 
