@@ -70,8 +70,10 @@
 //! Migration from per-event markers: [`RedisOnce::legacy_markers`] also treats an existing
 //! `{prefix}{event_id}` key (`EXISTS`) as applied, for the time the old markers live.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use crate::redis::{Command, Commands, Reply};
 use crate::{CapabilityError, Event, Host, Position};
@@ -174,7 +176,8 @@ impl Applied {
 /// A Kafka position owned by a [`RedisOnce`] (the batch's [`Position`] borrows the batch).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OwnedPosition {
-    pub topic: String,
+    /// Shared by the events of one topic (one allocation per call, not per event).
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
 }
@@ -259,13 +262,21 @@ impl RedisOnce {
         position: Option<Position<'_>>,
         commands: impl Into<Commands>,
     ) -> &mut Commands {
-        self.events.push(OnceEvent {
-            event_id,
-            position: position.map(|p| OwnedPosition {
-                topic: p.topic.to_owned(),
+        let position = position.map(|p| {
+            // Events of a call mostly share one topic: the previous event's copy serves.
+            let topic = match self.events.last().and_then(|e| e.position.as_ref()) {
+                Some(q) if *q.topic == *p.topic => Arc::clone(&q.topic),
+                _ => Arc::from(p.topic),
+            };
+            OwnedPosition {
+                topic,
                 partition: p.partition,
                 offset: p.offset,
-            }),
+            }
+        });
+        self.events.push(OnceEvent {
+            event_id,
+            position,
             commands: commands.into(),
         });
         let last = self.events.len() - 1;
@@ -353,17 +364,34 @@ impl RedisOnce {
     /// are gone afterwards).
     fn take_eval(&mut self) -> Result<Command, CapabilityError> {
         let events = std::mem::take(&mut self.events);
-        let mut keys = Keys::default();
+        let mut keys = Keys::with_capacity(4 + events.len() * 2);
         keys.index(self.marks_key().into_bytes());
-        let mut argv: Vec<Vec<u8>> = Vec::with_capacity(3 + events.len() * 13);
+        let mut argv: Vec<Vec<u8>> = Vec::with_capacity(3 + events.len() * 24);
         argv.push(number(self.backfill_ttl_seconds));
         argv.push(number(self.live_ttl_seconds));
         argv.push(number(events.len()));
+        // Consecutive events mostly share a partition and a bitmap (65,536 ids each): their
+        // marks field and bitmap key indexes are made once and reused.
+        let mut fields: Vec<(Arc<str>, i32, Vec<u8>)> = Vec::new();
+        let mut bitmap: Option<(i64, usize)> = None;
+        let mut live_bitmap: Option<(i64, usize)> = None;
         for e in events {
-            argv.push(number(e.event_id));
+            let id = e.event_id;
+            let n = id.div_euclid(IDS_PER_BITMAP);
+            argv.push(number(id));
             match &e.position {
                 Some(p) => {
-                    argv.push(p.field().into_bytes());
+                    let field = match fields.iter().find(|(topic, partition, _)| {
+                        *partition == p.partition && *topic == p.topic
+                    }) {
+                        Some((_, _, f)) => f.clone(),
+                        None => {
+                            let f = p.field().into_bytes();
+                            fields.push((Arc::clone(&p.topic), p.partition, f.clone()));
+                            f
+                        }
+                    };
+                    argv.push(field);
                     argv.push(number(p.offset));
                 }
                 None => {
@@ -371,17 +399,33 @@ impl RedisOnce {
                     argv.push(Vec::new());
                 }
             }
-            argv.push(number(keys.index(self.bitmap_key(e.event_id).into_bytes())));
-            argv.push(number(e.event_id.rem_euclid(IDS_PER_BITMAP)));
+            let at = match bitmap {
+                Some((m, at)) if m == n => at,
+                _ => keys.index(self.bitmap_key(id).into_bytes()).0,
+            };
+            bitmap = Some((n, at));
+            argv.push(number(at));
+            argv.push(number(id.rem_euclid(IDS_PER_BITMAP)));
             // Backfilled events never read or write the live bitmap: no key for them.
-            let live = match e.position {
-                Some(_) => keys.index(self.live_bitmap_key(e.event_id).into_bytes()),
-                None => 0,
+            let live = match (&e.position, live_bitmap) {
+                (None, _) => 0,
+                (Some(_), Some((m, at))) if m == n => at,
+                (Some(_), _) => {
+                    let at = keys.index(self.live_bitmap_key(id).into_bytes()).0;
+                    live_bitmap = Some((n, at));
+                    at
+                }
             };
             argv.push(number(live));
-            let legacy = self
-                .legacy_marker_key(e.event_id)
-                .map_or(0, |k| keys.index(k.into_bytes()));
+            let legacy = match &self.legacy_marker_prefix {
+                Some(prefix) => {
+                    let mut key = Vec::with_capacity(prefix.len() + 20);
+                    key.extend_from_slice(prefix.as_bytes());
+                    key.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
+                    keys.index(key).0
+                }
+                None => 0,
+            };
             argv.push(number(legacy));
             argv.push(number(e.commands.len()));
             for c in e.commands.into_vec() {
@@ -390,7 +434,13 @@ impl RedisOnce {
                 argv.push(mask_letters(&c)?);
                 for (j, arg) in c.into_iter().enumerate() {
                     let is_key = argv[mask_at][j] == b'k';
-                    argv.push(if is_key { number(keys.index(arg)) } else { arg });
+                    argv.push(if is_key {
+                        // A key seen before hands its buffer back for its index.
+                        let (at, spare) = keys.index(arg);
+                        number_in(at, spare)
+                    } else {
+                        arg
+                    });
                 }
             }
         }
@@ -444,8 +494,22 @@ fn parse_codes(ids: &[i64], reply: &Reply) -> Result<Vec<(i64, Outcome)>, Capabi
 }
 
 /// A number as the script reads it.
-fn number(n: impl ToString) -> Vec<u8> {
-    n.to_string().into_bytes()
+fn number(n: impl itoa::Integer) -> Vec<u8> {
+    itoa::Buffer::new().format(n).as_bytes().to_vec()
+}
+
+/// [`number`] written into `buf` when there is one (saves an allocation and a free).
+fn number_in(n: impl itoa::Integer, buf: Option<Vec<u8>>) -> Vec<u8> {
+    let mut digits = itoa::Buffer::new();
+    let text = digits.format(n).as_bytes();
+    match buf {
+        Some(mut buf) => {
+            buf.clear();
+            buf.extend_from_slice(text);
+            buf
+        }
+        None => text.to_vec(),
+    }
 }
 
 /// The default [`Host::redis_once`]: the `EVAL` and the `then` commands in one pipeline.
@@ -476,23 +540,30 @@ pub fn apply_by_script(
 }
 
 /// The deduplicated KEYS of a script, 1-based as Lua sees them, in first-seen order.
-#[derive(Default)]
 struct Keys {
     list: Vec<Vec<u8>>,
-    /// Hash of a key -> its index (the first key with that hash; others are searched).
-    at: HashMap<u64, usize>,
-    hasher: RandomState,
+    /// Hash of a key -> its index (the first key with that hash; others are searched). FxHash:
+    /// the keys come from the plugin and the host, and a collision only costs a scan.
+    at: FxHashMap<u64, usize>,
 }
 
 impl Keys {
-    fn index(&mut self, key: Vec<u8>) -> usize {
-        let h = self.hasher.hash_one(&key);
+    fn with_capacity(n: usize) -> Self {
+        Keys {
+            list: Vec::with_capacity(n),
+            at: FxHashMap::with_capacity_and_hasher(n, FxBuildHasher),
+        }
+    }
+
+    /// The index of `key`, added if new; a key already there is handed back.
+    fn index(&mut self, key: Vec<u8>) -> (usize, Option<Vec<u8>>) {
+        let h = FxBuildHasher.hash_one(&key);
         match self.at.get(&h) {
-            Some(&i) if self.list[i - 1] == key => return i,
+            Some(&i) if self.list[i - 1] == key => return (i, Some(key)),
             // Two keys with one hash: rare enough for a scan.
             Some(_) => {
                 if let Some(p) = self.list.iter().position(|k| *k == key) {
-                    return p + 1;
+                    return (p + 1, Some(key));
                 }
             }
             None => {}
@@ -500,7 +571,7 @@ impl Keys {
         self.list.push(key);
         let i = self.list.len();
         self.at.entry(h).or_insert(i);
-        i
+        (i, None)
     }
 }
 
@@ -675,6 +746,7 @@ mod tests {
     use super::*;
     use crate::testing::{batch, batch_at, event, Call, MockHost};
     use crate::Batch;
+    use std::collections::HashMap;
 
     const SCOPE: &str = "dc:once:";
 

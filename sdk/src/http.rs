@@ -15,13 +15,25 @@ pub fn json_post_request(
     headers: &[(&str, &str)],
     timeout_ms: u32,
 ) -> Request {
-    let mut all = vec![("Content-Type".to_string(), "application/json".to_string())];
+    json_post_request_owned(url, body.as_bytes().to_vec(), headers, timeout_ms)
+}
+
+/// [`json_post_request`] taking the body by value: a body built for the request (a batch's
+/// JSON array, an event's record) moves into it instead of being copied.
+pub fn json_post_request_owned(
+    url: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+    timeout_ms: u32,
+) -> Request {
+    let mut all = Vec::with_capacity(1 + headers.len());
+    all.push(("Content-Type".to_string(), "application/json".to_string()));
     all.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Request {
         method: "POST".into(),
         url: url.into(),
         headers: all,
-        body: body.as_bytes().to_vec(),
+        body,
         timeout_ms,
     }
 }

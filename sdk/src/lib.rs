@@ -92,7 +92,7 @@ pub use bindings::fanout::sink::errors::CapabilityError;
 pub use bindings::fanout::sink::log::Level;
 pub use bindings::fanout::sink::types::{EnrichedEvent, Rejection, SourceRange, WriteOutcome};
 pub use config::NoConfig;
-pub use event::{event_json, event_json_string, format_event_ts, EventRecord};
+pub use event::{event_json, event_json_string, format_event_ts, write_event_json, EventRecord};
 pub use exactly_once::{Applied, Outcome, RedisOnce};
 pub use packed::{Event, EventFields, PackedEvents, Position};
 

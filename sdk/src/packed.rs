@@ -43,6 +43,10 @@ pub const MAGIC: [u8; 4] = *b"FPB1";
 pub const HEADER_BYTES: usize = 16;
 /// Bytes of one row in version 1.
 pub const ROW_BYTES: usize = 88;
+/// Row offsets of the string fields.
+pub(crate) const EVENT_TYPE_AT: usize = 68;
+pub(crate) const DEVICE_AT: usize = 72;
+pub(crate) const CONTENT_TYPE_AT: usize = 76;
 /// String index meaning "none".
 const NO_STRING: u32 = u32::MAX;
 
@@ -210,6 +214,9 @@ pub struct PackedEvents {
     /// The batch's distinct strings (a handful), validated and copied once so that reading
     /// one is free.
     strings: Vec<String>,
+    /// The same strings as quoted, escaped JSON: the SPEC-4 record of every event repeats
+    /// them, so they are escaped once per batch.
+    json_strings: Vec<String>,
 }
 
 impl fmt::Debug for PackedEvents {
@@ -238,7 +245,8 @@ impl PackedEvents {
     /// The events with one copy per event_id (the last one), in first-seen order: what a sink
     /// that keys rows by event id writes (a batch may hold a replayed copy).
     pub fn unique_by_event_id(&self) -> Vec<Event<'_>> {
-        let mut index: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+        let mut index: rustc_hash::FxHashMap<i64, usize> =
+            rustc_hash::FxHashMap::with_capacity_and_hasher(self.len(), Default::default());
         let mut out: Vec<Event<'_>> = Vec::with_capacity(self.len());
         for e in self.iter() {
             match index.get(&e.event_id()) {
@@ -305,11 +313,20 @@ impl PackedEvents {
                 return err("a position without a topic");
             }
         }
+        let json_strings = strings
+            .iter()
+            .map(|s| {
+                let mut quoted = String::with_capacity(s.len() + 2);
+                crate::event::push_json_str(&mut quoted, s);
+                quoted
+            })
+            .collect();
         Ok(PackedEvents {
             buf,
             count,
             row_bytes,
             strings,
+            json_strings,
         })
     }
 
@@ -346,6 +363,10 @@ impl PackedEvents {
 
     fn string(&self, index: u32) -> Option<&str> {
         self.strings.get(index as usize).map(String::as_str)
+    }
+
+    fn json_string(&self, index: u32) -> Option<&str> {
+        self.json_strings.get(index as usize).map(String::as_str)
     }
 }
 
@@ -419,6 +440,14 @@ impl<'a> Event<'a> {
         }
     }
 
+    /// The string field at `at` as quoted, escaped JSON (for [`crate::write_event_json`]).
+    pub(crate) fn json_str_at(&self, at: usize) -> Option<&'a str> {
+        match u32_at(self.row, at) {
+            NO_STRING => None,
+            i => self.events.json_string(i),
+        }
+    }
+
     /// engagement_events.id: the idempotency key of every sink.
     pub fn event_id(&self) -> i64 {
         i64_at(self.row, 0)
@@ -430,7 +459,7 @@ impl<'a> Event<'a> {
         self.i64_if(16, F_USER_ID)
     }
     pub fn event_type(&self) -> Option<&'a str> {
-        self.str_at(68)
+        self.str_at(EVENT_TYPE_AT)
     }
     /// Event time, UTC microseconds since the Unix epoch.
     pub fn event_ts_micros(&self) -> i64 {
@@ -440,11 +469,11 @@ impl<'a> Event<'a> {
         self.i32_if(60, F_DURATION_MS)
     }
     pub fn device(&self) -> Option<&'a str> {
-        self.str_at(72)
+        self.str_at(DEVICE_AT)
     }
     /// From the content table; none when the content row is unknown.
     pub fn content_type(&self) -> Option<&'a str> {
-        self.str_at(76)
+        self.str_at(CONTENT_TYPE_AT)
     }
     pub fn length_seconds(&self) -> Option<i32> {
         self.i32_if(64, F_LENGTH_SECONDS)

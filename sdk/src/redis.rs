@@ -86,17 +86,25 @@ impl ToArg for fmt::Arguments<'_> {
         out
     }
 }
-/// Integers and floats as their decimal text (`1`, `-7`, `0.5`), as Redis reads numbers.
-macro_rules! number_arg {
+/// Integers as their decimal text (`1`, `-7`), as Redis reads numbers: written by `itoa`
+/// (a per-event path; `to_string` goes through `core::fmt`).
+macro_rules! integer_arg {
     ($($t:ty),*) => {$(
         impl ToArg for $t {
             fn into_arg(self) -> Vec<u8> {
-                self.to_string().into_bytes()
+                itoa::Buffer::new().format(self).as_bytes().to_vec()
             }
         }
     )*};
 }
-number_arg!(i32, i64, u32, u64, usize, f64);
+integer_arg!(i32, i64, u32, u64, usize);
+
+/// A float as `Display` prints it (`0.5`, `7`).
+impl ToArg for f64 {
+    fn into_arg(self) -> Vec<u8> {
+        self.to_string().into_bytes()
+    }
+}
 
 /// Redis commands under construction: the list that crosses the WIT boundary, built in place.
 /// `cmd` starts a command, `arg` appends to the last one. Used by [`Pipeline`] and by

@@ -54,20 +54,62 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// past). This is the `event_ts` format of the enriched record and what ClickHouse's
 /// `DateTime` parses.
 pub fn format_datetime(micros: i64) -> String {
+    let mut out = String::with_capacity(19);
+    write_datetime(micros, &mut out);
+    out
+}
+
+/// [`format_datetime`] appended to `out` (no allocation of its own: the per-event path of the
+/// JSON record and of Redis arguments).
+pub fn write_datetime(micros: i64, out: &mut String) {
     let t = UtcDateTime::from_micros(micros);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        t.year, t.month, t.day, t.hour, t.minute, t.second
-    )
+    write_year(t.year, out);
+    out.push('-');
+    write_2(t.month, out);
+    out.push('-');
+    write_2(t.day, out);
+    out.push(' ');
+    write_2(t.hour, out);
+    out.push(':');
+    write_2(t.minute, out);
+    out.push(':');
+    write_2(t.second, out);
 }
 
 /// `YYYYMMDDHHMM` of the UTC minute that contains `micros`.
 pub fn minute_key(micros: i64) -> String {
+    let mut out = String::with_capacity(12);
+    write_minute_key(micros, &mut out);
+    out
+}
+
+/// [`minute_key`] appended to `out`.
+pub fn write_minute_key(micros: i64, out: &mut String) {
     let t = UtcDateTime::from_micros(micros);
-    format!(
-        "{:04}{:02}{:02}{:02}{:02}",
-        t.year, t.month, t.day, t.hour, t.minute
-    )
+    write_year(t.year, out);
+    write_2(t.month, out);
+    write_2(t.day, out);
+    write_2(t.hour, out);
+    write_2(t.minute, out);
+}
+
+/// A year as `{:04}` prints it (sign-aware zero padding to 4 characters).
+fn write_year(year: i64, out: &mut String) {
+    if (0..10_000).contains(&year) {
+        let y = year as u32;
+        write_2(y / 100, out);
+        write_2(y % 100, out);
+    } else {
+        use std::fmt::Write as _;
+        // Writing into a String cannot fail.
+        let _ = write!(out, "{year:04}");
+    }
+}
+
+/// A value below 100 as `{:02}` prints it.
+fn write_2(v: u32, out: &mut String) {
+    out.push(char::from(b'0' + (v / 10 % 10) as u8));
+    out.push(char::from(b'0' + (v % 10) as u8));
 }
 
 /// The start of the UTC minute that contains `micros`, in Unix seconds.
@@ -114,5 +156,36 @@ mod tests {
         );
         assert_eq!(minute_key(-1), "196912312359");
         assert_eq!(minute_start_secs(-1), -60);
+    }
+
+    /// The hand-written digits print what `format!` with `{:04}`/`{:02}` printed, also for
+    /// years outside 0..=9999.
+    #[test]
+    fn digits_match_the_format_macro() {
+        let days = 86_400 * MICROS_PER_SECOND;
+        let mut micros: Vec<i64> = (-800_000..800_000)
+            .step_by(997)
+            .map(|d: i64| d * days + d.rem_euclid(86_400) * MICROS_PER_SECOND + d % 7)
+            .collect();
+        micros.extend([
+            i64::MIN / 2,
+            -62_167_219_200_000_001,
+            253_402_300_800_000_000,
+            0,
+            -1,
+        ]);
+        for m in micros {
+            let t = UtcDateTime::from_micros(m);
+            let want = format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                t.year, t.month, t.day, t.hour, t.minute, t.second
+            );
+            assert_eq!(format_datetime(m), want, "{m}");
+            let want = format!(
+                "{:04}{:02}{:02}{:02}{:02}",
+                t.year, t.month, t.day, t.hour, t.minute
+            );
+            assert_eq!(minute_key(m), want, "{m}");
+        }
     }
 }

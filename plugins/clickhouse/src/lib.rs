@@ -12,13 +12,12 @@
 //! 3. the table is a `ReplacingMergeTree` ordered by event_id, so duplicates that race past the
 //!    lookup (two writers at once) are merged away, and `... FINAL` dedups at query time.
 
-use std::collections::HashSet;
-
 use fanout_sdk::clickhouse::quote_ident;
 use fanout_sdk::{
     describe, event_json_string, export_sink, Batch, CapabilityError, Host, Level, Sink,
     WriteOutcome,
 };
+use rustc_hash::FxHashSet;
 use serde::Deserialize;
 
 /// `[plugins.config]` of the plugin.
@@ -106,17 +105,24 @@ impl Config {
 
     /// The query listing which of `ids` the table already has.
     pub fn lookup_sql(&self, ids: &[i64]) -> String {
-        let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        format!(
-            "SELECT DISTINCT event_id FROM {} WHERE event_id IN ({}) FORMAT TabSeparated",
-            self.qualified(),
-            list.join(",")
-        )
+        let mut sql = String::with_capacity(128 + ids.len() * 12);
+        sql.push_str("SELECT DISTINCT event_id FROM ");
+        sql.push_str(&self.qualified());
+        sql.push_str(" WHERE event_id IN (");
+        let mut digits = itoa::Buffer::new();
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(digits.format(*id));
+        }
+        sql.push_str(") FORMAT TabSeparated");
+        sql
     }
 }
 
 /// Event ids in a `TabSeparated` answer of [`Config::lookup_sql`].
-pub fn parse_ids(body: &str) -> Result<HashSet<i64>, String> {
+pub fn parse_ids(body: &str) -> Result<FxHashSet<i64>, String> {
     body.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -165,7 +171,7 @@ impl ClickHouseSink {
             ));
         }
         let events = batch.events.unique_by_event_id();
-        let mut existing = HashSet::new();
+        let mut existing = FxHashSet::default();
         if self.cfg.skip_existing && !events.is_empty() {
             let ids: Vec<i64> = events.iter().map(|e| e.event_id()).collect();
             for chunk in ids.chunks(self.cfg.lookup_chunk) {

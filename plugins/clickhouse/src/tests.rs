@@ -195,7 +195,26 @@ fn the_retry_after_a_failure_creates_the_table_again() {
 
 #[test]
 fn parses_lookup_answers() {
-    assert_eq!(parse_ids("").unwrap(), HashSet::new());
-    assert_eq!(parse_ids("5\n7\n").unwrap(), HashSet::from([5, 7]));
+    assert_eq!(parse_ids("").unwrap(), FxHashSet::default());
+    assert_eq!(parse_ids("5\n7\n").unwrap(), FxHashSet::from_iter([5, 7]));
     assert!(parse_ids("x").is_err());
+}
+
+#[test]
+fn lookup_sql_lists_every_id() {
+    let c = Config::default();
+    assert_eq!(
+        c.lookup_sql(&[i64::MIN, -1, 0, 42, i64::MAX]),
+        format!(
+            "SELECT DISTINCT event_id FROM `engagement`.`events_enriched` WHERE event_id IN \
+             ({},-1,0,42,{}) FORMAT TabSeparated",
+            i64::MIN,
+            i64::MAX
+        )
+    );
+    assert_eq!(
+        c.lookup_sql(&[7]),
+        "SELECT DISTINCT event_id FROM `engagement`.`events_enriched` WHERE event_id IN (7) \
+         FORMAT TabSeparated"
+    );
 }

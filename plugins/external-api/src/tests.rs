@@ -520,3 +520,23 @@ fn batch_mode_one_post_with_stable_key() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The batch body is the JSON array of the records, the first copy of each event id kept.
+#[test]
+fn batch_body_is_the_array_of_first_copies() {
+    let mut second = event(1, Some(9), T + 1);
+    second.device = Some("tv".into());
+    let b = batch(vec![
+        event(1, Some(1), T),
+        event(2, None, T),
+        second,
+        event(3, Some(2), T),
+    ]);
+    let events = first_by_event_id(&b);
+    let ids: Vec<i64> = events.iter().map(|e| e.event_id()).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    assert_eq!(events[0].content_id(), Some(1), "the first copy");
+    let rows: Vec<String> = events.iter().map(|e| event_json_string(*e)).collect();
+    assert_eq!(json_array(&events), format!("[{}]", rows.join(",")));
+    assert_eq!(json_array(&[]), "[]");
+}

@@ -225,30 +225,75 @@ impl std::fmt::Display for ContentKey<'_> {
     }
 }
 
-/// Adds the commands that apply one event (with content `content_id`) exactly once: `INCR` of
-/// its count, and `ZINCRBY` + `EXPIREAT` of its minute bucket unless that would already be
-/// expired.
-pub fn event_commands(
-    cfg: &Config,
-    commands: &mut Commands,
-    e: &Event<'_>,
-    content_id: i64,
+/// Writes the per-event commands of one batch. The keys repeat within a batch, so they are
+/// made once where they can be: the bucket key and its expiry once per distinct minute (a
+/// batch spans a few), the count key in a reused buffer (no `core::fmt` per event).
+pub struct EventCommands<'c> {
+    cfg: &'c Config,
     now_micros: i64,
-) {
-    commands
-        .cmd("INCR")
-        .arg(format_args!("{}", cfg.count_key(content_id)));
-    let expire_at = cfg.bucket_expire_at(e.event_ts_micros(), now_micros);
-    if expire_at > 0 {
-        let bucket = cfg.bucket_key(e.event_ts_micros());
-        commands
-            .cmd("ZINCRBY")
-            .arg(&bucket)
-            .arg(1)
-            .arg(content_id)
-            .cmd("EXPIREAT")
-            .arg(bucket)
-            .arg(expire_at);
+    /// `{key_prefix}content:count:`, then the content id of the last key written.
+    count_key: Vec<u8>,
+    count_prefix: usize,
+    /// (minute since the epoch, bucket key, expire-at) of recent minutes, newest last.
+    minutes: Vec<(i64, Vec<u8>, i64)>,
+}
+
+/// Distinct minutes remembered per batch (a longer run of them starts again).
+const MINUTES_KEPT: usize = 16;
+
+impl<'c> EventCommands<'c> {
+    pub fn new(cfg: &'c Config, now_micros: i64) -> Self {
+        let mut count_key = Vec::with_capacity(cfg.key_prefix.len() + 40);
+        count_key.extend_from_slice(cfg.key_prefix.as_bytes());
+        count_key.extend_from_slice(b"content:count:");
+        EventCommands {
+            cfg,
+            now_micros,
+            count_prefix: count_key.len(),
+            count_key,
+            minutes: Vec::new(),
+        }
+    }
+
+    /// Adds the commands that apply one event (with content `content_id`) exactly once: `INCR`
+    /// of its count, and `ZINCRBY` + `EXPIREAT` of its minute bucket unless that would already
+    /// be expired.
+    pub fn add(&mut self, commands: &mut Commands, e: &Event<'_>, content_id: i64) {
+        self.count_key.truncate(self.count_prefix);
+        self.count_key
+            .extend_from_slice(itoa::Buffer::new().format(content_id).as_bytes());
+        commands.cmd("INCR").arg(&self.count_key[..]);
+        let (bucket, expire_at) = self.bucket(e.event_ts_micros());
+        if expire_at > 0 {
+            commands
+                .cmd("ZINCRBY")
+                .arg(bucket)
+                .arg(1)
+                .arg(content_id)
+                .cmd("EXPIREAT")
+                .arg(bucket)
+                .arg(expire_at);
+        }
+    }
+
+    /// [`Config::bucket_key`] and [`Config::bucket_expire_at`] of an event time.
+    fn bucket(&mut self, micros: i64) -> (&[u8], i64) {
+        let minute = micros.div_euclid(MICROS_PER_MINUTE);
+        let found = self.minutes.iter().rposition(|(m, _, _)| *m == minute);
+        let at = match found {
+            Some(at) => at,
+            None => {
+                if self.minutes.len() >= MINUTES_KEPT {
+                    self.minutes.clear();
+                }
+                let key = self.cfg.bucket_key(micros).into_bytes();
+                let expire_at = self.cfg.bucket_expire_at(micros, self.now_micros);
+                self.minutes.push((minute, key, expire_at));
+                self.minutes.len() - 1
+            }
+        };
+        let (_, key, expire_at) = &self.minutes[at];
+        (key, *expire_at)
     }
 }
 
@@ -330,10 +375,11 @@ impl Sink for RedisTopN {
             with_content.chunks(self.cfg.events_per_script).collect()
         };
         let (mut fresh, mut replayed) = (0u64, 0u64);
+        let mut event_commands = EventCommands::new(&self.cfg, now);
         for (i, chunk) in chunks.iter().enumerate() {
             let mut once = self.cfg.once();
             for (e, c) in chunk.iter() {
-                event_commands(&self.cfg, once.event(e), e, *c, now);
+                event_commands.add(once.event(e), e, *c);
             }
             // content:last and the window go with the last round trip, over the whole batch.
             if i + 1 == chunks.len() {

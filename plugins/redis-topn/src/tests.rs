@@ -88,9 +88,10 @@ fn event_commands_count_and_bucket() {
         event(16, Some(1), T),
         event(17, Some(1), T - 20 * MICROS_PER_MINUTE),
     ]);
-    let text = |e: Event<'_>| -> Vec<Vec<String>> {
+    let mut keys = EventCommands::new(&c, T);
+    let mut text = |e: Event<'_>| -> Vec<Vec<String>> {
         let mut cmds = Commands::new();
-        event_commands(&c, &mut cmds, &e, 1, T);
+        keys.add(&mut cmds, &e, 1);
         cmds.as_slice()
             .iter()
             .map(|c: &Command| {
@@ -122,6 +123,54 @@ fn event_commands_count_and_bucket() {
         text(b.events.get(1).unwrap()),
         vec![vec!["INCR".to_string(), "content:count:1".into()]]
     );
+}
+
+/// The keys made once per minute and in the reused buffer are the ones `format!` makes, over
+/// events that go back and forth across many minutes, contents and a key prefix.
+#[test]
+fn event_commands_match_formatted_keys_over_many_minutes() {
+    let mut c = cfg();
+    c.key_prefix = "p:".into();
+    let evs: Vec<_> = (0..400i64)
+        .map(|i| {
+            let back = (i * 7919) % (40 * MICROS_PER_MINUTE / MICROS_PER_SECOND);
+            event(i, Some(i % 23 - 3), T - back * MICROS_PER_SECOND)
+        })
+        .collect();
+    let b = batch(evs);
+    let mut keys = EventCommands::new(&c, T);
+    let mut got = Commands::new();
+    let mut want: Vec<Vec<String>> = Vec::new();
+    for e in b.events.iter() {
+        let content = e.content_id().unwrap();
+        keys.add(&mut got, &e, content);
+        want.push(vec!["INCR".into(), format!("p:content:count:{content}")]);
+        let at = c.bucket_expire_at(e.event_ts_micros(), T);
+        if at > 0 {
+            let bucket = format!("p:top:content:bucket:{}", minute_key(e.event_ts_micros()));
+            want.push(vec![
+                "ZINCRBY".into(),
+                bucket.clone(),
+                "1".into(),
+                content.to_string(),
+            ]);
+            want.push(vec!["EXPIREAT".into(), bucket, at.to_string()]);
+        }
+    }
+    let got: Vec<Vec<String>> = got
+        .as_slice()
+        .iter()
+        .map(|c| {
+            c.iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .collect();
+    assert!(
+        want.len() > 600 && want.len() < 1200,
+        "some events have buckets, some not"
+    );
+    assert_eq!(got, want);
 }
 
 #[test]
