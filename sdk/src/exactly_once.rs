@@ -357,19 +357,25 @@ impl RedisOnce {
     /// The `EVAL` of [`SCRIPT`] that applies these events (what [`Host::redis_once`] sends by
     /// default). Err when a command cannot run inside a script (a script command).
     pub fn eval_command(&self) -> Result<Command, CapabilityError> {
-        self.clone().take_eval()
+        let resp = self.clone().take_eval()?;
+        crate::resp::parse_owned(&resp)
+            .map_err(|e| CapabilityError::Failed(format!("redis: {e}")))?
+            .pop()
+            .ok_or_else(|| CapabilityError::Failed("redis: no EVAL written".into()))
     }
 
-    /// The `EVAL` of [`SCRIPT`] for the events, moving their arguments into it (the events
-    /// are gone afterwards).
-    fn take_eval(&mut self) -> Result<Command, CapabilityError> {
+    /// The `EVAL` of [`SCRIPT`] for the events, written in RESP (one command, as
+    /// `redis.pipeline-resp` takes it), moving their arguments into it (the events are gone
+    /// afterwards). The arguments go straight into one buffer: some 20 per event, each a
+    /// buffer of its own before.
+    fn take_eval(&mut self) -> Result<Vec<u8>, CapabilityError> {
         let events = std::mem::take(&mut self.events);
         let mut keys = Keys::with_capacity(4 + events.len() * 2);
         keys.index(self.marks_key().into_bytes());
-        let mut argv: Vec<Vec<u8>> = Vec::with_capacity(3 + events.len() * 24);
-        argv.push(number(self.backfill_ttl_seconds));
-        argv.push(number(self.live_ttl_seconds));
-        argv.push(number(events.len()));
+        let mut argv = crate::resp::Args::with_capacity(64 + events.len() * 192);
+        argv.number(self.backfill_ttl_seconds);
+        argv.number(self.live_ttl_seconds);
+        argv.number(events.len());
         // Consecutive events mostly share a partition and a bitmap (65,536 ids each): their
         // marks field and bitmap key indexes are made once and reused.
         let mut fields: Vec<(Arc<str>, i32, Vec<u8>)> = Vec::new();
@@ -378,79 +384,80 @@ impl RedisOnce {
         for e in events {
             let id = e.event_id;
             let n = id.div_euclid(IDS_PER_BITMAP);
-            argv.push(number(id));
+            argv.number(id);
             match &e.position {
                 Some(p) => {
-                    let field = match fields.iter().find(|(topic, partition, _)| {
+                    let known = fields.iter().position(|(topic, partition, _)| {
                         *partition == p.partition && *topic == p.topic
-                    }) {
-                        Some((_, _, f)) => f.clone(),
-                        None => {
-                            let f = p.field().into_bytes();
-                            fields.push((Arc::clone(&p.topic), p.partition, f.clone()));
-                            f
-                        }
-                    };
-                    argv.push(field);
-                    argv.push(number(p.offset));
+                    });
+                    let i = known.unwrap_or_else(|| {
+                        fields.push((Arc::clone(&p.topic), p.partition, p.field().into_bytes()));
+                        fields.len() - 1
+                    });
+                    argv.bytes(&fields[i].2);
+                    argv.number(p.offset);
                 }
                 None => {
-                    argv.push(Vec::new());
-                    argv.push(Vec::new());
+                    argv.bytes(b"");
+                    argv.bytes(b"");
                 }
             }
             let at = match bitmap {
                 Some((m, at)) if m == n => at,
-                _ => keys.index(self.bitmap_key(id).into_bytes()).0,
+                _ => keys.index(self.bitmap_key(id).into_bytes()),
             };
             bitmap = Some((n, at));
-            argv.push(number(at));
-            argv.push(number(id.rem_euclid(IDS_PER_BITMAP)));
+            argv.number(at);
+            argv.number(id.rem_euclid(IDS_PER_BITMAP));
             // Backfilled events never read or write the live bitmap: no key for them.
             let live = match (&e.position, live_bitmap) {
                 (None, _) => 0,
                 (Some(_), Some((m, at))) if m == n => at,
                 (Some(_), _) => {
-                    let at = keys.index(self.live_bitmap_key(id).into_bytes()).0;
+                    let at = keys.index(self.live_bitmap_key(id).into_bytes());
                     live_bitmap = Some((n, at));
                     at
                 }
             };
-            argv.push(number(live));
+            argv.number(live);
             let legacy = match &self.legacy_marker_prefix {
                 Some(prefix) => {
                     let mut key = Vec::with_capacity(prefix.len() + 20);
                     key.extend_from_slice(prefix.as_bytes());
                     key.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
-                    keys.index(key).0
+                    keys.index(key)
                 }
                 None => 0,
             };
-            argv.push(number(legacy));
-            argv.push(number(e.commands.len()));
+            argv.number(legacy);
+            argv.number(e.commands.len());
             for c in e.commands.into_vec() {
-                argv.push(number(c.len()));
-                let mask_at = argv.len();
-                argv.push(mask_letters(&c)?);
-                for (j, arg) in c.into_iter().enumerate() {
-                    let is_key = argv[mask_at][j] == b'k';
-                    argv.push(if is_key {
-                        // A key seen before hands its buffer back for its index.
-                        let (at, spare) = keys.index(arg);
-                        number_in(at, spare)
+                argv.number(c.len());
+                let mask = mask_letters(&c)?;
+                argv.bytes(&mask);
+                for (arg, kind) in c.into_iter().zip(&mask) {
+                    if *kind == b'k' {
+                        argv.number(keys.index(arg));
                     } else {
-                        arg
-                    });
+                        argv.bytes(&arg);
+                    }
                 }
             }
         }
-        let mut cmd: Command = Vec::with_capacity(3 + keys.list.len() + argv.len());
-        cmd.push(b"EVAL".to_vec());
-        cmd.push(SCRIPT.as_bytes().to_vec());
-        cmd.push(number(keys.list.len()));
-        cmd.extend(keys.list);
-        cmd.extend(argv);
-        Ok(cmd)
+        let key_bytes: usize = keys.list.iter().map(|k| k.len() + 16).sum();
+        let mut out = Vec::with_capacity(64 + SCRIPT.len() + key_bytes + argv.as_bytes().len());
+        crate::resp::write_length(&mut out, b'*', 3 + keys.list.len() + argv.len());
+        crate::resp::write_bulk(&mut out, b"EVAL");
+        crate::resp::write_bulk(&mut out, SCRIPT.as_bytes());
+        crate::resp::write_bulk(
+            &mut out,
+            itoa::Buffer::new().format(keys.list.len()).as_bytes(),
+        );
+        for k in &keys.list {
+            crate::resp::write_bulk(&mut out, k);
+        }
+        out.extend_from_slice(argv.as_bytes());
+        Ok(out)
     }
 
     /// Reads the script's reply: one outcome code per event.
@@ -493,25 +500,6 @@ fn parse_codes(ids: &[i64], reply: &Reply) -> Result<Vec<(i64, Outcome)>, Capabi
         .collect()
 }
 
-/// A number as the script reads it.
-fn number(n: impl itoa::Integer) -> Vec<u8> {
-    itoa::Buffer::new().format(n).as_bytes().to_vec()
-}
-
-/// [`number`] written into `buf` when there is one (saves an allocation and a free).
-fn number_in(n: impl itoa::Integer, buf: Option<Vec<u8>>) -> Vec<u8> {
-    let mut digits = itoa::Buffer::new();
-    let text = digits.format(n).as_bytes();
-    match buf {
-        Some(mut buf) => {
-            buf.clear();
-            buf.extend_from_slice(text);
-            buf
-        }
-        None => text.to_vec(),
-    }
-}
-
 /// The default [`Host::redis_once`]: the `EVAL` and the `then` commands in one pipeline.
 pub fn apply_by_script(
     host: &(impl Host + ?Sized),
@@ -520,12 +508,27 @@ pub fn apply_by_script(
     // What the reply is read against: the ids, in order (the commands move into the EVAL).
     let ids: Vec<i64> = once.events.iter().map(|e| e.event_id).collect();
     let then = std::mem::take(&mut once.then).into_vec();
-    let mut commands = Vec::with_capacity(1 + then.len());
-    if !ids.is_empty() {
-        commands.push(once.take_eval()?);
+    // One buffer in the Redis protocol: the EVAL, then the `then` commands.
+    let mut resp = if ids.is_empty() {
+        Vec::new()
+    } else {
+        once.take_eval()?
+    };
+    for c in &then {
+        crate::resp::write_command(&mut resp, c);
     }
-    commands.extend(then);
-    let mut replies = crate::redis::send_commands(host, &commands, false)?;
+    let count = usize::from(!ids.is_empty()) + then.len();
+    let mut replies = if count == 0 {
+        Vec::new()
+    } else {
+        host.redis_pipeline_resp(&resp, false)?
+    };
+    if replies.len() != count {
+        return Err(CapabilityError::Failed(format!(
+            "redis: {} replies for {count} commands",
+            replies.len()
+        )));
+    }
     if ids.is_empty() {
         return Ok(Applied {
             events: Vec::new(),
@@ -555,15 +558,15 @@ impl Keys {
         }
     }
 
-    /// The index of `key`, added if new; a key already there is handed back.
-    fn index(&mut self, key: Vec<u8>) -> (usize, Option<Vec<u8>>) {
+    /// The index of `key`, added if new.
+    fn index(&mut self, key: Vec<u8>) -> usize {
         let h = FxBuildHasher.hash_one(&key);
         match self.at.get(&h) {
-            Some(&i) if self.list[i - 1] == key => return (i, Some(key)),
+            Some(&i) if self.list[i - 1] == key => return i,
             // Two keys with one hash: rare enough for a scan.
             Some(_) => {
                 if let Some(p) = self.list.iter().position(|k| *k == key) {
-                    return (p + 1, Some(key));
+                    return p + 1;
                 }
             }
             None => {}
@@ -571,7 +574,7 @@ impl Keys {
         self.list.push(key);
         let i = self.list.len();
         self.at.entry(h).or_insert(i);
-        (i, None)
+        i
     }
 }
 

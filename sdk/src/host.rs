@@ -29,6 +29,19 @@ pub trait Host {
         atomic: bool,
     ) -> Result<Vec<Reply>, CapabilityError>;
 
+    /// [`Host::redis_pipeline`] with the commands already in the Redis protocol
+    /// ([`crate::resp`]): what the exactly-once primitive writes. The default reads them back
+    /// and calls `redis_pipeline`; the real host hands the buffer over as it is.
+    fn redis_pipeline_resp(
+        &self,
+        resp: &[u8],
+        atomic: bool,
+    ) -> Result<Vec<Reply>, CapabilityError> {
+        let commands = crate::resp::parse_owned(resp)
+            .map_err(|e| CapabilityError::Failed(format!("redis: {e}")))?;
+        self.redis_pipeline(&commands, atomic)
+    }
+
     /// Applies the events of `once` exactly once, then its `then` commands, in one round
     /// trip: what [`RedisOnce::apply`] calls (see [`crate::exactly_once`]). The default sends
     /// the `EVAL` of [`RedisOnce::eval_command`] and the `then` commands through
@@ -98,42 +111,6 @@ pub trait Host {
     }
 }
 
-/// `commands` in the Redis protocol, as `redis.pipeline-resp` takes them: per command an array
-/// of bulk strings (`*<count>\r\n`, then `$<length>\r\n<bytes>\r\n` per argument).
-pub fn resp(commands: &[Command]) -> Vec<u8> {
-    let bytes: usize = commands
-        .iter()
-        .map(|c| 16 + c.iter().map(|a| a.len() + 16).sum::<usize>())
-        .sum();
-    let mut out = Vec::with_capacity(bytes);
-    for c in commands {
-        resp_length(&mut out, b'*', c.len());
-        for arg in c {
-            resp_length(&mut out, b'$', arg.len());
-            out.extend_from_slice(arg);
-            out.extend_from_slice(b"\r\n");
-        }
-    }
-    out
-}
-
-/// `<kind><n>\r\n`, the decimal written by hand: this runs for every argument.
-fn resp_length(out: &mut Vec<u8>, kind: u8, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.push(kind);
-    out.extend_from_slice(&digits[at..]);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// The real host. Outside a fanout host (a native build), every capability answers
 /// `not-granted`, logs go to stderr and metrics nowhere.
 #[derive(Debug, Clone, Copy, Default)]
@@ -151,14 +128,22 @@ impl Host for WasmHost {
         commands: &[Command],
         atomic: bool,
     ) -> Result<Vec<Reply>, CapabilityError> {
+        // One buffer across the boundary, not a list per argument (docs/wit.md).
+        self.redis_pipeline_resp(&crate::resp::encode(commands), atomic)
+    }
+
+    fn redis_pipeline_resp(
+        &self,
+        resp: &[u8],
+        atomic: bool,
+    ) -> Result<Vec<Reply>, CapabilityError> {
         #[cfg(target_arch = "wasm32")]
         {
-            // One buffer across the boundary, not a list per argument (docs/wit.md).
-            wit::redis::pipeline_resp(&resp(commands), atomic)
+            wit::redis::pipeline_resp(resp, atomic)
         }
         #[cfg(not(target_arch = "wasm32"))]
         {
-            let _ = (commands, atomic);
+            let _ = (resp, atomic);
             Err(no_host())
         }
     }
@@ -226,24 +211,5 @@ pub fn describe(err: &CapabilityError) -> String {
     match err {
         CapabilityError::NotGranted(m) => format!("not granted: {m}"),
         CapabilityError::Failed(m) => format!("failed: {m}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resp_writes_arrays_of_bulk_strings() {
-        let commands = vec![
-            vec![b"SET".to_vec(), b"k".to_vec(), Vec::new()],
-            vec![b"ECHO".to_vec(), vec![b'x'; 1234]],
-        ];
-        let mut want =
-            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n*2\r\n$4\r\nECHO\r\n$1234\r\n".to_vec();
-        want.extend_from_slice(&[b'x'; 1234]);
-        want.extend_from_slice(b"\r\n");
-        assert_eq!(resp(&commands), want);
-        assert!(resp(&[]).is_empty());
     }
 }

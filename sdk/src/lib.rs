@@ -82,6 +82,7 @@ pub mod log;
 pub mod metrics;
 pub mod packed;
 pub mod redis;
+pub mod resp;
 pub mod testing;
 pub mod time;
 
