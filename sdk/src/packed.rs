@@ -92,9 +92,10 @@ pub struct PackedWriter {
     /// Distinct strings in first-seen order. A batch has a handful, so a linear scan beats
     /// hashing.
     strings: Vec<String>,
-    /// Per string column (event type, device, content type, topic): the index it interned
-    /// last, tried first (the topic and often the others repeat from one event to the next).
-    last: [u32; 4],
+    /// Per string column (event type, device, content type, topic): the indexes of the
+    /// strings seen in it, the last one interned first. A value is searched among its own
+    /// column's few values only (each comparison of equal lengths is a `memcmp` call).
+    columns: [Vec<u32>; 4],
 }
 
 impl PackedWriter {
@@ -103,7 +104,7 @@ impl PackedWriter {
             rows: Vec::with_capacity(events * ROW_BYTES),
             count: 0,
             strings: Vec::new(),
-            last: [NO_STRING; 4],
+            columns: Default::default(),
         }
     }
 
@@ -117,10 +118,15 @@ impl PackedWriter {
 
     fn intern(&mut self, column: usize, s: Option<&str>) -> u32 {
         let Some(s) = s else { return NO_STRING };
-        let last = self.last[column];
-        if self.strings.get(last as usize).is_some_and(|k| k == s) {
-            return last;
+        let seen = &mut self.columns[column];
+        let strings = &self.strings;
+        if let Some(at) = seen.iter().position(|&i| strings[i as usize] == s) {
+            let i = seen[at];
+            // Most recent first: runs of one value cost one comparison.
+            seen[..=at].rotate_right(1);
+            return i;
         }
+        // A value first seen in another column is shared, not stored twice.
         let i = match self.strings.iter().position(|k| k == s) {
             Some(i) => i as u32,
             None => {
@@ -128,7 +134,7 @@ impl PackedWriter {
                 (self.strings.len() - 1) as u32
             }
         };
-        self.last[column] = i;
+        self.columns[column].insert(0, i);
         i
     }
 
@@ -561,6 +567,31 @@ mod tests {
         assert!(p.get(3).is_none());
         // "play", "web", "video", "events": stored once for two events.
         assert_eq!(p.strings.len(), 4);
+    }
+
+    #[test]
+    fn strings_vary_per_column_and_repeat_across_columns() {
+        let values = ["web", "ios", "play", "video", "", "web"];
+        let mut w = PackedWriter::default();
+        let mut sent = Vec::new();
+        for i in 0..60usize {
+            let pick = |k: usize| Some(values[(i * k + i / 7) % values.len()]);
+            let e = EventFields {
+                event_id: i as i64,
+                event_type: pick(1),
+                device: pick(5),
+                content_type: if i % 4 == 0 { None } else { pick(3) },
+                ..Default::default()
+            };
+            w.push(&e);
+            sent.push(e);
+        }
+        let p = PackedEvents::new(w.finish()).unwrap();
+        for (got, e) in p.iter().zip(&sent) {
+            assert_eq!(got.event_type(), e.event_type, "event {}", e.event_id);
+            assert_eq!(got.device(), e.device, "event {}", e.event_id);
+            assert_eq!(got.content_type(), e.content_type, "event {}", e.event_id);
+        }
     }
 
     #[test]
