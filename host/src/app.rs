@@ -201,7 +201,7 @@ impl App {
             &cfg.kafka.events_topic,
             cfg.kafka.include_snapshot_reads,
             if self.plugins.len() > 1 {
-                cfg.kafka.shared_decode_offsets
+                cfg.kafka.shared_decode_bytes
             } else {
                 0
             },

@@ -73,10 +73,10 @@ pub struct KafkaConfig {
     /// Treat snapshot reads (`op: "r"`) as inserts.
     #[serde(default)]
     pub include_snapshot_reads: bool,
-    /// Offsets per partition kept decoded for the lanes behind the first
+    /// Bytes of messages kept decoded, over all partitions, for the lanes behind the first
     /// ([`crate::lane::decoded`]); 0 turns sharing off (every lane decodes on its own).
-    #[serde(default = "default_shared_decode_offsets")]
-    pub shared_decode_offsets: usize,
+    #[serde(default = "default_shared_decode_bytes")]
+    pub shared_decode_bytes: usize,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), passed through as is.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -496,10 +496,11 @@ fn default_http_listen() -> String {
 fn default_commit_interval_ms() -> u64 {
     1_000
 }
-/// Lanes of a live stream are within a batch or two of each other, and each lane's own
-/// prefetch queue is 16 MiB. About 1.5 KiB per Debezium envelope kept.
-fn default_shared_decode_offsets() -> usize {
-    4_096
+/// Lanes at the head of a live stream are within a batch or two of each other; catching up
+/// on a backlog they drift apart, and 64 MiB keeps some 100,000 plain Debezium envelopes (a
+/// lane's own librdkafka prefetch queue is 16 MiB).
+fn default_shared_decode_bytes() -> usize {
+    64 << 20
 }
 fn default_lag_interval_ms() -> u64 {
     5_000

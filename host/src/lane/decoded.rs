@@ -1,11 +1,13 @@
 //! Messages decoded once for every lane.
 //!
 //! Each lane consumes the events topic in its own group, so with N plugins every message
-//! arrives N times. Lanes at the head of the stream read the same offsets within moments of
-//! each other: the first lane to see a message decodes it and keeps the result, with the
+//! arrives N times. The first lane to see a message decodes it and keeps the result, with the
 //! message's key and payload, in a window of the most recent offsets of its partition; the
-//! others take it from there. A lane that fell behind the window decodes on its own, as every
-//! lane did before, so a slow sink never holds memory or work back for the others.
+//! others take it from there. Lanes at the head of the stream read the same offsets within
+//! moments of each other; lanes catching up on a backlog drift apart at their sinks' paces, so
+//! the windows hold as many bytes as `kafka.shared_decode_bytes` allows, over all partitions.
+//! A lane that fell behind its partition's window decodes on its own, as every lane did
+//! before, so a slow sink never holds memory or work back for the others.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +26,18 @@ pub struct DecodedMessage {
     pub payload: Option<Arc<[u8]>>,
 }
 
+/// What a kept message is counted as beyond its key and payload: the decoded event, the
+/// allocations' headers, the window's slot.
+const ENTRY_OVERHEAD_BYTES: usize = 256;
+
 impl DecodedMessage {
+    /// The bytes it holds, as counted against the windows' budget.
+    fn weight(&self) -> usize {
+        self.key.as_deref().map_or(0, <[u8]>::len)
+            + self.payload.as_deref().map_or(0, <[u8]>::len)
+            + ENTRY_OVERHEAD_BYTES
+    }
+
     fn decode(m: &BorrowedMessage<'_>, include_snapshot_reads: bool) -> Self {
         DecodedMessage {
             outcome: decode_event(m.payload(), include_snapshot_reads),
@@ -48,6 +61,9 @@ struct Window {
     entries: VecDeque<Option<Arc<DecodedMessage>>>,
 }
 
+/// Offsets a window skips over (transaction markers, compacted records) before it starts over.
+const MAX_GAP: i64 = 4096;
+
 impl Window {
     fn get(&self, offset: i64) -> Option<&Arc<DecodedMessage>> {
         let i = usize::try_from(offset.checked_sub(self.first)?).ok()?;
@@ -55,28 +71,62 @@ impl Window {
     }
 
     /// Keeps `decoded` at `offset` when it extends the window forward; an offset behind the
-    /// window (a lane catching up) is not kept.
-    fn put(&mut self, offset: i64, decoded: &Arc<DecodedMessage>, capacity: usize) {
+    /// window (a lane catching up) is not kept. Returns the bytes added (its weight, or 0)
+    /// and the bytes dropped (a window started over).
+    fn put(&mut self, offset: i64, decoded: &Arc<DecodedMessage>) -> (usize, usize) {
         let end = self.first + self.entries.len() as i64;
-        if self.entries.is_empty() || offset >= end + capacity as i64 {
+        let mut dropped = 0;
+        if self.entries.is_empty() || offset > end + MAX_GAP {
             // The first offset, or a jump far ahead: start the window over.
+            dropped = self.entries.drain(..).flatten().map(|d| d.weight()).sum();
             self.first = offset;
-            self.entries.clear();
         } else if offset < self.first {
-            return;
+            return (0, 0);
         } else if offset < end {
             let i = (offset - self.first) as usize;
-            self.entries[i].get_or_insert_with(|| Arc::clone(decoded));
-            return;
+            if self.entries[i].is_some() {
+                return (0, 0);
+            }
+            self.entries[i] = Some(Arc::clone(decoded));
+            return (decoded.weight(), 0);
         } else {
             for _ in end..offset {
                 self.entries.push_back(None);
             }
         }
         self.entries.push_back(Some(Arc::clone(decoded)));
-        while self.entries.len() > capacity {
-            self.entries.pop_front();
-            self.first += 1;
+        (decoded.weight(), dropped)
+    }
+
+    /// Drops the oldest offset; the bytes it held.
+    fn pop_oldest(&mut self) -> usize {
+        match self.entries.pop_front() {
+            Some(entry) => {
+                self.first += 1;
+                entry.map_or(0, |d| d.weight())
+            }
+            None => 0,
+        }
+    }
+}
+
+/// The windows of every partition and the bytes they hold.
+#[derive(Default)]
+struct Windows {
+    partitions: HashMap<i32, Window>,
+    bytes: usize,
+}
+
+impl Windows {
+    /// Keeps `decoded` in its partition's window, then drops that window's oldest while the
+    /// windows hold more than `budget` bytes (partitions read at the same pace keep about the
+    /// same share).
+    fn keep(&mut self, partition: i32, offset: i64, decoded: &Arc<DecodedMessage>, budget: usize) {
+        let window = self.partitions.entry(partition).or_default();
+        let (added, dropped) = window.put(offset, decoded);
+        self.bytes = (self.bytes + added).saturating_sub(dropped);
+        while self.bytes > budget && !window.entries.is_empty() {
+            self.bytes = self.bytes.saturating_sub(window.pop_oldest());
         }
     }
 }
@@ -85,21 +135,24 @@ impl Window {
 pub struct DecodedMessages {
     topic: Arc<str>,
     include_snapshot_reads: bool,
-    capacity: usize,
-    partitions: Mutex<HashMap<i32, Window>>,
+    /// What the windows may hold together (key, payload and [`ENTRY_OVERHEAD_BYTES`] per
+    /// message).
+    budget_bytes: usize,
+    windows: Mutex<Windows>,
     /// Messages decoded, and messages taken already decoded from the window.
     decoded: AtomicU64,
     shared: AtomicU64,
 }
 
 impl DecodedMessages {
-    /// `capacity`: offsets kept per partition (0 turns sharing off: every lane decodes).
-    pub fn new(topic: &str, include_snapshot_reads: bool, capacity: usize) -> Self {
+    /// `budget_bytes`: what the windows hold together (0 turns sharing off: every lane
+    /// decodes).
+    pub fn new(topic: &str, include_snapshot_reads: bool, budget_bytes: usize) -> Self {
         DecodedMessages {
             topic: Arc::from(topic),
             include_snapshot_reads,
-            capacity,
-            partitions: Mutex::new(HashMap::new()),
+            budget_bytes,
+            windows: Mutex::new(Windows::default()),
             decoded: AtomicU64::new(0),
             shared: AtomicU64::new(0),
         }
@@ -120,13 +173,17 @@ impl DecodedMessages {
 
     /// The message decoded, by this lane or an earlier one.
     pub fn get(&self, m: &BorrowedMessage<'_>) -> Arc<DecodedMessage> {
-        if self.capacity == 0 || m.topic() != &*self.topic {
+        if self.budget_bytes == 0 || m.topic() != &*self.topic {
             self.decoded.fetch_add(1, Ordering::Relaxed);
             return Arc::new(DecodedMessage::decode(m, self.include_snapshot_reads));
         }
         let (partition, offset) = (m.partition(), m.offset());
-        if let Ok(partitions) = self.partitions.lock() {
-            if let Some(hit) = partitions.get(&partition).and_then(|w| w.get(offset)) {
+        if let Ok(windows) = self.windows.lock() {
+            if let Some(hit) = windows
+                .partitions
+                .get(&partition)
+                .and_then(|w| w.get(offset))
+            {
                 if hit.is(m) {
                     self.shared.fetch_add(1, Ordering::Relaxed);
                     return Arc::clone(hit);
@@ -136,11 +193,8 @@ impl DecodedMessages {
         // Decoded outside the lock: the other lanes keep going meanwhile.
         self.decoded.fetch_add(1, Ordering::Relaxed);
         let decoded = Arc::new(DecodedMessage::decode(m, self.include_snapshot_reads));
-        if let Ok(mut partitions) = self.partitions.lock() {
-            partitions
-                .entry(partition)
-                .or_default()
-                .put(offset, &decoded, self.capacity);
+        if let Ok(mut windows) = self.windows.lock() {
+            windows.keep(partition, offset, &decoded, self.budget_bytes);
         }
         decoded
     }
@@ -158,45 +212,73 @@ mod tests {
         })
     }
 
+    /// What one test message weighs.
+    const W: usize = 1 + ENTRY_OVERHEAD_BYTES;
+
     fn tag(w: &Window, offset: i64) -> Option<u8> {
         w.get(offset)
             .and_then(|d| d.payload.as_deref().map(|p| p[0]))
     }
 
     #[test]
-    fn a_window_keeps_the_most_recent_offsets_only() {
+    fn a_window_keeps_offsets_in_order_and_drops_the_oldest_first() {
         let mut w = Window::default();
         for o in 10..20 {
-            w.put(o, &decoded(o as u8), 4);
+            assert_eq!(w.put(o, &decoded(o as u8)), (W, 0));
         }
-        assert_eq!(tag(&w, 15), None, "fell out of the window");
-        assert_eq!(tag(&w, 16), Some(16));
+        assert_eq!(tag(&w, 10), Some(10));
+        assert_eq!(w.pop_oldest(), W);
+        assert_eq!(tag(&w, 10), None, "dropped");
+        assert_eq!(tag(&w, 11), Some(11));
         assert_eq!(tag(&w, 19), Some(19));
         assert_eq!(tag(&w, 20), None, "not seen yet");
-        assert_eq!(w.entries.len(), 4);
+        assert_eq!(w.entries.len(), 9);
     }
 
     #[test]
     fn gaps_and_late_offsets_do_not_shift_the_window() {
         let mut w = Window::default();
-        w.put(5, &decoded(5), 8);
-        w.put(7, &decoded(7), 8); // 6 is a gap (a transaction marker)
+        w.put(5, &decoded(5));
+        w.put(7, &decoded(7)); // 6 is a gap (a transaction marker)
         assert_eq!(tag(&w, 6), None);
         assert_eq!(tag(&w, 7), Some(7));
-        w.put(6, &decoded(6), 8); // seen late, still inside the window
+        assert_eq!(
+            w.put(6, &decoded(6)),
+            (W, 0),
+            "seen late, still inside the window"
+        );
         assert_eq!(tag(&w, 6), Some(6));
-        w.put(3, &decoded(3), 8); // behind the window: not kept
+        assert_eq!(w.put(6, &decoded(9)), (0, 0), "kept once");
+        assert_eq!(w.put(3, &decoded(3)), (0, 0), "behind the window: not kept");
         assert_eq!(tag(&w, 3), None);
         assert_eq!(tag(&w, 5), Some(5));
     }
 
     #[test]
+    fn the_windows_hold_no_more_than_the_budget() {
+        let mut ws = Windows::default();
+        // Room for 10 messages over two partitions read at the same pace.
+        for o in 0..100 {
+            for p in 0..2 {
+                ws.keep(p, o, &decoded(o as u8), 10 * W);
+                assert!(ws.bytes <= 10 * W, "{} bytes", ws.bytes);
+            }
+        }
+        let held = |ws: &Windows, p: i32| ws.partitions[&p].entries.len();
+        assert_eq!(ws.bytes, 10 * W);
+        assert_eq!((held(&ws, 0), held(&ws, 1)), (5, 5));
+        assert_eq!(tag(&ws.partitions[&0], 99), Some(99), "the newest stay");
+        assert_eq!(tag(&ws.partitions[&1], 94), None, "the oldest went");
+    }
+
+    #[test]
     fn a_jump_far_ahead_starts_the_window_over() {
         let mut w = Window::default();
-        w.put(1, &decoded(1), 4);
-        w.put(100, &decoded(100), 4);
+        w.put(1, &decoded(1));
+        w.put(2, &decoded(2));
+        assert_eq!(w.put(100_000, &decoded(100)), (W, 2 * W));
         assert_eq!(tag(&w, 1), None);
-        assert_eq!(tag(&w, 100), Some(100));
+        assert_eq!(tag(&w, 100_000), Some(100));
         assert_eq!(w.entries.len(), 1);
     }
 }

@@ -1311,7 +1311,7 @@ async fn tansu_section(
         if let Some((decoded, shared)) = three_decoded {
             let _ = writeln!(
                 out,
-                "Decoding shared by the three lanes (`kafka.shared_decode_offsets`, host log at \
+                "Decoding shared by the three lanes (`kafka.shared_decode_bytes`, host log at \
                  its stop): {decoded} messages decoded, {shared} taken already decoded by \
                  another lane ({:.2} decodes per message of the topic).\n",
                 decoded as f64 / n as f64
