@@ -986,6 +986,7 @@ mod tests {
             redis: None,
             http: reqwest::Client::new(),
             clickhouse: None,
+            clickhouse_inserts: None,
             metrics: crate::metrics::Metrics::default(),
             fakes: None,
         });

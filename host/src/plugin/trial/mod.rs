@@ -489,6 +489,7 @@ pub async fn run(opts: &TrialOptions) -> Result<TrialReport, TrialError> {
         redis: None,
         http: reqwest::Client::new(),
         clickhouse: None,
+        clickhouse_inserts: None,
         metrics: crate::metrics::Metrics::default(),
         fakes: Some(fakes.clone() as Arc<dyn FakeServices>),
     });
