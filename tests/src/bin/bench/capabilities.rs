@@ -230,7 +230,8 @@ pub async fn capability_overhead(report: &mut String) {
         via_plugin,
         native,
     ));
-    // The host makes its inserts with the `clickhouse` crate: the same call natively.
+    // The host made its inserts with the `clickhouse` crate until it switched to the plain POST
+    // above: that call natively, for reference.
     let ch = clickhouse::Client::default()
         .with_url(&stack.clickhouse_url)
         .with_user(&admin.user)
@@ -247,7 +248,7 @@ pub async fn capability_overhead(report: &mut String) {
     })
     .await;
     rows.push((
-        "ClickHouse insert of 500 JSON rows (native: clickhouse crate)",
+        "ClickHouse insert of 500 JSON rows (native: clickhouse crate, the host's way before)",
         via_plugin,
         native_crate,
     ));
