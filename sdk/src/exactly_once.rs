@@ -521,14 +521,8 @@ pub fn apply_by_script(
     let mut replies = if count == 0 {
         Vec::new()
     } else {
-        host.redis_pipeline_resp(&resp, false)?
+        crate::redis::one_reply_each(host.redis_pipeline_resp(&resp, false)?, count)?
     };
-    if replies.len() != count {
-        return Err(CapabilityError::Failed(format!(
-            "redis: {} replies for {count} commands",
-            replies.len()
-        )));
-    }
     if ids.is_empty() {
         return Ok(Applied {
             events: Vec::new(),

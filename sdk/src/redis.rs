@@ -236,11 +236,18 @@ pub(crate) fn send_commands<H: Host + ?Sized>(
         return Ok(Vec::new());
     }
     let replies = host.redis_pipeline(commands, atomic)?;
-    if replies.len() != commands.len() {
+    one_reply_each(replies, commands.len())
+}
+
+/// `replies`, when there is one per command sent (`count`).
+pub(crate) fn one_reply_each(
+    replies: Vec<Reply>,
+    count: usize,
+) -> Result<Vec<Reply>, CapabilityError> {
+    if replies.len() != count {
         return Err(CapabilityError::Failed(format!(
-            "redis: {} replies for {} commands",
-            replies.len(),
-            commands.len()
+            "redis: {} replies for {count} commands",
+            replies.len()
         )));
     }
     Ok(replies)
