@@ -180,7 +180,7 @@ pub async fn run(
                 None,
             )
             .await;
-            let n = batch.plugin_batch.wit.events.len() as u64;
+            let n = batch.plugin_batch.len() as u64;
             // Every plugin takes the batch before the checkpoint moves past it.
             let runs = deliveries.iter().map(|d| d.deliver(&batch, &shutdown));
             for result in futures::future::join_all(runs).await {

@@ -1,12 +1,13 @@
 //! Batches: raw events accumulate with the offsets they came from until the batch is cut;
-//! [`crate::enrich::enrich_batch`] turns a cut batch into the WIT batch a plugin receives.
+//! [`crate::enrich::enrich_batch`] turns a cut batch into the packed batch a plugin receives.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::deadletter::DeadLetter;
-use crate::decode::RawEvent;
+use crate::decode::{EventMessage, RawEvent};
+use crate::lane::decoded::DecodedMessage;
 use crate::plugin::{PluginBatch, SourceRange};
 
 /// Where a record came from, kept so that it can be dead-lettered with its original bytes.
@@ -20,13 +21,117 @@ pub struct Origin {
     pub payload: Option<Arc<[u8]>>,
 }
 
+/// An event in a batch, with what its dead letter would carry.
+#[derive(Debug)]
+pub enum PendingEvent {
+    /// Consumed by a lane from the events topic: the message decoded once for every lane,
+    /// read in place (nothing is copied per lane).
+    Consumed {
+        message: Arc<DecodedMessage>,
+        partition: i32,
+        offset: i64,
+    },
+    /// Made by the host: a backfilled row, a replayed dead letter.
+    Made { event: RawEvent, origin: Origin },
+}
+
+/// A batch's events in order, and the topic its consumed ones came from.
+#[derive(Debug, Default)]
+pub struct PendingEvents {
+    events: Vec<PendingEvent>,
+    topic: Option<Arc<str>>,
+}
+
+impl PendingEvents {
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    pub fn push(&mut self, event: PendingEvent) {
+        self.events.push(event);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &PendingEvent> {
+        self.events.iter()
+    }
+
+    /// The events, emptied out of a batch with the topic kept (for [`PendingEvents::origin`]).
+    pub fn take(&mut self) -> Vec<PendingEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// An empty list for the same topic.
+    pub fn empty_like(&self) -> Self {
+        PendingEvents {
+            events: Vec::new(),
+            topic: self.topic.clone(),
+        }
+    }
+
+    /// Where the `index`th event came from, with its bytes (built for a dead letter only).
+    pub fn origin(&self, index: usize) -> Option<Origin> {
+        self.events.get(index).map(|e| e.origin(self.topic()))
+    }
+
+    /// The topic of the consumed events.
+    pub fn topic(&self) -> &str {
+        self.topic.as_deref().unwrap_or("")
+    }
+}
+
+impl PendingEvent {
+    /// The event; None for a consumed message that is not an insert, which a lane never
+    /// pushes.
+    pub fn event(&self) -> Option<&RawEvent> {
+        match self {
+            PendingEvent::Consumed { message, .. } => match &message.outcome {
+                Ok(EventMessage::Insert(event)) => Some(event),
+                _ => None,
+            },
+            PendingEvent::Made { event, .. } => Some(event),
+        }
+    }
+
+    /// (topic, partition, offset); `topic` is the consumed events' topic.
+    pub fn position<'a>(&'a self, topic: &'a str) -> (&'a str, i32, i64) {
+        match self {
+            PendingEvent::Consumed {
+                partition, offset, ..
+            } => (topic, *partition, *offset),
+            PendingEvent::Made { origin, .. } => (&origin.topic, origin.partition, origin.offset),
+        }
+    }
+
+    /// Where it came from, with its bytes; `topic` is the consumed events' topic.
+    pub fn origin(&self, topic: &str) -> Origin {
+        match self {
+            PendingEvent::Consumed {
+                message,
+                partition,
+                offset,
+            } => Origin {
+                topic: Arc::from(topic),
+                partition: *partition,
+                offset: *offset,
+                key: message.key.clone(),
+                payload: message.payload.clone(),
+            },
+            PendingEvent::Made { origin, .. } => origin.clone(),
+        }
+    }
+}
+
 /// (topic, partition) -> (first, last) offset.
 pub type OffsetRanges = BTreeMap<(String, i32), (i64, i64)>;
 
 /// A batch being filled.
 #[derive(Default)]
 pub struct PendingBatch {
-    events: Vec<(RawEvent, Origin)>,
+    events: PendingEvents,
     dead_letters: Vec<DeadLetter>,
     /// Every offset seen, skipped messages included: committing past a batch must also move
     /// past the updates and tombstones it skipped. By topic, then partition: found by `&str`,
@@ -61,11 +166,35 @@ impl PendingBatch {
         self.oldest_ms = Some(self.oldest_ms.map_or(millis, |t| t.min(millis)));
     }
 
+    /// An event the host made (a backfilled row, a replayed dead letter).
     pub fn push_event(&mut self, event: RawEvent, origin: Origin) {
         if let Some(ms) = event.source_ts_ms {
             self.committed_ms.push(ms);
         }
-        self.events.push((event, origin));
+        self.events.push(PendingEvent::Made { event, origin });
+    }
+
+    /// An insert a lane consumed from `topic` (the events topic), committed in the source at
+    /// `committed_ms` where known.
+    pub fn push_consumed(
+        &mut self,
+        topic: &Arc<str>,
+        message: Arc<DecodedMessage>,
+        partition: i32,
+        offset: i64,
+        committed_ms: Option<i64>,
+    ) {
+        if self.events.topic.is_none() {
+            self.events.topic = Some(Arc::clone(topic));
+        }
+        if let Some(ms) = committed_ms {
+            self.committed_ms.push(ms);
+        }
+        self.events.push(PendingEvent::Consumed {
+            message,
+            partition,
+            offset,
+        });
     }
 
     /// When the batch's events were committed in the source (ms since the epoch), for those
@@ -95,8 +224,8 @@ impl PendingBatch {
         self.oldest_ms
     }
 
-    /// The events with their origins, the dead letters, the offset ranges.
-    pub fn into_parts(self) -> (Vec<(RawEvent, Origin)>, Vec<DeadLetter>, OffsetRanges) {
+    /// The events, the dead letters, the offset ranges.
+    pub fn into_parts(self) -> (PendingEvents, Vec<DeadLetter>, OffsetRanges) {
         let offsets = self
             .offsets
             .into_iter()
@@ -127,9 +256,9 @@ pub fn batch_id(sources: &[SourceRange]) -> String {
 /// An enriched batch, ready for a plugin.
 pub struct ReadyBatch {
     pub plugin_batch: Arc<PluginBatch>,
-    /// Where each event of the batch came from, in event order, to dead-letter rejected
-    /// events with their bytes (a Vec: read only on rejections, filled for every event).
-    pub origins: Vec<Origin>,
+    /// The batch's events as they were consumed, in the plugin batch's order: where a
+    /// rejected event came from, with its bytes.
+    pub events: PendingEvents,
     /// Records that cannot reach the plugin (undecodable, unknown content under dead-letter).
     pub dead_letters: Vec<DeadLetter>,
     /// (topic, partition) -> last offset in the batch.

@@ -2,8 +2,9 @@
 //! Debezium's content topic, and asked of PostgreSQL directly (once per batch) for ids that
 //! an event names before the topic has shown them: the race between an event and its content.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -27,7 +28,8 @@ pub enum ContentError {
 /// Shared, concurrently readable content rows.
 #[derive(Clone, Default)]
 pub struct ContentTable {
-    rows: Arc<RwLock<HashMap<i64, ContentRow>>>,
+    /// By content id: looked up for every event of every lane, so hashed with FxHash.
+    rows: Arc<RwLock<FxHashMap<i64, ContentRow>>>,
     /// PostgreSQL, when configured: the source of truth for ids the map lacks.
     pg: Option<Arc<tokio_postgres::Client>>,
 }
@@ -48,7 +50,7 @@ impl ContentTable {
     /// All rows under one read lock, for a batch's lookups without a lock and a row clone
     /// each. `None` when the lock is poisoned (every id then reads as unknown, as in `get`).
     /// Not to be held across an `.await`: the follower's writes wait for it.
-    pub fn rows(&self) -> Option<RwLockReadGuard<'_, HashMap<i64, ContentRow>>> {
+    pub fn rows(&self) -> Option<RwLockReadGuard<'_, FxHashMap<i64, ContentRow>>> {
         self.rows.read().ok()
     }
 

@@ -10,28 +10,29 @@ use crate::content::ContentTable;
 use crate::deadletter::{DeadLetter, Stage};
 use crate::decode::{ContentRow, RawEvent};
 use crate::metrics::LaneMetrics;
-use crate::plugin::{EventPosition, PluginBatch, SourceRange, WitBatch};
+use crate::plugin::{PluginBatch, SourceRange};
+use fanout_sdk::packed::{EventFields, PackedWriter, Position};
 
-/// The one enriched event type: the WIT record every plugin receives.
+/// An enriched event as WIT record (what records-world plugins receive).
 pub use crate::plugin::WitEvent as EnrichedEvent;
 
-/// Joins one event with its content row (`None` when the content is unknown).
-pub fn enrich(event: &RawEvent, content: Option<&ContentRow>) -> EnrichedEvent {
-    join(event.clone(), content)
-}
-
-/// [`enrich`], taking the event: its strings move into the enriched event, not copied.
-fn join(event: RawEvent, content: Option<&ContentRow>) -> EnrichedEvent {
+/// Joins one event with its content row (`None` when the content is unknown): the fields of
+/// the enriched event, borrowed from both, at `position` in Kafka.
+pub fn enriched_fields<'a>(
+    event: &'a RawEvent,
+    content: Option<&'a ContentRow>,
+    position: Option<Position<'a>>,
+) -> EventFields<'a> {
     let length_seconds = content.and_then(|c| c.length_seconds);
-    EnrichedEvent {
+    EventFields {
         event_id: event.id,
         content_id: event.content_id,
         user_id: event.user_id,
-        event_type: event.event_type,
+        event_type: event.event_type.as_deref(),
         event_ts_micros: event.event_ts_micros,
         duration_ms: event.duration_ms,
-        device: event.device,
-        content_type: content.and_then(|c| c.content_type.clone()),
+        device: event.device.as_deref(),
+        content_type: content.and_then(|c| c.content_type.as_deref()),
         length_seconds,
         // SPEC: NULL duration or NULL length makes both derived fields NULL.
         engagement_seconds: match (event.duration_ms, length_seconds) {
@@ -42,13 +43,34 @@ fn join(event: RawEvent, content: Option<&ContentRow>) -> EnrichedEvent {
             (Some(d), Some(l)) => engagement_pct(d, l),
             _ => None,
         },
+        position,
     }
 }
 
-/// Enriches a cut batch. Content ids the table lacks are looked up once for the batch (and
-/// waited for up to `missing_content_wait_ms`); what is still unknown follows the configured
-/// policy: delivered with NULL content fields, or dead-lettered (naming `lane`, the plugin
-/// whose lane enriched it; none for a backfill, which enriches once for all plugins).
+/// [`enriched_fields`] as a WIT record.
+pub fn enrich(event: &RawEvent, content: Option<&ContentRow>) -> EnrichedEvent {
+    let f = enriched_fields(event, content, None);
+    EnrichedEvent {
+        event_id: f.event_id,
+        content_id: f.content_id,
+        user_id: f.user_id,
+        event_type: f.event_type.map(str::to_owned),
+        event_ts_micros: f.event_ts_micros,
+        duration_ms: f.duration_ms,
+        device: f.device.map(str::to_owned),
+        content_type: f.content_type.map(str::to_owned),
+        length_seconds: f.length_seconds,
+        engagement_seconds: f.engagement_seconds,
+        engagement_pct: f.engagement_pct,
+    }
+}
+
+/// Enriches a cut batch straight into the packed encoding: the events are read where they
+/// were decoded and joined with the content table's rows in place, so nothing is allocated
+/// per event. Content ids the table lacks are looked up once for the batch (and waited for
+/// up to `missing_content_wait_ms`); what is still unknown follows the configured policy:
+/// delivered with NULL content fields, or dead-lettered (naming `lane`, the plugin whose lane
+/// enriched it; none for a backfill, which enriches once for all plugins).
 pub async fn enrich_batch(
     pending: PendingBatch,
     content: &ContentTable,
@@ -56,14 +78,11 @@ pub async fn enrich_batch(
     counters: &LaneMetrics,
     lane: Option<&str>,
 ) -> ReadyBatch {
-    let (events, mut dead_letters, offsets) = pending.into_parts();
+    let (mut events, mut dead_letters, offsets) = pending.into_parts();
+    let content_ids = || events.iter().filter_map(|e| e.event()?.content_id);
     let ids: Vec<i64> = match content.rows() {
-        Some(rows) => events
-            .iter()
-            .filter_map(|(e, _)| e.content_id)
-            .filter(|id| !rows.contains_key(id))
-            .collect(),
-        None => events.iter().filter_map(|(e, _)| e.content_id).collect(),
+        Some(rows) => content_ids().filter(|id| !rows.contains_key(id)).collect(),
+        None => content_ids().collect(),
     };
     let still_missing = if ids.is_empty() {
         Vec::new()
@@ -83,15 +102,24 @@ pub async fn enrich_batch(
         .collect();
     // A backfill's origins name PostgreSQL pages, not Kafka positions.
     let positioned = lane.is_some();
-    let mut enriched = Vec::with_capacity(events.len());
-    let mut positions = Vec::with_capacity(if positioned { events.len() } else { 0 });
-    let mut origins = Vec::with_capacity(events.len());
+    let mut packed = PackedWriter::with_capacity(events.len());
+    let mut delivered = events.empty_like();
     let mut missing_content = 0;
     // One read lock for the batch (nothing is awaited below) and no row cloned per event.
     let rows = content.rows();
     // Events come in runs from one partition: the last source found is tried first.
     let mut last_source = 0;
-    for (raw, origin) in events {
+    for pending in events.take() {
+        let Some(raw) = pending.event() else {
+            // A lane pushes inserts only; should anything else get here, it is kept.
+            dead_letters.push(DeadLetter {
+                stage: Stage::Enrich,
+                plugin: lane.map(str::to_string),
+                reason: "internal: a message that is not an insert reached enrichment".into(),
+                origin: pending.origin(events.topic()),
+            });
+            continue;
+        };
         let row = raw
             .content_id
             .and_then(|id| rows.as_ref().and_then(|rows| rows.get(&id)));
@@ -106,42 +134,41 @@ pub async fn enrich_batch(
                         "content_id {:?} is not in the content table",
                         raw.content_id
                     ),
-                    origin,
+                    origin: pending.origin(events.topic()),
                 });
                 continue;
             }
         }
-        let event = join(raw, row);
-        if positioned {
-            let is_origin =
-                |s: &SourceRange| s.partition == origin.partition && *s.topic == *origin.topic;
+        let position = if positioned {
+            let (topic, partition, offset) = pending.position(events.topic());
+            let is_origin = |s: &SourceRange| s.partition == partition && s.topic == topic;
             let source = if sources.get(last_source).is_some_and(is_origin) {
                 Some(last_source)
             } else {
                 sources.iter().position(is_origin)
             };
             last_source = source.unwrap_or(last_source);
-            positions.push(source.map(|i| EventPosition {
-                source: i as u32,
-                offset: origin.offset,
-            }));
-        }
-        origins.push(origin);
-        enriched.push(event);
+            source.map(|i| Position {
+                topic: &sources[i].topic,
+                partition,
+                offset,
+            })
+        } else {
+            None
+        };
+        packed.push(&enriched_fields(raw, row, position));
+        delivered.push(pending);
     }
     drop(rows);
     counters.events_missing_content.add(missing_content);
-    counters.events_enriched.add(enriched.len() as u64);
+    counters.events_enriched.add(packed.len() as u64);
     ReadyBatch {
-        plugin_batch: Arc::new(PluginBatch {
-            wit: WitBatch {
-                id: batch_id(&sources),
-                events: enriched,
-                sources,
-            },
-            positions,
-        }),
-        origins,
+        plugin_batch: Arc::new(PluginBatch::from_packed(
+            batch_id(&sources),
+            sources,
+            packed,
+        )),
+        events: delivered,
         dead_letters,
         offsets: offsets
             .into_iter()
@@ -282,28 +309,98 @@ mod tests {
             .unwrap();
         let ready = rt.block_on(enrich_batch(pending, &table, &cfg, &counters, Some("l")));
         let batch = &ready.plugin_batch;
+        let wit = batch.wit().unwrap();
         // Event 2 names unknown content: dead-lettered; event 3 names none: delivered.
-        let ids: Vec<i64> = batch.wit.events.iter().map(|e| e.event_id).collect();
+        let ids: Vec<i64> = wit.events.iter().map(|e| e.event_id).collect();
         assert_eq!(ids, [0, 1, 3, 4]);
-        assert_eq!(batch.wit.events[0].content_type.as_deref(), Some("video"));
-        assert_eq!(batch.wit.events[0].engagement_pct, Some(0.02));
-        assert_eq!(batch.wit.events[2].content_type, None);
-        assert_eq!(batch.wit.events[1].event_type.as_deref(), Some("play"));
-        let positions: Vec<(u32, i64)> = batch
-            .positions
+        assert_eq!(wit.events[0].content_type.as_deref(), Some("video"));
+        assert_eq!(wit.events[0].engagement_pct, Some(0.02));
+        assert_eq!(wit.events[2].content_type, None);
+        assert_eq!(wit.events[1].event_type.as_deref(), Some("play"));
+        let positions: Vec<(i32, i64)> = batch
+            .events()
+            .unwrap()
             .iter()
-            .map(|p| p.as_ref().map(|p| (p.source, p.offset)).unwrap())
+            .map(|e| e.position().map(|p| (p.partition, p.offset)).unwrap())
             .collect();
         assert_eq!(positions, [(0, 10), (0, 11), (0, 12), (1, 6)]);
-        assert_eq!(batch.wit.id, "events/0:10-12,events/1:5-6");
+        assert_eq!(batch.id(), "events/0:10-12,events/1:5-6");
         assert_eq!(ready.dead_letters.len(), 1);
         assert_eq!(
             ready.dead_letters[0].origin.payload.as_deref(),
             Some(&[2u8][..])
         );
-        assert_eq!(ready.origins[3].offset, 6);
+        assert_eq!(ready.events.origin(3).map(|o| o.offset), Some(6));
         assert_eq!(counters.events_enriched.get(), 4);
         assert_eq!(counters.events_missing_content.get(), 2);
+    }
+
+    /// The lane's path: messages decoded once and shared, read in place; a dead letter still
+    /// carries the message's topic, position and bytes.
+    #[test]
+    fn consumed_messages_are_enriched_in_place() {
+        use crate::batch::PendingBatch;
+        use crate::lane::decoded::DecodedMessage;
+        let doc: serde_json::Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/envelopes/insert_with_schema.json"
+        ))
+        .unwrap();
+        let known = doc["value"].as_str().unwrap().to_string();
+        let unknown = known.replace(r#""content_id":1,"#, r#""content_id":2,"#);
+        assert_ne!(known, unknown);
+        let message = |payload: &str| {
+            Arc::new(DecodedMessage {
+                outcome: crate::decode::decode_event(Some(payload.as_bytes()), false),
+                key: Some(Arc::from(&b"k"[..])),
+                payload: Some(Arc::from(payload.as_bytes())),
+                timestamp_ms: None,
+            })
+        };
+        let table = ContentTable::default();
+        table.upsert(1, content(Some(300)));
+        let topic: Arc<str> = Arc::from("events");
+        let mut pending = PendingBatch::default();
+        let messages = [message(&known), message(&unknown), message("{not json")];
+        for (offset, m) in (40..).zip(messages) {
+            pending.record_offset(&topic, 3, offset);
+            pending.push_consumed(&topic, m, 3, offset, None);
+        }
+        let cfg = EnrichConfig {
+            missing_content: MissingContentPolicy::DeadLetter,
+            missing_content_wait_ms: 0,
+        };
+        let counters = LaneMetrics::default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let ready = rt.block_on(enrich_batch(pending, &table, &cfg, &counters, Some("l")));
+        let events = ready.plugin_batch.events().unwrap();
+        assert_eq!(events.len(), 1);
+        let e = events.get(0).unwrap();
+        assert_eq!((e.event_id(), e.user_id()), (2, Some(42)));
+        assert_eq!((e.device(), e.content_type()), (Some("web"), Some("video")));
+        assert_eq!(e.engagement_pct(), Some(0.02));
+        let at = e.position().map(|p| (p.topic, p.partition, p.offset));
+        assert_eq!(at, Some(("events", 3, 40)));
+        assert_eq!(ready.plugin_batch.id(), "events/3:40-42");
+        assert_eq!(ready.events.origin(0).map(|o| o.offset), Some(40));
+        // Unknown content, then a message that is not an insert: both kept as dead letters.
+        assert_eq!(ready.dead_letters.len(), 2);
+        let letter = &ready.dead_letters[0];
+        assert!(
+            letter.reason.contains("content_id Some(2)"),
+            "{}",
+            letter.reason
+        );
+        assert_eq!(
+            (&*letter.origin.topic, letter.origin.partition),
+            ("events", 3)
+        );
+        assert_eq!(letter.origin.offset, 41);
+        assert_eq!(letter.origin.payload.as_deref(), Some(unknown.as_bytes()));
+        assert!(ready.dead_letters[1].reason.starts_with("internal"));
+        assert_eq!(ready.dead_letters[1].origin.offset, 42);
     }
 
     #[test]
@@ -318,8 +415,8 @@ mod tests {
 #[cfg(test)]
 mod bench {
     use super::*;
-    use crate::batch::Origin;
     use crate::decode::bench::cpu_ns;
+    use crate::lane::decoded::DecodedMessage;
     use std::time::Instant;
 
     #[test]
@@ -341,55 +438,45 @@ mod bench {
                 },
             );
         }
-        let events: Vec<RawEvent> = (0..500)
-            .map(|i| RawEvent {
-                id: i,
-                content_id: Some(i % 50),
-                user_id: Some(7),
-                event_type: Some("play".into()),
-                event_ts_micros: 1_767_882_112_000_000,
-                duration_ms: Some(7000),
-                device: Some("web".into()),
-                source_ts_ms: None,
-            })
-            .collect();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let (cfg, counters) = (EnrichConfig::default(), LaneMetrics::default());
-        // Origins with the message's bytes, as the lane keeps them (freeing them is much of
-        // the time, and noisy), and without, to see the batch's own work.
-        for (shape, bytes) in [
-            ("origins with payload", payload.len()),
-            ("origins without", 0),
-        ] {
+        let topic: Arc<str> = Arc::from(topic);
+        // 500 messages from 4 partitions in runs, decoded once as the lanes share them.
+        let messages: Vec<Arc<DecodedMessage>> = (0..500)
+            .map(|_| {
+                Arc::new(DecodedMessage {
+                    outcome: crate::decode::decode_event(Some(&payload), false),
+                    key: Some(Arc::from(&br#"{"id":1}"#[..])),
+                    payload: Some(Arc::from(&payload[..])),
+                    timestamp_ms: None,
+                })
+            })
+            .collect();
+        assert!(matches!(
+            messages[0].outcome,
+            Ok(crate::decode::EventMessage::Insert(_))
+        ));
+        {
             let mut best = f64::MAX;
             let wall = Instant::now();
             for _ in 0..10 {
                 let (start, mut cpu, mut n) = (Instant::now(), 0, 0u64);
                 while start.elapsed().as_millis() < 300 {
-                    // What the lane hands over (decoded events, origins, from 4 partitions in
-                    // runs) is made outside the measurement.
-                    let made: Vec<(RawEvent, Origin)> = events
-                        .iter()
-                        .enumerate()
-                        .map(|(i, ev)| {
-                            let origin = Origin {
-                                topic: topic.into(),
-                                partition: (i / 125) as i32,
-                                offset: i as i64,
-                                key: Some(br#"{"id":1}"#.to_vec().into()),
-                                payload: Some(payload[..bytes].to_vec().into()),
-                            };
-                            (ev.clone(), origin)
-                        })
-                        .collect();
                     let before = cpu_ns(wall);
                     let mut pending = crate::batch::PendingBatch::default();
-                    for (ev, origin) in made {
-                        pending.record_offset(topic, origin.partition, origin.offset);
+                    for (i, m) in messages.iter().enumerate() {
+                        let partition = (i / 125) as i32;
+                        pending.record_offset(&topic, partition, i as i64);
                         pending.record_timestamp(1_767_882_112_000);
-                        pending.push_event(ev, origin);
+                        pending.push_consumed(
+                            &topic,
+                            Arc::clone(m),
+                            partition,
+                            i as i64,
+                            Some(1_767_882_112_000),
+                        );
                     }
                     let ready = rt.block_on(enrich_batch(
                         pending,
@@ -400,11 +487,11 @@ mod bench {
                     ));
                     drop(std::hint::black_box(ready));
                     cpu += cpu_ns(wall) - before;
-                    n += events.len() as u64;
+                    n += messages.len() as u64;
                 }
                 best = best.min(cpu as f64 / n as f64);
             }
-            println!("batch + enrich + drop, {shape:20} {best:8.0} ns/event");
+            println!("batch + enrich (packed) + drop {best:8.0} ns/event");
         }
     }
 }

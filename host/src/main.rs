@@ -329,10 +329,20 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // The async worker threads (lanes, decoding, enrichment, service clients); tokio's default
+    // is one per core. Plugin code runs on threads of its own either way.
+    match std::env::var("FANOUT_WORKER_THREADS").map(|v| v.parse::<usize>()) {
+        Ok(Ok(n)) if n > 0 => {
+            builder.worker_threads(n);
+        }
+        Ok(_) => {
+            eprintln!("error: FANOUT_WORKER_THREADS must be a positive integer");
+            return ExitCode::FAILURE;
+        }
+        Err(_) => {}
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -825,15 +825,14 @@ impl LoadedPlugin {
                 last_offset: last,
             }],
         };
-        let positions = offsets
+        let positions: Vec<_> = offsets
             .iter()
             .map(|o| o.map(|offset| fanout::plugin::EventPosition { source: 0, offset }))
             .collect();
         self.plugin
-            .write(std::sync::Arc::new(fanout::plugin::PluginBatch {
-                wit: batch,
-                positions,
-            }))
+            .write(std::sync::Arc::new(fanout::plugin::PluginBatch::new(
+                &batch, &positions,
+            )))
             .await
             .unwrap_or_else(|e| panic!("plugin call failed: {e}"))
     }

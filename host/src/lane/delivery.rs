@@ -110,7 +110,7 @@ impl Delivery {
             self.send_dead_letters(&batch.dead_letters, shutdown)
                 .await?;
         }
-        if batch.plugin_batch.wit.events.is_empty() {
+        if batch.plugin_batch.is_empty() {
             return Ok(());
         }
         self.deliver_events(batch, shutdown.clone()).await?;
@@ -169,10 +169,7 @@ impl Delivery {
             call_seconds.observe(call.elapsed().as_secs_f64());
             let failure = match written {
                 Ok(WriteOutcome::Accepted) => {
-                    self.delivered(
-                        batch.plugin_batch.wit.events.len(),
-                        &batch.plugin_batch.wit.id,
-                    );
+                    self.delivered(batch.plugin_batch.len(), batch.plugin_batch.id());
                     return Ok(());
                 }
                 Ok(WriteOutcome::Rejected(rejections)) => {
@@ -180,13 +177,8 @@ impl Delivery {
                         Ok(letters) => {
                             self.send_dead_letters(&letters, &shutdown).await?;
                             self.delivered(
-                                batch
-                                    .plugin_batch
-                                    .wit
-                                    .events
-                                    .len()
-                                    .saturating_sub(letters.len()),
-                                &batch.plugin_batch.wit.id,
+                                batch.plugin_batch.len().saturating_sub(letters.len()),
+                                batch.plugin_batch.id(),
                             );
                             return Ok(());
                         }
@@ -221,20 +213,11 @@ impl Delivery {
                 }
             };
             if attempt > cfg.max_retries && cfg.failure_policy == FailurePolicy::BestEffort {
-                warn!(plugin = plugin.name(), batch = %batch.plugin_batch.wit.id, reason = %failure,
+                warn!(plugin = plugin.name(), batch = %batch.plugin_batch.id(), reason = %failure,
                       "best-effort: giving up on the batch, dead-lettering its events");
-                let letters: Vec<DeadLetter> = batch
-                    .plugin_batch
-                    .wit
-                    .events
-                    .iter()
-                    .map(|e| {
-                        self.letter(
-                            batch,
-                            e.event_id,
-                            format!("gave up after {attempt} attempts: {failure}"),
-                        )
-                    })
+                let reason = format!("gave up after {attempt} attempts: {failure}");
+                let letters: Vec<DeadLetter> = (0..batch.plugin_batch.len())
+                    .map(|i| self.letter(batch, Some(i), i64::MIN, reason.clone()))
                     .collect();
                 self.send_dead_letters(&letters, &shutdown).await?;
                 self.metrics.set_unhealthy(&self.health_key(), None);
@@ -242,12 +225,12 @@ impl Delivery {
             }
             if attempt > cfg.max_retries {
                 // Fail-fast: this lane waits for its plugin; keep trying at the capped backoff.
-                error!(plugin = plugin.name(), batch = %batch.plugin_batch.wit.id, attempt, reason = %failure,
+                error!(plugin = plugin.name(), batch = %batch.plugin_batch.id(), attempt, reason = %failure,
                        "fail-fast: plugin keeps failing; its lane waits and commits nothing");
                 self.metrics
                     .set_unhealthy(&self.health_key(), Some(failure.clone()));
             } else {
-                warn!(plugin = plugin.name(), batch = %batch.plugin_batch.wit.id, attempt, reason = %failure, "plugin failed; retrying");
+                warn!(plugin = plugin.name(), batch = %batch.plugin_batch.id(), attempt, reason = %failure, "plugin failed; retrying");
             }
             self.metrics.add_labelled(
                 "fanout_plugin_retries_total",
@@ -310,39 +293,43 @@ impl Delivery {
         batch: &ReadyBatch,
         rejections: Vec<crate::plugin::Rejection>,
     ) -> Result<Vec<DeadLetter>, String> {
-        let in_batch: std::collections::HashSet<i64> = batch
+        let events = batch
             .plugin_batch
-            .wit
-            .events
-            .iter()
-            .map(|e| e.event_id)
-            .collect();
+            .events()
+            .map_err(|e| format!("batch {} does not read back: {e}", batch.plugin_batch.id()))?;
+        // event_id -> its first index in the batch.
+        let mut in_batch = std::collections::HashMap::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            in_batch.entry(e.event_id()).or_insert(i);
+        }
         let mut seen = std::collections::HashSet::new();
         let mut letters = Vec::new();
         for r in rejections {
-            if !in_batch.contains(&r.event_id) {
+            let Some(&index) = in_batch.get(&r.event_id) else {
                 return Err(format!(
                     "the plugin rejected event {} which is not in batch {}",
-                    r.event_id, batch.plugin_batch.wit.id
+                    r.event_id,
+                    batch.plugin_batch.id()
                 ));
-            }
+            };
             if seen.insert(r.event_id) {
-                letters.push(self.letter(batch, r.event_id, clean(&r.reason)));
+                letters.push(self.letter(batch, Some(index), r.event_id, clean(&r.reason)));
             }
         }
         Ok(letters)
     }
 
-    fn letter(&self, batch: &ReadyBatch, event_id: i64, reason: String) -> DeadLetter {
-        let index = batch
-            .plugin_batch
-            .wit
-            .events
-            .iter()
-            .position(|e| e.event_id == event_id);
+    /// The dead letter of the batch's `index`th event, with its original bytes; without them
+    /// (no index), one naming `event_id`.
+    fn letter(
+        &self,
+        batch: &ReadyBatch,
+        index: Option<usize>,
+        event_id: i64,
+        reason: String,
+    ) -> DeadLetter {
         let origin = index
-            .and_then(|i| batch.origins.get(i))
-            .cloned()
+            .and_then(|i| batch.events.origin(i))
             .unwrap_or_else(|| Origin {
                 topic: Arc::from(""),
                 partition: -1,

@@ -32,7 +32,7 @@ use crate::deadletter::{DeadLetter, Stage};
 use crate::decode::EventMessage;
 use crate::enrich::enrich_batch;
 use crate::metrics::{label, LaneMetrics, Metrics};
-use decoded::DecodedMessages;
+use decoded::{DecodedMessage, DecodedMessages};
 use delivery::{DeliveryError, PluginSlot};
 
 /// One plugin's lane.
@@ -130,7 +130,7 @@ impl Lane {
     ) -> bool {
         match done {
             Ok((ready, Ok(()))) => {
-                if !ready.plugin_batch.wit.events.is_empty() {
+                if !ready.plugin_batch.is_empty() {
                     self.counters.batches_delivered.inc();
                 }
                 if let Ok(mut delivered) = self.delivered.lock() {
@@ -139,7 +139,7 @@ impl Lane {
                 true
             }
             Ok((ready, Err(e))) => {
-                warn!(lane = %self.name, error = %e, batch = %ready.plugin_batch.wit.id, "batch not delivered; not committed");
+                warn!(lane = %self.name, error = %e, batch = %ready.plugin_batch.id(), "batch not delivered; not committed");
                 false
             }
             Err(e) if e.is_panic() => {
@@ -250,29 +250,41 @@ impl Lane {
 
     fn accept(&self, pending: &mut PendingBatch, m: &BorrowedMessage<'_>) {
         self.counters.messages_consumed.inc();
-        pending.record_offset(m.topic(), m.partition(), m.offset());
+        // Read once: each call measures and validates the C string anew.
+        let topic = m.topic();
+        let (partition, offset) = (m.partition(), m.offset());
+        pending.record_offset(topic, partition, offset);
         let published_ms = m.timestamp().to_millis();
         if let Some(ts) = published_ms {
             pending.record_timestamp(ts);
         }
-        let decoded = self.decoded.get(m);
-        let origin = || Origin {
-            topic: if m.topic() == &**self.decoded.topic() {
-                Arc::clone(self.decoded.topic())
-            } else {
-                Arc::from(m.topic())
-            },
-            partition: m.partition(),
-            offset: m.offset(),
+        let events_topic = topic == &**self.decoded.topic();
+        let decoded = self.decoded.get(m, events_topic);
+        let origin = |decoded: &DecodedMessage| Origin {
+            topic: Arc::from(topic),
+            partition,
+            offset,
             key: decoded.key.clone(),
             payload: decoded.payload.clone(),
         };
         match &decoded.outcome {
             Ok(EventMessage::Insert(event)) => {
                 self.counters.events_decoded.inc();
-                let mut event = event.clone();
-                event.source_ts_ms = event.source_ts_ms.or(published_ms);
-                pending.push_event(event, origin());
+                let committed_ms = event.source_ts_ms.or(published_ms);
+                if events_topic {
+                    // Read in place by enrichment: nothing copied for this lane.
+                    pending.push_consumed(
+                        self.decoded.topic(),
+                        Arc::clone(&decoded),
+                        partition,
+                        offset,
+                        committed_ms,
+                    );
+                } else {
+                    let mut event = event.clone();
+                    event.source_ts_ms = committed_ms;
+                    pending.push_event(event, origin(&decoded));
+                }
             }
             Ok(EventMessage::Skip(reason)) => {
                 debug!(lane = %self.name, reason = reason.as_str(), offset = m.offset(), "skipped");
@@ -292,7 +304,7 @@ impl Lane {
                     stage: Stage::Decode,
                     plugin: Some(self.name.clone()),
                     reason: e.to_string(),
-                    origin: origin(),
+                    origin: origin(&decoded),
                 });
             }
         }

@@ -136,6 +136,9 @@ pub enum PluginError {
     Timeout(Duration),
     #[error("worker thread is gone")]
     WorkerGone,
+    /// The host's own packed batch did not read back as records: a host bug, not the plugin's.
+    #[error("the batch could not be read back as records: {0}")]
+    Batch(String),
 }
 
 impl PluginError {
@@ -154,6 +157,7 @@ impl PluginError {
             PluginError::OutOfMemory(_) => "memory",
             PluginError::Timeout(_) => "timeout",
             PluginError::WorkerGone => "worker",
+            PluginError::Batch(_) => "batch",
         }
     }
 }
@@ -431,12 +435,13 @@ impl Prepared {
                 .map_err(|e| PluginError::Trap(e.to_string()))?;
         }
         let outcome = match &live.exports {
-            Exports::Records(plugin) => plugin
-                .fanout_sink_sink()
-                .call_write(&mut live.store, &batch.wit),
+            Exports::Records(plugin) => {
+                let wit = batch.wit().map_err(|e| PluginError::Batch(e.to_string()))?;
+                plugin.fanout_sink_sink().call_write(&mut live.store, &wit)
+            }
             Exports::Packed(plugin) => plugin
                 .fanout_sink_packed_sink()
-                .call_write(&mut live.store, &packing::packed(batch)),
+                .call_write(&mut live.store, batch.packed()),
         }
         .map_err(|e| self.classify(e, &live.store))?;
         // An answer after the deadline is a timeout too: the caller may have given up on it.

@@ -343,18 +343,21 @@ mode = "{mode}"
         .expect("load")
 }
 
-/// ns per event of handing `batch` to `plugin`, the whole call path (worker thread hop,
-/// packing for packed plugins, lowering, plugin code, answer).
-async fn ns_per_event(plugin: &fanout::plugin::Plugin, batch: &Arc<PluginBatch>) -> f64 {
+/// ns per event of handing `batch` to `plugin`, the whole call path: packing (a lane packs
+/// while it enriches), the worker thread hop, records read back for a records-world plugin,
+/// lowering, plugin code, answer.
+async fn ns_per_event(plugin: &fanout::plugin::Plugin, batch: &WitBatch) -> f64 {
     let rounds = 400;
     for _ in 0..40 {
-        plugin.write(batch.clone()).await.expect("warm-up");
+        let packed = Arc::new(PluginBatch::new(batch, &[]));
+        plugin.write(packed).await.expect("warm-up");
     }
     let t = Instant::now();
     for _ in 0..rounds {
-        plugin.write(batch.clone()).await.expect("write");
+        let packed = Arc::new(PluginBatch::new(batch, &[]));
+        plugin.write(packed).await.expect("write");
     }
-    t.elapsed().as_nanos() as f64 / (rounds * batch.wit.events.len()) as f64
+    t.elapsed().as_nanos() as f64 / (rounds * batch.events.len()) as f64
 }
 
 /// The options of the Wasm boundary, measured on the same 500-event batch: events as records
@@ -364,11 +367,11 @@ async fn ns_per_event(plugin: &fanout::plugin::Plugin, batch: &Arc<PluginBatch>)
 /// and reused across calls (the host's own pre-instantiation).
 async fn boundary(report: &mut String) {
     let stack = Stack::get().expect("stack");
-    let batch = Arc::new(PluginBatch::unpositioned(WitBatch {
+    let batch = WitBatch {
         id: "bench".into(),
         events: (0..500).map(event).collect(),
         sources: vec![],
-    }));
+    };
     let records = plugin_wasm("compat_records");
     let packed = plugin_wasm("testkit");
     let mut rows = Vec::new();
@@ -397,10 +400,10 @@ async fn boundary(report: &mut String) {
     let t = Instant::now();
     let mut sink = 0usize;
     for _ in 0..rounds {
-        sink = sink.wrapping_add(native_noop(std::hint::black_box(&batch.wit)));
+        sink = sink.wrapping_add(native_noop(std::hint::black_box(&batch)));
     }
     std::hint::black_box(sink);
-    let native_ns = t.elapsed().as_nanos() as f64 / (rounds * batch.wit.events.len()) as f64;
+    let native_ns = t.elapsed().as_nanos() as f64 / (rounds * batch.events.len()) as f64;
     let _ = writeln!(
         report,
         "\n### Wasm boundary: a 500-event batch, ns per event (whole call path)\n\n\

@@ -194,7 +194,7 @@ pub fn batches(events: Vec<WitEvent>, size: usize) -> Vec<PluginBatch> {
         let first = offset;
         let last = offset + chunk.len() as i64 - 1;
         offset = last + 1;
-        let positions = (first..=last)
+        let positions: Vec<_> = (first..=last)
             .map(|o| {
                 Some(EventPosition {
                     source: 0,
@@ -202,19 +202,17 @@ pub fn batches(events: Vec<WitEvent>, size: usize) -> Vec<PluginBatch> {
                 })
             })
             .collect();
-        out.push(PluginBatch {
-            wit: WitBatch {
-                id: format!("{TOPIC}/0:{first}-{last}"),
-                events: chunk,
-                sources: vec![SourceRange {
-                    topic: TOPIC.into(),
-                    partition: 0,
-                    first_offset: first,
-                    last_offset: last,
-                }],
-            },
-            positions,
-        });
+        let wit = WitBatch {
+            id: format!("{TOPIC}/0:{first}-{last}"),
+            events: chunk,
+            sources: vec![SourceRange {
+                topic: TOPIC.into(),
+                partition: 0,
+                first_offset: first,
+                last_offset: last,
+            }],
+        };
+        out.push(PluginBatch::new(&wit, &positions));
     }
     out
 }
@@ -236,15 +234,17 @@ mod tests {
         assert_eq!(e.engagement_pct, Some(0.02));
         assert_eq!(e.event_ts_micros, 1_767_882_112_000_000);
         let b = batches(generate(1_001, 1_767_880_800_000_000), 500);
-        assert_eq!(b[2].wit.events[0].event_ts_micros, 1_767_880_800_000_000);
-        assert_eq!(b.len(), 3);
-        assert_eq!(b[2].wit.id, "plugin-test/0:1000-1000");
         assert_eq!(
-            b[1].positions[0],
-            Some(EventPosition {
-                source: 0,
-                offset: 500
-            })
+            b[2].wit().unwrap().events[0].event_ts_micros,
+            1_767_880_800_000_000
+        );
+        assert_eq!(b.len(), 3);
+        assert_eq!(b[2].id(), "plugin-test/0:1000-1000");
+        let first = b[1].events().unwrap();
+        let at = first.get(0).and_then(|e| e.position());
+        assert_eq!(
+            at.map(|p| (p.topic, p.partition, p.offset)),
+            Some((TOPIC, 0, 500))
         );
     }
 }

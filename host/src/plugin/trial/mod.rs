@@ -531,11 +531,11 @@ pub async fn run(opts: &TrialOptions) -> Result<TrialReport, TrialError> {
                 let millis = t.elapsed().as_secs_f64() * 1000.0;
                 steps.push(Step {
                     name: if round == 0 {
-                        b.wit.id.clone()
+                        b.id().to_string()
                     } else {
-                        format!("{} (replay)", b.wit.id)
+                        format!("{} (replay)", b.id())
                     },
-                    events: b.wit.events.len(),
+                    events: b.len(),
                     millis,
                     outcome: outcome_of(result),
                     effects: fakes.take(),
