@@ -503,3 +503,35 @@ key_prefix = "g:"
     assert!(redis_keys(&report).contains_key("g:fanout:once:marks"));
     let _ = std::fs::remove_file(&config_path);
 }
+
+/// `FANOUT_WORKER_THREADS` sizes the host's async runtime: one worker runs the plugin's calls
+/// (capability calls block on that runtime from the plugin's thread); a value that is not a
+/// positive integer stops the host at start with a message naming it.
+#[test]
+fn the_worker_threads_setting_is_honoured_and_checked() {
+    let run = |threads: &str| {
+        Command::new(host_binary())
+            .args(["plugin", "test"])
+            .arg(plugin_wasm("clickhouse"))
+            .args(["--generate", "50"])
+            .env("RUST_LOG", "warn")
+            .env("FANOUT_WORKER_THREADS", threads)
+            .output()
+            .expect("run fanout plugin test")
+    };
+    let one = run("1");
+    assert!(
+        one.status.success(),
+        "one worker: {}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    for bad in ["0", "two"] {
+        let out = run(bad);
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("FANOUT_WORKER_THREADS must be a positive integer"),
+            "{bad}: {stderr}"
+        );
+    }
+}
