@@ -343,21 +343,49 @@ mode = "{mode}"
         .expect("load")
 }
 
+/// The median of 9 trials of `rounds` runs of `f`, ns per event of a `events`-event batch: a
+/// trial the shared machine interrupts (the stack's services run on the same 2 cores) moves
+/// it little.
+async fn median_ns<F, Fut>(events: usize, rounds: usize, mut f: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let trials = 9;
+    let mut figures = Vec::with_capacity(trials);
+    for _ in 0..trials {
+        let t = Instant::now();
+        for _ in 0..rounds {
+            f().await;
+        }
+        figures.push(t.elapsed().as_nanos() as f64 / (rounds * events) as f64);
+    }
+    figures.sort_by(f64::total_cmp);
+    figures[trials / 2]
+}
+
 /// ns per event of handing `batch` to `plugin`, the whole call path: packing (a lane packs
-/// while it enriches), the worker thread hop, records read back for a records-world plugin,
-/// lowering, plugin code, answer.
-async fn ns_per_event(plugin: &fanout::plugin::Plugin, batch: &WitBatch) -> f64 {
-    let rounds = 400;
+/// while it enriches; `pack` false: one batch packed beforehand, the call alone), the worker
+/// thread hop, records read back for a records-world plugin, lowering, plugin code, answer.
+async fn ns_per_event(plugin: &fanout::plugin::Plugin, batch: &WitBatch, pack: bool) -> f64 {
+    let once = Arc::new(PluginBatch::new(batch, &[]));
+    let next = || {
+        if pack {
+            Arc::new(PluginBatch::new(batch, &[]))
+        } else {
+            Arc::clone(&once)
+        }
+    };
     for _ in 0..40 {
-        let packed = Arc::new(PluginBatch::new(batch, &[]));
-        plugin.write(packed).await.expect("warm-up");
+        plugin.write(next()).await.expect("warm-up");
     }
-    let t = Instant::now();
-    for _ in 0..rounds {
-        let packed = Arc::new(PluginBatch::new(batch, &[]));
-        plugin.write(packed).await.expect("write");
-    }
-    t.elapsed().as_nanos() as f64 / (rounds * batch.events.len()) as f64
+    median_ns(batch.events.len(), 100, || {
+        let b = next();
+        async move {
+            plugin.write(b).await.expect("write");
+        }
+    })
+    .await
 }
 
 /// The options of the Wasm boundary, measured on the same 500-event batch: events as records
@@ -383,11 +411,23 @@ async fn boundary(report: &mut String) {
             let mut figures = Vec::new();
             for fuel in [true, false] {
                 let plugin = load_boundary_plugin(&stack, wasm, mode, fuel).await;
-                figures.push(ns_per_event(&plugin, &batch).await);
+                figures.push(ns_per_event(&plugin, &batch, true).await);
             }
             rows.push((world, mode, figures[0], figures[1]));
         }
     }
+    // The same packed no-op with the batch packed once: the call without the packing, and the
+    // packing alone.
+    let mut call_only = Vec::new();
+    for fuel in [true, false] {
+        let plugin = load_boundary_plugin(&stack, &packed, "noop", fuel).await;
+        call_only.push(ns_per_event(&plugin, &batch, false).await);
+    }
+    let packing_ns = median_ns(batch.events.len(), 100, || {
+        std::hint::black_box(PluginBatch::new(&batch, &[]));
+        std::future::ready(())
+    })
+    .await;
     // The native no-op sink receives the same batch through a plain function call.
     fn native_noop(batch: &WitBatch) -> usize {
         batch
@@ -407,11 +447,23 @@ async fn boundary(report: &mut String) {
     let _ = writeln!(
         report,
         "\n### Wasm boundary: a 500-event batch, ns per event (whole call path)\n\n\
+         The call path: packing the batch (a lane packs while it enriches), the worker-thread \
+         hop, records read back for a records-world plugin, lowering, plugin code, answer. \
+         Median of 9 trials of 100 calls each.\n\n\
          | world | plugin | fuel + epochs | epochs only |\n|---|---|---|---|"
     );
     for (world, mode, fuel, epochs) in &rows {
         let _ = writeln!(report, "| {world} | {mode} | {fuel:.0} | {epochs:.0} |");
     }
+    let _ = writeln!(
+        report,
+        "| packed (`packed-sink`), batch packed once: the call alone | noop | {:.0} | {:.0} |",
+        call_only[0], call_only[1]
+    );
+    let _ = writeln!(
+        report,
+        "\nPacking the 500 events alone (`PluginBatch::new`, from WIT records): {packing_ns:.0} ns/event."
+    );
     let _ = writeln!(
         report,
         "\nSame batch to a native no-op function, same run: {native_ns:.1} ns/event.\n"
