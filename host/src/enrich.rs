@@ -246,6 +246,25 @@ mod tests {
         (Some(7000), None, false, None, None),
     ];
 
+    /// `pending` enriched by lane `l` under the dead-letter policy, without waiting for
+    /// unknown content; the lane's counters.
+    fn enrich_dead_lettering(
+        pending: crate::batch::PendingBatch,
+        table: &ContentTable,
+    ) -> (ReadyBatch, LaneMetrics) {
+        let cfg = EnrichConfig {
+            missing_content: MissingContentPolicy::DeadLetter,
+            missing_content_wait_ms: 0,
+        };
+        let counters = LaneMetrics::default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let ready = rt.block_on(enrich_batch(pending, table, &cfg, &counters, Some("l")));
+        (ready, counters)
+    }
+
     #[test]
     fn spec_section_4_rules() {
         for &(duration, length, known, seconds, pct) in CASES {
@@ -298,16 +317,7 @@ mod tests {
             };
             pending.push_event(ev, origin);
         }
-        let cfg = EnrichConfig {
-            missing_content: MissingContentPolicy::DeadLetter,
-            missing_content_wait_ms: 0,
-        };
-        let counters = LaneMetrics::default();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let ready = rt.block_on(enrich_batch(pending, &table, &cfg, &counters, Some("l")));
+        let (ready, counters) = enrich_dead_lettering(pending, &table);
         let batch = &ready.plugin_batch;
         let wit = batch.wit().unwrap();
         // Event 2 names unknown content: dead-lettered; event 3 names none: delivered.
@@ -365,16 +375,7 @@ mod tests {
             pending.record_offset(&topic, 3, offset);
             pending.push_consumed(&topic, m, 3, offset, None);
         }
-        let cfg = EnrichConfig {
-            missing_content: MissingContentPolicy::DeadLetter,
-            missing_content_wait_ms: 0,
-        };
-        let counters = LaneMetrics::default();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let ready = rt.block_on(enrich_batch(pending, &table, &cfg, &counters, Some("l")));
+        let (ready, _) = enrich_dead_lettering(pending, &table);
         let events = ready.plugin_batch.events().unwrap();
         assert_eq!(events.len(), 1);
         let e = events.get(0).unwrap();
